@@ -1,0 +1,3 @@
+"""ssapo: Stackelberg Self-Annotated Preference Optimization."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,37 @@
+"""The `ssapo` command. Each subcommand lives in `ssapo.commands.<name>` and
+exposes `add_parser(subparsers)` and `run(args) -> int`; heavy imports happen
+inside `run`, so `ssapo --help` and `ssapo solve` start fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> module; a module missing here is simply not offered
+COMMANDS = ["solve", "train", "bench", "export"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssapo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"ssapo.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"ssapo.commands.{name}":
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
