@@ -12,6 +12,8 @@
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Vertex {
     pub loc: f64,
+    /// Index of the candidate (`usize::MAX` for the stay vertex).
+    pub cand: usize,
     pub cost: f64,
     pub gain: f64,
     pub slope: f64,
@@ -24,35 +26,42 @@ pub(crate) struct Vertex {
 ///
 /// Ties: of two points with the same cost the larger gain wins, and on equal
 /// gain the one further left (it comes first), so the hull is deterministic.
+/// The `cand` of the stay vertex.
+pub(crate) const STAY: usize = usize::MAX;
+
 pub(crate) fn hull(xi: f64, lxi: f64, cands: &[(f64, f64)], out: &mut Vec<Vertex>) {
     out.clear();
-    out.push(Vertex { loc: xi, cost: 0.0, gain: 0.0, slope: f64::INFINITY });
+    out.push(Vertex { loc: xi, cand: STAY, cost: 0.0, gain: 0.0, slope: f64::INFINITY });
     // candidates left of xi, nearest first, and right of xi, nearest first:
     // both in increasing cost; merge them by cost.
     let split = cands.partition_point(|&(c, _)| c < xi);
-    let (left, right) = cands.split_at(split);
-    let mut l = left.iter().rev().peekable();
-    let mut r = right.iter().filter(|&&(c, _)| c > xi).peekable();
+    // left: indices split-1 down to 0; right: from the first c > xi up
+    let mut l = split;
+    let mut r = split;
+    while r < cands.len() && cands[r].0 <= xi {
+        r += 1;
+    }
     loop {
-        let next = match (l.peek(), r.peek()) {
-            (Some(&&(cl, _)), Some(&&(cr, _))) => {
-                if xi - cl <= cr - xi {
-                    l.next()
-                } else {
-                    r.next()
-                }
-            }
-            (Some(_), None) => l.next(),
-            (None, Some(_)) => r.next(),
-            (None, None) => break,
+        let take_left = match (l > 0, r < cands.len()) {
+            (true, true) => xi - cands[l - 1].0 <= cands[r].0 - xi,
+            (true, false) => true,
+            (false, true) => false,
+            (false, false) => break,
         };
-        let &(c, lc) = next.expect("peeked");
-        push_point(out, c, (c - xi).abs(), lc - lxi);
+        let j = if take_left {
+            l -= 1;
+            l
+        } else {
+            r += 1;
+            r - 1
+        };
+        let (c, lc) = cands[j];
+        push_point(out, c, j, (c - xi).abs(), lc - lxi);
     }
 }
 
 #[inline]
-fn push_point(out: &mut Vec<Vertex>, loc: f64, cost: f64, gain: f64) {
+fn push_point(out: &mut Vec<Vertex>, loc: f64, cand: usize, cost: f64, gain: f64) {
     if !(gain > 0.0) || !(cost > 0.0) {
         return;
     }
@@ -70,7 +79,7 @@ fn push_point(out: &mut Vec<Vertex>, loc: f64, cost: f64, gain: f64) {
             out.pop(); // top lies on or under the segment to the new point
             continue;
         }
-        out.push(Vertex { loc, cost, gain, slope });
+        out.push(Vertex { loc, cand, cost, gain, slope });
         return;
     }
 }

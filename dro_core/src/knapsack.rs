@@ -6,13 +6,38 @@
 //! left in sample order), so it is found by a weighted selection in expected
 //! linear time instead of a sort.
 
+/// Where the budget runs out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Threshold {
+    /// The slope λ* of the edges that share the rest of the budget.
+    pub slope: f64,
+    /// The total cost of the edges strictly steeper than λ* (taken whole).
+    pub above: f64,
+    /// How many edges have slope exactly λ*.
+    pub ties: usize,
+}
+
 /// The threshold slope t of the edges `(slope, cost)`: the sum of the costs of
 /// edges with slope > t is at most `budget`, and adding the edges with slope
 /// = t exceeds it. `None` when all edges together fit into the budget.
 ///
-/// Reorders `items`. Deterministic: the result depends only on the multiset
-/// order given, never on threads.
-pub(crate) fn threshold(items: &mut [(f64, f64)], budget: f64) -> Option<f64> {
+/// Reorders `items`. Deterministic: the result depends only on the order of
+/// `items` as given, never on threads.
+pub(crate) fn threshold(items: &mut [(f64, f64)], budget: f64) -> Option<Threshold> {
+    let t = threshold_slope(items, budget)?;
+    // one more pass in the given order: what is above, how many tie
+    let (mut above, mut ties) = (0.0, 0usize);
+    for &(s, c) in items.iter() {
+        if s > t {
+            above += c;
+        } else if s == t {
+            ties += 1;
+        }
+    }
+    Some(Threshold { slope: t, above, ties })
+}
+
+fn threshold_slope(items: &mut [(f64, f64)], budget: f64) -> Option<f64> {
     let total: f64 = items.iter().map(|e| e.1).sum();
     if total <= budget {
         return None;
@@ -128,7 +153,7 @@ mod tests {
             let items: Vec<(f64, f64)> = (0..n).map(|_| (rnd(8) as f64 + 1.0, rnd(5) as f64 + 1.0)).collect();
             let budget = rnd(60) as f64;
             let mut work = items.clone();
-            assert_eq!(threshold(&mut work, budget), brute(&items, budget), "{items:?} {budget}");
+            assert_eq!(threshold(&mut work, budget).map(|t| t.slope), brute(&items, budget), "{items:?} {budget}");
         }
     }
 }

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::error::{DroError, Result};
-use crate::hull::{hull, Vertex};
+use crate::hull::{hull, Vertex, STAY};
 use crate::knapsack::threshold;
 use crate::loss::Loss;
 
@@ -206,13 +206,17 @@ impl<'a> Out<'a> {
 
 struct Ctx<'a> {
     loss: &'a Loss,
+    /// Candidate points (location, ℓ) and ℓ' there.
     cands: Vec<(f64, f64)>,
+    cand_slopes: Vec<f64>,
     eps: f64,
 }
 
 fn solve_valid(xi: &[f64], eps: f64, groups: Groups<'_>, loss: &Loss, support: (f64, f64)) -> Solution {
     let n = xi.len();
-    let ctx = Ctx { loss, cands: loss.candidates(support.0, support.1), eps };
+    let cands = loss.candidates(support.0, support.1);
+    let cand_slopes = cands.iter().map(|&(c, _)| loss.slope(c)).collect();
+    let ctx = Ctx { loss, cands, cand_slopes, eps };
 
     // Lay the groups out as consecutive ranges of a (possibly permuted) copy.
     let (perm, sizes, labels): (Option<Vec<usize>>, Vec<usize>, Vec<i64>) = match groups {
@@ -325,77 +329,90 @@ fn scatter(perm: &[usize], v: &mut Vec<f64>, w: usize) {
     *v = dst;
 }
 
-/// Runs `f` over the CHUNK-sized pieces of `x` (with their outputs), in
-/// parallel or not, and returns the per-chunk results in order.
-fn over_chunks<'a, R: Send>(
-    x: &'a [f64],
-    parallel: bool,
-    f: impl Fn(usize, &'a [f64]) -> R + Sync + Send,
-) -> Vec<R> {
-    if parallel && x.len() > CHUNK {
-        x.par_chunks(CHUNK).enumerate().map(|(c, xc)| f(c, xc)).collect()
-    } else {
-        x.chunks(CHUNK).enumerate().map(|(c, xc)| f(c, xc)).collect()
-    }
-}
-
 fn solve_group(x: &[f64], out: Out<'_>, ctx: &Ctx<'_>, parallel: bool) -> GroupStats {
     let budget = x.len() as f64 * ctx.eps;
+    let parallel = parallel && x.len() > CHUNK;
+    let mut outs = out.split_sizes(x.chunks(CHUNK).map(<[f64]>::len));
 
-    // 1. pool the hull edges (slope, cost) of the group and find λ*.
-    let edge_chunks: Vec<Vec<(f64, f64)>> = over_chunks(x, parallel, |_, xc| {
+    // 1. ℓ(ξ_i) (parked in the weights slot until step 3) and the pooled hull
+    //    edges (slope, cost) of the group, chunk by chunk, in sample order.
+    // Each hull vertex is a distinct candidate, so a sample has at most
+    // `cands.len()` edges: every chunk writes into its own slot of one buffer
+    // (untouched pages of a zeroed allocation cost nothing), then the slots
+    // are packed in order.
+    let max_edges = ctx.cands.len().max(1);
+    let mut edges: Vec<(f64, f64)> = vec![(0.0, 0.0); x.len() * max_edges];
+    let collect_edges = |((xc, oc), slot): ((&[f64], &mut Out<'_>), &mut [(f64, f64)])| {
         let mut h = Vec::new();
-        let mut edges = Vec::new();
-        for &xi in xc {
-            hull(xi, ctx.loss.eval(xi), &ctx.cands, &mut h);
-            edges.extend(h.windows(2).map(|w| (w[1].slope, w[1].cost - w[0].cost)));
+        let mut k = 0;
+        for (i, &xi) in xc.iter().enumerate() {
+            let lxi = ctx.loss.eval(xi);
+            oc.weights[i] = lxi;
+            hull(xi, lxi, &ctx.cands, &mut h);
+            for w in h.windows(2) {
+                slot[k] = (w[1].slope, w[1].cost - w[0].cost);
+                k += 1;
+            }
         }
-        edges
-    });
-    let mut edges: Vec<(f64, f64)> = Vec::with_capacity(edge_chunks.iter().map(Vec::len).sum());
-    for e in edge_chunks {
-        edges.extend(e);
+        k
+    };
+    let counts: Vec<usize> = if parallel {
+        x.par_chunks(CHUNK)
+            .zip(outs.par_iter_mut())
+            .zip(edges.par_chunks_mut(CHUNK * max_edges))
+            .map(collect_edges)
+            .collect()
+    } else {
+        x.chunks(CHUNK).zip(outs.iter_mut()).zip(edges.chunks_mut(CHUNK * max_edges)).map(collect_edges).collect()
+    };
+    let mut len = 0;
+    for (c, &k) in counts.iter().enumerate() {
+        let from = c * CHUNK * max_edges;
+        edges.copy_within(from..from + k, len);
+        len += k;
     }
+    edges.truncate(len);
+    // 2. λ*: the slope where the budget n·ε runs out.
     let t = threshold(&mut edges, budget);
     drop(edges);
 
-    // 2. the budget left for the edges exactly at λ*, shared in sample order.
+    // 3. the budget left for the edges exactly at λ*, shared in sample order:
+    //    each chunk starts with what the chunks before it left.
+    let left = t.map_or(0.0, |t| (budget - t.above).max(0.0));
     let tie_start: Vec<f64> = match t {
-        None => vec![0.0; x.len().div_ceil(CHUNK)],
-        Some(t) => {
-            let sums: Vec<(f64, f64)> = over_chunks(x, parallel, |_, xc| {
+        Some(t) if t.ties > 1 => {
+            let tie_sum = |(xc, oc): (&[f64], &Out<'_>)| {
                 let mut h = Vec::new();
-                let (mut above, mut tie) = (0.0, 0.0);
-                for &xi in xc {
-                    hull(xi, ctx.loss.eval(xi), &ctx.cands, &mut h);
-                    for w in h.windows(2) {
-                        let c = w[1].cost - w[0].cost;
-                        if w[1].slope > t {
-                            above += c;
-                        } else if w[1].slope == t {
-                            tie += c;
-                        }
-                    }
+                let mut tie = 0.0;
+                for (i, &xi) in xc.iter().enumerate() {
+                    hull(xi, oc.weights[i], &ctx.cands, &mut h);
+                    tie += h.windows(2).filter(|w| w[1].slope == t.slope).map(|w| w[1].cost - w[0].cost).sum::<f64>();
                 }
-                (above, tie)
-            });
-            let above: f64 = sums.iter().map(|s| s.0).sum();
-            let mut left = (budget - above).max(0.0);
+                tie
+            };
+            let sums: Vec<f64> = if parallel {
+                x.par_chunks(CHUNK).zip(outs.par_iter()).map(tie_sum).collect()
+            } else {
+                x.chunks(CHUNK).zip(outs.iter()).map(tie_sum).collect()
+            };
+            let mut rest = left;
             sums.iter()
                 .map(|s| {
-                    let start = left;
-                    left = (left - s.1).max(0.0);
+                    let start = rest;
+                    rest = (rest - s).max(0.0);
                     start
                 })
                 .collect()
         }
+        // at most one edge at λ*: every chunk may offer it the whole rest
+        _ => vec![left; outs.len()],
     };
-    let lam = t.unwrap_or(0.0);
+    let slope = t.map(|t| t.slope);
+    let lam = slope.unwrap_or(0.0);
 
-    // 3. place every sample's mass and sum value, empirical value, dual and transport.
-    let outs = out.split_sizes(x.chunks(CHUNK).map(<[f64]>::len));
-    let work = |(xc, (oc, tie0)): (&[f64], (Out<'_>, f64))| place_chunk(xc, oc, tie0, t, lam, ctx);
-    let parts: Vec<[f64; 4]> = if parallel && x.len() > CHUNK {
+    // 4. place every sample's mass; sum value, empirical value, dual and transport.
+    let work = |(xc, (oc, tie0)): (&[f64], (Out<'_>, f64))| place_chunk(xc, oc, tie0, slope, lam, ctx);
+    let parts: Vec<[f64; 4]> = if parallel {
         x.par_chunks(CHUNK).zip(outs.into_par_iter().zip(tie_start.into_par_iter())).map(work).collect()
     } else {
         x.chunks(CHUNK).zip(outs.into_iter().zip(tie_start)).map(work).collect()
@@ -410,12 +427,13 @@ fn solve_group(x: &[f64], out: Out<'_>, ctx: &Ctx<'_>, parallel: bool) -> GroupS
     s
 }
 
-/// Places the samples of one chunk; returns [value, empirical, dual, transport] sums.
+/// Places the samples of one chunk (ℓ(ξ_i) waits in `out.weights`); returns
+/// the sums [value, empirical, dual, transport].
 fn place_chunk(x: &[f64], out: Out<'_>, mut tie_left: f64, t: Option<f64>, lam: f64, ctx: &Ctx<'_>) -> [f64; 4] {
     let mut h: Vec<Vertex> = Vec::new();
     let mut acc = [0.0f64; 4];
     for (i, &xi) in x.iter().enumerate() {
-        let lxi = ctx.loss.eval(xi);
+        let lxi = out.weights[i];
         hull(xi, lxi, &ctx.cands, &mut h);
         // walk the chain: edges above λ* whole, an edge at λ* from the shared rest
         let mut pos = 0;
@@ -447,27 +465,23 @@ fn place_chunk(x: &[f64], out: Out<'_>, mut tie_left: f64, t: Option<f64>, lam: 
             break;
         }
         let a = h[pos];
-        let (loc0, loc1, m1) = if frac > 0.0 { (a.loc, h[pos + 1].loc, frac) } else { (a.loc, a.loc, 0.0) };
-        let m0 = 1.0 - m1;
-        let (g1, c1) = if frac > 0.0 { (h[pos + 1].gain, h[pos + 1].cost) } else { (a.gain, a.cost) };
-        out.loc[2 * i] = loc0;
-        out.loc[2 * i + 1] = loc1;
+        let b = if frac > 0.0 { h[pos + 1] } else { a };
+        let (m0, m1) = (1.0 - frac, frac);
+        out.loc[2 * i] = a.loc;
+        out.loc[2 * i + 1] = b.loc;
         out.mass[2 * i] = m0;
         out.mass[2 * i + 1] = m1;
-        out.shift[2 * i] = xi - loc0;
-        out.shift[2 * i + 1] = xi - loc1;
+        out.shift[2 * i] = xi - a.loc;
+        out.shift[2 * i + 1] = xi - b.loc;
         let d = ctx.loss.slope(xi);
-        out.weights[i] = if d != 0.0 {
-            (m0 * ctx.loss.slope(loc0) + m1 * ctx.loss.slope(loc1)) / d
-        } else {
-            1.0
-        };
-        acc[0] += lxi + m0 * a.gain + m1 * g1;
+        let slope_at = |v: &Vertex| if v.cand == STAY { d } else { ctx.cand_slopes[v.cand] };
+        out.weights[i] = if d != 0.0 { (m0 * slope_at(&a) + m1 * slope_at(&b)) / d } else { 1.0 };
+        acc[0] += lxi + m0 * a.gain + m1 * b.gain;
         acc[1] += lxi;
         // dual: max over candidates and staying of ℓ(c) − λ|c − ξ|
-        let best = ctx.cands.iter().fold(lxi, |b, &(c, lc)| b.max(lc - lam * (c - xi).abs()));
+        let best = ctx.cands.iter().fold(lxi, |bst, &(c, lc)| bst.max(lc - lam * (c - xi).abs()));
         acc[2] += best;
-        acc[3] += m0 * a.cost + m1 * c1;
+        acc[3] += m0 * a.cost + m1 * b.cost;
     }
     acc
 }
