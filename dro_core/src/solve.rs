@@ -1,5 +1,7 @@
 //! The follower: groups, parallelism, the result and its certificate.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::error::{DroError, Result};
@@ -171,12 +173,32 @@ struct GroupStats {
     lam: f64,
 }
 
-/// Mutable per-sample outputs of one group (or chunk).
+type U = MaybeUninit<f64>;
+
+/// An output buffer that every sample's chunk writes exactly once, so it is
+/// never zero-filled first (that fill was a third of a grouped solve).
+fn uninit_vec(len: usize) -> Vec<U> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// SAFETY: every element of `v` must have been written.
+unsafe fn assume_init(v: Vec<U>) -> Vec<f64> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<f64> has the layout of f64; the caller vouches that
+    // every element is initialised; the allocation is handed over whole.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f64>(), v.len(), v.capacity()) }
+}
+
+/// Mutable per-sample outputs of one group (or chunk). The weights slot holds
+/// ℓ(ξ_i) between steps 1 and 4 of `solve_group`.
 struct Out<'a> {
-    loc: &'a mut [f64],
-    mass: &'a mut [f64],
-    shift: &'a mut [f64],
-    weights: &'a mut [f64],
+    loc: &'a mut [U],
+    mass: &'a mut [U],
+    shift: &'a mut [U],
+    weights: &'a mut [U],
 }
 
 impl<'a> Out<'a> {
@@ -189,6 +211,18 @@ impl<'a> Out<'a> {
             Out { loc: l0, mass: m0, shift: s0, weights: w0 },
             Out { loc: l1, mass: m1, shift: s1, weights: w1 },
         )
+    }
+
+    /// Splits `v` into consecutive pieces of the given sizes.
+    fn split_index<'b>(v: &'b mut [usize], sizes: &[usize]) -> Vec<&'b mut [usize]> {
+        let mut rest = v;
+        let mut parts = Vec::with_capacity(sizes.len());
+        for &n in sizes {
+            let (a, b) = rest.split_at_mut(n);
+            parts.push(a);
+            rest = b;
+        }
+        parts
     }
 
     /// Splits into consecutive pieces of the given sizes.
@@ -244,10 +278,10 @@ fn solve_valid(xi: &[f64], eps: f64, groups: Groups<'_>, loss: &Loss, support: (
     let permuted: Option<Vec<f64>> = perm.as_ref().map(|p| p.iter().map(|&i| xi[i]).collect());
     let x: &[f64] = permuted.as_deref().unwrap_or(xi);
 
-    let mut loc = vec![0.0; 2 * n];
-    let mut mass = vec![0.0; 2 * n];
-    let mut shift = vec![0.0; 2 * n];
-    let mut weights = vec![0.0; n];
+    let mut loc = uninit_vec(2 * n);
+    let mut mass = uninit_vec(2 * n);
+    let mut shift = uninit_vec(2 * n);
+    let mut weights = uninit_vec(n);
     let out = Out { loc: &mut loc, mass: &mut mass, shift: &mut shift, weights: &mut weights };
     let outs = out.split_sizes(sizes.iter().copied());
     let mut xs = Vec::with_capacity(sizes.len());
@@ -265,6 +299,10 @@ fn solve_valid(xi: &[f64], eps: f64, groups: Groups<'_>, loss: &Loss, support: (
         xs.into_iter().zip(outs).map(|(xg, og)| solve_group(xg, og, &ctx, true)).collect()
     };
 
+    // SAFETY: the groups partition 0..n, every group's chunks partition the
+    // group, and `place_chunk` writes all four outputs of every sample of its chunk.
+    let (mut loc, mut mass, mut shift, mut weights) =
+        unsafe { (assume_init(loc), assume_init(mass), assume_init(shift), assume_init(weights)) };
     if let Some(p) = &perm {
         scatter(p, &mut loc, 2);
         scatter(p, &mut mass, 2);
@@ -274,11 +312,8 @@ fn solve_valid(xi: &[f64], eps: f64, groups: Groups<'_>, loss: &Loss, support: (
     let mut group_index = vec![0usize; n];
     match &perm {
         None => {
-            let mut s = 0;
-            for (g, &size) in sizes.iter().enumerate() {
-                group_index[s..s + size].fill(g);
-                s += size;
-            }
+            let parts = Out::split_index(&mut group_index, &sizes);
+            parts.into_par_iter().enumerate().for_each(|(g, part)| part.fill(g));
         }
         Some(p) => {
             let mut s = 0;
@@ -347,7 +382,7 @@ fn solve_group(x: &[f64], out: Out<'_>, ctx: &Ctx<'_>, parallel: bool) -> GroupS
         let mut k = 0;
         for (i, &xi) in xc.iter().enumerate() {
             let lxi = ctx.loss.eval(xi);
-            oc.weights[i] = lxi;
+            oc.weights[i].write(lxi);
             hull(xi, lxi, &ctx.cands, &mut h);
             for w in h.windows(2) {
                 slot[k] = (w[1].slope, w[1].cost - w[0].cost);
@@ -385,7 +420,8 @@ fn solve_group(x: &[f64], out: Out<'_>, ctx: &Ctx<'_>, parallel: bool) -> GroupS
                 let mut h = Vec::new();
                 let mut tie = 0.0;
                 for (i, &xi) in xc.iter().enumerate() {
-                    hull(xi, oc.weights[i], &ctx.cands, &mut h);
+                    // SAFETY: written in step 1
+                    hull(xi, unsafe { oc.weights[i].assume_init() }, &ctx.cands, &mut h);
                     tie += h.windows(2).filter(|w| w[1].slope == t.slope).map(|w| w[1].cost - w[0].cost).sum::<f64>();
                 }
                 tie
@@ -433,7 +469,8 @@ fn place_chunk(x: &[f64], out: Out<'_>, mut tie_left: f64, t: Option<f64>, lam: 
     let mut h: Vec<Vertex> = Vec::new();
     let mut acc = [0.0f64; 4];
     for (i, &xi) in x.iter().enumerate() {
-        let lxi = out.weights[i];
+        // SAFETY: written in step 1 of `solve_group`
+        let lxi = unsafe { out.weights[i].assume_init() };
         hull(xi, lxi, &ctx.cands, &mut h);
         // walk the chain: edges above λ* whole, an edge at λ* from the shared rest
         let mut pos = 0;
@@ -467,15 +504,15 @@ fn place_chunk(x: &[f64], out: Out<'_>, mut tie_left: f64, t: Option<f64>, lam: 
         let a = h[pos];
         let b = if frac > 0.0 { h[pos + 1] } else { a };
         let (m0, m1) = (1.0 - frac, frac);
-        out.loc[2 * i] = a.loc;
-        out.loc[2 * i + 1] = b.loc;
-        out.mass[2 * i] = m0;
-        out.mass[2 * i + 1] = m1;
-        out.shift[2 * i] = xi - a.loc;
-        out.shift[2 * i + 1] = xi - b.loc;
+        out.loc[2 * i].write(a.loc);
+        out.loc[2 * i + 1].write(b.loc);
+        out.mass[2 * i].write(m0);
+        out.mass[2 * i + 1].write(m1);
+        out.shift[2 * i].write(xi - a.loc);
+        out.shift[2 * i + 1].write(xi - b.loc);
         let d = ctx.loss.slope(xi);
         let slope_at = |v: &Vertex| if v.cand == STAY { d } else { ctx.cand_slopes[v.cand] };
-        out.weights[i] = if d != 0.0 { (m0 * slope_at(&a) + m1 * slope_at(&b)) / d } else { 1.0 };
+        out.weights[i].write(if d != 0.0 { (m0 * slope_at(&a) + m1 * slope_at(&b)) / d } else { 1.0 });
         acc[0] += lxi + m0 * a.gain + m1 * b.gain;
         acc[1] += lxi;
         // dual: max over candidates and staying of ℓ(c) − λ|c − ξ|
