@@ -1,0 +1,123 @@
+"""dro_core: the exact worst-case Wasserstein follower of SSAPO."""
+
+from typing import Any, Final, Optional, Sequence, Tuple, final
+
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["solve", "Loss", "Solution", "CHUNK", "__version__"]
+
+__version__: Final[str]
+CHUNK: Final[int]
+"""Samples per unit of work; every sum runs over chunks of this size in order."""
+
+@final
+class Loss:
+    """A continuous piecewise-linear loss. Build one with a static method."""
+
+    @staticmethod
+    def neg_log(k: int = 6) -> "Loss":
+        """The paper's default: -log xi replaced by its k tangents at j/k,
+        j = 1..k; xi is a preference probability; natural support [0, 1]."""
+    @staticmethod
+    def softplus(k: int, lo: float, hi: float) -> "Loss":
+        """softplus(-z), the DPO loss of a margin z, replaced by k tangents spread
+        evenly over [lo, hi] (ends included for k >= 2); natural support [lo, hi]."""
+    @staticmethod
+    def max_affine(slopes: Sequence[float], intercepts: Sequence[float]) -> "Loss":
+        """The convex loss max_k slopes[k] * z + intercepts[k]; no natural support."""
+    @staticmethod
+    def interpolate(x: Sequence[float], y: Sequence[float]) -> "Loss":
+        """Linear interpolation through (x[j], y[j]), x strictly increasing,
+        extended linearly beyond the end knots; convex or not; no natural support."""
+    @property
+    def natural_support(self) -> Optional[Tuple[float, float]]:
+        """The support the loss was built for, or None."""
+    @property
+    def is_convex(self) -> bool:
+        """Whether the loss is convex."""
+    def __call__(self, z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """The loss at each point of a 1-D float64 array."""
+    def slope(self, z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """The right derivative of the loss at each point of a 1-D float64 array."""
+    def candidates(self, lo: float, hi: float) -> list[Tuple[float, float]]:
+        """(location, loss) of the points where a worst case may put mass on
+        [lo, hi]: the ends and the concave kinks inside."""
+
+@final
+class Solution:
+    """The exact worst case of every group and its dual certificate."""
+
+    @property
+    def value(self) -> float:
+        """Worst-case expected loss averaged over all N samples: sum_g n_g/N * V_g."""
+    @property
+    def empirical_value(self) -> float:
+        """Mean loss at the data."""
+    @property
+    def dual_value(self) -> float:
+        """The dual objective; equals `value` up to rounding."""
+    @property
+    def dual_gap(self) -> float:
+        """|value - dual_value|."""
+    @property
+    def group_values(self) -> npt.NDArray[np.float64]:
+        """Worst-case value of each group."""
+    @property
+    def group_empirical_values(self) -> npt.NDArray[np.float64]:
+        """Empirical value of each group."""
+    @property
+    def group_dual_values(self) -> npt.NDArray[np.float64]:
+        """Dual value of each group."""
+    @property
+    def lam(self) -> npt.NDArray[np.float64]:
+        """Optimal multiplier of each group's budget (0 if the budget is not used up)."""
+    @property
+    def budget_used(self) -> npt.NDArray[np.float64]:
+        """Mean transport of each group (<= eps)."""
+    @property
+    def group_sizes(self) -> npt.NDArray[np.int64]:
+        """Number of samples in each group."""
+    @property
+    def group_labels(self) -> npt.NDArray[np.int64]:
+        """The label of each group (0, 1, ... for one ball or chunks)."""
+    @property
+    def group_index(self) -> npt.NDArray[np.int64]:
+        """Group index (into the per-group arrays) of each sample."""
+    @property
+    def loc(self) -> npt.NDArray[np.float64]:
+        """Atom locations, (N, 2); a one-atom row repeats its location."""
+    @property
+    def mass(self) -> npt.NDArray[np.float64]:
+        """Atom masses, (N, 2); rows sum to 1."""
+    @property
+    def shift(self) -> npt.NDArray[np.float64]:
+        """xi[:, None] - loc, (N, 2): what the leader subtracts."""
+    @property
+    def weights(self) -> npt.NDArray[np.float64]:
+        """Gradient-matching weights sum_j mass_ij l'(loc_ij) / l'(xi_i) (1 where l'(xi_i) = 0)."""
+    @property
+    def support(self) -> Tuple[float, float]:
+        """The support used."""
+    @property
+    def eps(self) -> float:
+        """The radius used."""
+
+def solve(
+    xi: Any,
+    eps: float,
+    groups: Any = None,
+    *,
+    loss: Optional[Loss] = None,
+    support: Optional[Tuple[float, float]] = None,
+    threads: Optional[int] = None,
+) -> Solution:
+    """Solve the follower exactly for every group.
+
+    xi: 1-D samples; eps: radius >= 0; groups: None (one ball), an int G
+    (consecutive chunks of G, the last smaller) or an int array of N labels;
+    loss: default Loss.neg_log(6); support: (lo, hi), default from the loss or
+    [-max|xi|, max|xi|]; threads: rayon threads (default all cores).
+    Raises ValueError naming the argument and the first bad index.
+    """

@@ -1,0 +1,111 @@
+"""Bad input raises ValueError naming the argument (and the first bad index)
+before any work; defaults are as documented."""
+
+import numpy as np
+import pytest
+
+import dro_core
+from dro_core import Loss
+
+X = np.array([0.6, 0.7, 0.9])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(xi=[0.5, np.nan, 0.7]), r"^xi: .*xi\[1\] = NaN"),
+        (dict(xi=[0.5, 0.6, np.inf]), r"^xi: .*xi\[2\] = inf"),
+        (dict(xi=[]), r"^xi: is empty"),
+        (dict(xi=np.ones((2, 2)) * 0.5), r"^xi: must be 1-D"),
+        (dict(xi=[0.5, 1.5]), r"^xi: xi\[1\] = 1.5 lies outside the support \[0, 1\]"),
+        (dict(xi=["a", "b"]), r"^xi: must hold real numbers"),
+        (dict(xi=[True, False]), r"^xi: must hold real numbers"),
+        (dict(eps=-0.1), r"^eps: must be finite and >= 0"),
+        (dict(eps=float("nan")), r"^eps: must be finite and >= 0"),
+        (dict(eps=float("inf")), r"^eps: must be finite and >= 0"),
+        (dict(eps="0.1"), r"^eps: must be a real number"),
+        (dict(groups=0), r"^groups: must be >= 1"),
+        (dict(groups=-3), r"^groups: must be >= 1"),
+        (dict(groups=[0, -1, 0]), r"^groups: labels must be >= 0, but groups\[1\] = -1"),
+        (dict(groups=[0, 1]), r"^groups: needs one label per sample: 2 labels for 3 samples"),
+        (dict(groups=[0.0, 1.0, 1.0]), r"^groups: labels must be integers"),
+        (dict(groups=[[0, 1, 1]]), r"^groups: labels must be 1-D"),
+        (dict(support=(0.0, float("inf"))), r"^support: must be finite"),
+        (dict(support=(1.0, 0.0)), r"^support: lo must be <= hi"),
+        (dict(support=(0.0,)), r"^support: must be a pair"),
+        (dict(support=(0.65, 1.0)), r"^xi: xi\[0\] = 0.6 lies outside the support"),
+        (dict(threads=0), r"^threads: must be >= 1"),
+        (dict(threads=1.5), r"^threads: must be an int"),
+        (dict(loss="neg_log"), r"^loss: must be a dro_core.Loss"),
+    ],
+)
+def test_bad_solve_input(kwargs, match):
+    args = dict(xi=X, eps=0.01)
+    args.update(kwargs)
+    xi, eps = args.pop("xi"), args.pop("eps")
+    with pytest.raises(ValueError, match=match):
+        dro_core.solve(xi, eps, **args)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Loss.neg_log(0), r"^k: must be >= 1"),
+        (lambda: Loss.neg_log(-2), r"^k: must be >= 1"),
+        (lambda: Loss.softplus(0, -1, 1), r"^k: must be >= 1"),
+        (lambda: Loss.softplus(3, 1.0, 1.0), r"^hi: must be greater than lo"),
+        (lambda: Loss.softplus(3, float("-inf"), 1.0), r"^lo: must be finite"),
+        (lambda: Loss.max_affine([], []), r"^slopes: must hold at least one piece"),
+        (lambda: Loss.max_affine([1.0, 2.0], [0.0]), r"^intercepts: must have the length of slopes \(2\), got 1"),
+        (lambda: Loss.max_affine([1.0, float("nan")], [0.0, 0.0]), r"^slopes: must be finite, but element 1 is NaN"),
+        (lambda: Loss.interpolate([0.0, 1.0, 1.0], [0.0, 1.0, 2.0]), r"^x: knots must be strictly increasing, but x\[2\]"),
+        (lambda: Loss.interpolate([0.0, 2.0, 1.0], [0.0, 1.0, 2.0]), r"^x: knots must be strictly increasing, but x\[2\]"),
+        (lambda: Loss.interpolate([0.0], [0.0]), r"^x: needs at least 2 knots"),
+        (lambda: Loss.interpolate([0.0, 1.0], [0.0]), r"^y: must have the length of x"),
+        (lambda: Loss.interpolate([0.0, 1.0], [0.0, float("inf")]), r"^y: must be finite, but element 1"),
+    ],
+)
+def test_bad_loss_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_default_supports():
+    assert Loss.neg_log(6).natural_support == (0.0, 1.0)
+    assert Loss.softplus(4, -3.0, 2.0).natural_support == (-3.0, 2.0)
+    assert Loss.max_affine([1.0], [0.0]).natural_support is None
+    r = dro_core.solve([-0.5, 2.0, 1.0], 0.1, loss=Loss.max_affine([-1.0, 1.0], [0.0, 0.0]))
+    assert r.support == (-2.0, 2.0)  # [-max|xi|, max|xi|]
+    assert dro_core.solve(X, 0.1).support == (0.0, 1.0)
+    r = dro_core.solve([0.0, 0.0], 0.1, loss=Loss.interpolate([-1.0, 1.0], [1.0, 0.0]))
+    assert r.support == (0.0, 0.0) and r.value == r.empirical_value  # nowhere to go
+
+
+def test_group_layouts():
+    xi = np.linspace(0.5, 0.99, 250)
+    r = dro_core.solve(xi, 0.01, 100)
+    np.testing.assert_array_equal(r.group_sizes, [100, 100, 50])
+    np.testing.assert_array_equal(r.group_labels, [0, 1, 2])
+    np.testing.assert_array_equal(r.group_index[[0, 99, 100, 249]], [0, 0, 1, 2])
+    labels = np.where(np.arange(250) % 2 == 0, 9, 4)
+    r = dro_core.solve(xi, 0.01, labels)
+    np.testing.assert_array_equal(r.group_labels, [4, 9])
+    np.testing.assert_array_equal(r.group_sizes, [125, 125])
+    np.testing.assert_array_equal(r.group_index, (labels == 9).astype(int))
+    # a label group equals the same samples solved alone
+    alone = dro_core.solve(xi[labels == 9], 0.01)
+    np.testing.assert_array_equal(r.loc[labels == 9], alone.loc)
+    assert r.group_values[1] == alone.value
+    one = dro_core.solve(xi, 0.01)
+    assert len(one.lam) == 1 and one.group_sizes[0] == 250
+    big = dro_core.solve(xi, 0.01, np.int64(1000))
+    assert big.value == one.value
+
+
+def test_solution_arrays_and_repr():
+    r = dro_core.solve(X, 0.05)
+    assert r.loc.shape == (3, 2) and r.mass.shape == (3, 2) and r.shift.shape == (3, 2)
+    assert r.weights.shape == (3,) and r.loc.dtype == np.float64
+    assert "Solution(value=" in repr(r)
+    assert repr(Loss.neg_log(6)) == "Loss.neg_log(k=6)"
+    assert r.eps == 0.05

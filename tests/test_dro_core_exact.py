@@ -1,0 +1,292 @@
+"""dro_core against independent LP formulations solved by HiGHS, on random and
+adversarial instances, plus feasibility, certificate and determinism checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dro_core
+from lp_reference import ek_lp, transport_lp
+
+REL = 1e-7
+
+
+def close(a, b, rel=REL, floor=1e-9):
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1.0) + floor
+
+
+# --- numpy evaluations of the losses, written independently of the crate ---
+
+
+def np_max_affine(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return lambda z: np.max(np.asarray(z, float)[:, None] * a[None, :] + b[None, :], axis=1)
+
+
+def np_interp(x, y):
+    x, y = np.asarray(x, float), np.asarray(y, float)
+
+    def f(z):
+        z = np.asarray(z, float)
+        v = np.interp(z, x, y)
+        left, right = z < x[0], z > x[-1]
+        v[left] = y[0] + (y[1] - y[0]) / (x[1] - x[0]) * (z[left] - x[0])
+        v[right] = y[-1] + (y[-1] - y[-2]) / (x[-1] - x[-2]) * (z[right] - x[-1])
+        return v
+
+    return f
+
+
+def neg_log_pieces(k):
+    j = np.arange(1, k + 1)
+    return -k / j, 1.0 - np.log(j / k)
+
+
+def softplus_pieces(k, lo, hi):
+    pts = np.array([(lo + hi) / 2]) if k == 1 else np.linspace(lo, hi, k)
+    a = -1 / (1 + np.exp(pts))  # d/dz softplus(-z) = -sigmoid(-z)
+    b = np.logaddexp(0, -pts) - a * pts
+    return a, b
+
+
+# --- instance generation ---
+
+
+def instances():
+    """Yields (name, xi, eps, groups, loss, support, f, knots, convex_pieces or None)."""
+    rng = np.random.default_rng(20251123)
+    eps_choices = [0.0, 1e-4, 0.01, 0.05, 0.2, 1.0, 1e6]
+
+    def groups_for(n):
+        c = rng.integers(3)
+        if c == 0:
+            return None
+        if c == 1:
+            return int(rng.integers(1, n + 2))
+        return rng.choice([0, 3, 7, 8], size=n)  # non-contiguous labels
+
+    # 1. random convex max-affine losses (incl. dominated and duplicate pieces)
+    for t in range(300):
+        k = int(rng.integers(1, 11))
+        a = rng.normal(0, 3, k)
+        b = rng.normal(0, 1, k)
+        if t % 5 == 0 and k > 1:  # a dominated piece and a duplicate
+            a[0], b[0] = a[1], b[1] - 5.0
+            a[-1], b[-1] = a[-2], b[-2]
+        n = int(rng.integers(1, 31))
+        lo, hi = sorted(rng.normal(0, 2, 2))
+        if t % 7 == 0:
+            hi = lo + 1e-3
+        xi = rng.uniform(lo, hi, n)
+        if t % 4 == 0:  # samples on the bounds and ties
+            xi[rng.integers(n, size=max(1, n // 3))] = lo
+            xi[rng.integers(n, size=max(1, n // 3))] = hi
+        eps = float(rng.choice(eps_choices)) * (hi - lo)
+        loss = dro_core.Loss.max_affine(a.tolist(), b.tolist())
+        yield f"maxaff{t}", xi, eps, groups_for(n), loss, (lo, hi), np_max_affine(a, b), [], (a, b)
+
+    # 2. the paper's default: neg_log(K) on preference probabilities
+    for t in range(250):
+        k = int(rng.integers(1, 11))
+        n = int(rng.integers(1, 31))
+        if t % 3 == 0:
+            xi = 1 / (1 + np.exp(-0.1 * np.abs(rng.normal(0, 10, n))))  # self-annotated: [0.5, 1)
+        else:
+            xi = rng.uniform(0, 1, n)
+        if t % 10 == 0:
+            xi[:] = xi[0]  # all equal
+        if t % 11 == 0:
+            xi[0], xi[-1] = 0.0, 1.0
+        eps = float(rng.choice(eps_choices))
+        a, b = neg_log_pieces(k)
+        loss = dro_core.Loss.neg_log(k) if (k != 6 or t % 2) else None
+        yield f"neglog{t}", xi, eps, groups_for(n), loss, None, np_max_affine(a, b), [], (a, b)
+
+    # 3. softplus tangents in margin space
+    for t in range(200):
+        k = int(rng.integers(1, 9))
+        n = int(rng.integers(1, 31))
+        m = float(rng.uniform(0.5, 10))
+        xi = rng.uniform(-m, m, n)
+        eps = float(rng.choice(eps_choices))
+        a, b = softplus_pieces(k, -m, m)
+        loss = dro_core.Loss.softplus(k, -m, m)
+        yield f"softplus{t}", xi, eps, groups_for(n), loss, None, np_max_affine(a, b), [], (a, b)
+
+    # 4. non-convex interpolated losses (sigmoid-like, hinge-like, random)
+    for t in range(300):
+        nk = int(rng.integers(2, 9))
+        x = np.sort(rng.choice(np.linspace(-3, 3, 61), nk, replace=False))
+        y = rng.normal(0, 1, nk) if t % 3 else -np.tanh(x)  # random, or a sigmoid-type loss
+        n = int(rng.integers(1, 31))
+        if t % 2:
+            lo, hi = float(x[0]) - rng.uniform(0, 1), float(x[-1]) + rng.uniform(0, 1)
+            support = (lo, hi)
+        else:
+            support = None  # default [-max|xi|, max|xi|]
+            lo, hi = -3.0, 3.0
+        xi = rng.uniform(lo, hi, n) if support else rng.uniform(-2.5, 2.5, n)
+        if t % 6 == 0:
+            xi = rng.choice(x, n)  # samples on knots
+        if support is None:
+            mx = np.max(np.abs(xi))
+            lo, hi = -mx, mx
+        eps = float(rng.choice(eps_choices))
+        loss = dro_core.Loss.interpolate(x.tolist(), y.tolist())
+        yield f"interp{t}", xi, eps, groups_for(n), loss, support, np_interp(x, y), x, None
+
+
+ALL = list(instances())
+
+
+def group_members(res, n):
+    gi = np.asarray(res.group_index)
+    return [np.flatnonzero(gi == g) for g in range(len(res.group_sizes))]
+
+
+def test_instance_count():
+    assert len(ALL) >= 1000
+
+
+@pytest.mark.parametrize("block", range(10))
+def test_matches_highs(block):
+    for name, xi, eps, groups, loss, support, f, knots, pieces in ALL[block::10]:
+        res = dro_core.solve(xi, eps, groups, loss=loss, support=support)
+        lo, hi = res.support
+        n = len(xi)
+        idx = group_members(res, n)
+        total = 0.0
+        for g, members in enumerate(idx):
+            xg = xi[members]
+            ref = transport_lp(xg, eps, f, knots, lo, hi)
+            assert close(res.group_values[g], ref), (name, g, res.group_values[g], ref)
+            if pieces is not None and len(xg) <= 12:
+                ref2 = ek_lp(xg, eps, pieces[0], pieces[1], lo, hi)
+                assert close(res.group_values[g], ref2), (name, g, res.group_values[g], ref2)
+            total += len(xg) * ref
+        assert close(res.value, total / n), name
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_certificate_and_feasibility(block):
+    for name, xi, eps, groups, loss, support, f, knots, pieces in ALL[block::4]:
+        res = dro_core.solve(xi, eps, groups, loss=loss, support=support)
+        lo, hi = res.support
+        loc, mass = np.asarray(res.loc), np.asarray(res.mass)
+        scale = max(abs(res.value), 1.0)
+        assert res.dual_gap <= 1e-9 * scale, (name, res.dual_gap)
+        assert np.all(mass >= 0) and np.allclose(mass.sum(axis=1), 1.0, rtol=0, atol=1e-12), name
+        assert np.all(loc >= lo) and np.all(loc <= hi), name
+        np.testing.assert_array_equal(np.asarray(res.shift), xi[:, None] - loc)
+        # value recomputed from the atoms, per group
+        per_sample = (mass * f(loc.ravel()).reshape(-1, 2)).sum(axis=1)
+        transport = (mass * np.abs(loc - xi[:, None])).sum(axis=1)
+        for g, members in enumerate(group_members(res, len(xi))):
+            assert close(per_sample[members].mean(), res.group_values[g]), name
+            assert transport[members].mean() <= eps * (1 + 1e-9) + 1e-12, name
+            assert close(transport[members].mean(), res.budget_used[g], floor=1e-12), name
+            split = np.sum((mass[members] > 0).sum(axis=1) == 2)
+            assert split <= 1, (name, g, split)
+            assert close(res.group_empirical_values[g], f(xi[members]).mean()), name
+        # weak duality at other multipliers: every λ ≥ 0 bounds the value from above
+        cands = np.unique(np.concatenate([[lo, hi], np.clip(knots, lo, hi)]))
+        for g, members in enumerate(group_members(res, len(xi))):
+            xg = xi[members]
+            for lam in [0.0, 0.5, 2.0, float(res.lam[g]) * 1.5 + 0.1]:
+                pts = np.concatenate([cands[None, :].repeat(len(xg), 0), xg[:, None]], axis=1)
+                dual = lam * eps + np.max(f(pts.ravel()).reshape(pts.shape) - lam * np.abs(pts - xg[:, None]), axis=1).mean()
+                assert dual >= res.group_values[g] - 1e-9 * scale, (name, lam)
+
+
+def test_eps_zero_is_empirical():
+    for name, xi, _, groups, loss, support, f, knots, _ in ALL[::3]:
+        res = dro_core.solve(xi, 0.0, groups, loss=loss, support=support)
+        assert close(res.value, f(xi).mean(), rel=1e-12), name
+        assert res.value == res.empirical_value, name
+        np.testing.assert_array_equal(np.asarray(res.loc)[:, 0], xi)
+        np.testing.assert_array_equal(np.asarray(res.mass)[:, 0], np.ones(len(xi)))
+        assert np.all(np.asarray(res.budget_used) == 0.0)
+
+
+def test_huge_eps_moves_everything_to_its_best_point():
+    for name, xi, _, groups, loss, support, f, knots, _ in ALL[::5]:
+        res = dro_core.solve(xi, 1e9, groups, loss=loss, support=support)
+        lo, hi = res.support
+        cands = np.unique(np.concatenate([[lo, hi], np.clip(knots, lo, hi)]))
+        best = np.maximum(f(cands).max(), f(xi))
+        assert np.allclose((np.asarray(res.mass) * f(np.asarray(res.loc).ravel()).reshape(-1, 2)).sum(1), best, rtol=1e-12, atol=1e-12), name
+        assert np.all(np.asarray(res.lam) == 0.0), name
+        assert np.all(np.asarray(res.budget_used) < 1e9), name  # the unused budget shows
+
+
+def test_paper_default_layout_and_values():
+    rng = np.random.default_rng(0)
+    xi = 1 / (1 + np.exp(-0.1 * np.abs(rng.normal(0, 10, 250))))
+    res = dro_core.solve(xi, 0.01, 100)
+    np.testing.assert_array_equal(res.group_sizes, [100, 100, 50])
+    a, b = neg_log_pieces(6)
+    for g, sl in enumerate([slice(0, 100), slice(100, 200), slice(200, 250)]):
+        assert close(res.group_values[g], ek_lp(xi[sl], 0.01, a, b, 0.0, 1.0))
+    # the worst case raises the loss and spends the whole budget
+    assert res.value > res.empirical_value
+    np.testing.assert_allclose(res.budget_used, 0.01, rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [None, 100, "labels"])
+def test_thread_count_does_not_change_a_bit(groups):
+    rng = np.random.default_rng(1)
+    n = 100_003
+    xi = 1 / (1 + np.exp(-0.1 * np.abs(rng.normal(0, 10, n))))
+    xi[::97] = xi[0]  # ties across chunks
+    g = rng.integers(0, 5, n) if groups == "labels" else groups
+    r1 = dro_core.solve(xi, 0.01, g, threads=1)
+    r2 = dro_core.solve(xi, 0.01, g, threads=2)
+    for attr in ["loc", "mass", "shift", "weights", "lam", "budget_used", "group_values", "group_index"]:
+        np.testing.assert_array_equal(getattr(r1, attr), getattr(r2, attr), err_msg=attr)
+    assert r1.value == r2.value and r1.dual_value == r2.dual_value
+
+
+def test_ties_are_shared_in_sample_order():
+    # all samples equal: every hull edge ties; the budget goes to the first samples
+    xi = np.full(10, 0.8)
+    res = dro_core.solve(xi, 0.8 * 0.25, None)  # enough to move 2.5 samples to 0
+    mass = np.asarray(res.mass)
+    loc = np.asarray(res.loc)
+    np.testing.assert_array_equal(loc[:2, 0], 0.0)
+    assert mass[2, 1] == pytest.approx(0.5) and loc[2, 1] == 0.0
+    np.testing.assert_array_equal(loc[3:, 0], 0.8)
+
+
+def test_input_conversion_is_exact():
+    rng = np.random.default_rng(2)
+    x32 = rng.uniform(0, 1, 500).astype(np.float32)
+    a = dro_core.solve(x32, 0.02, 50)
+    b = dro_core.solve(x32.astype(np.float64), 0.02, 50)
+    c = dro_core.solve(x32.astype(np.float64).tolist(), 0.02, 50)
+    for r in (b, c):
+        np.testing.assert_array_equal(a.loc, r.loc)
+        assert a.value == r.value
+
+
+def test_weights_match_the_gradient_of_the_atoms():
+    # w_i · ℓ'(ξ_i) = Σ_j m_ij ℓ'(loc_ij) with ℓ' the right derivative
+    rng = np.random.default_rng(3)
+    xi = rng.uniform(0.3, 1.0, 300)
+    loss = dro_core.Loss.neg_log(6)
+    res = dro_core.solve(xi, 0.05, 100, loss=loss)
+    d = loss.slope(xi)
+    loc = np.asarray(res.loc)
+    dl = loss.slope(np.ascontiguousarray(loc.ravel())).reshape(-1, 2)
+    np.testing.assert_allclose(res.weights * d, (np.asarray(res.mass) * dl).sum(1), rtol=1e-12)
+    moved = np.asarray(res.mass)[:, 0] < 1
+    assert np.all(res.weights[~moved & (loc[:, 0] == xi)] == 1.0)
+    assert np.all(res.weights[loc[:, 1] == 0.0] > 1.0)  # pushed to ξ = 0: steeper loss
+
+
+def test_loss_call_matches_numpy():
+    z = np.linspace(-1, 2, 301)
+    a, b = neg_log_pieces(6)
+    np.testing.assert_allclose(dro_core.Loss.neg_log(6)(z), np_max_affine(a, b)(z), rtol=1e-15, atol=1e-15)
+    x, y = [-1.0, 0.0, 0.5, 1.5], [1.0, -1.0, 2.0, 0.0]
+    np.testing.assert_allclose(dro_core.Loss.interpolate(x, y)(z), np_interp(x, y)(z), rtol=1e-13, atol=1e-13)
