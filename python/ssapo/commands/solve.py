@@ -1,0 +1,154 @@
+"""`ssapo solve`: the follower on a file of ξ values.
+
+    ssapo solve xi.npy --eps 0.01 --group-size 100 --output atoms.npz
+    ssapo solve pairs.jsonl --column margin --loss softplus --global --output atoms.parquet
+
+Writes, atomically:
+- .npz: per sample `loc`, `mass`, `shift` (N, 2), `weights`, `group_index` (N,);
+  per group `group_values`, `lam`, `budget_used`, `group_sizes`, `group_labels`;
+  scalars `value`, `empirical_value`, `dual_value`, `dual_gap`, `eps`, `support`, and `loss` (its repr).
+- .parquet: one row per sample (xi, loc0, loc1, mass0, mass1, shift0, shift1, weight,
+  group); the per-group arrays and the scalars as JSON in the schema metadata key
+  `ssapo.follower`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DOC = __doc__
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "solve",
+        help="solve the follower on a file of xi values",
+        description=DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help=".npy (1-D), .csv (header) or .jsonl file of xi values")
+    p.add_argument("--column", default=None, help="column of .csv/.jsonl input (default: xi)")
+    p.add_argument("--eps", type=float, default=0.01, help="radius of each group's ball (default 0.01)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--group-size", type=int, default=100, help="consecutive groups of this size (default 100)")
+    g.add_argument("--global", dest="global_ball", action="store_true", help="one ball around all samples")
+    g.add_argument("--labels-column", default=None, help="column (csv/jsonl) of integer group labels")
+    p.add_argument("--loss", choices=["neg_log", "softplus"], default="neg_log",
+                   help="neg_log: xi are probabilities in [0, 1] (default); softplus: xi are margins")
+    p.add_argument("--k", type=int, default=6, help="number of tangents (default 6)")
+    p.add_argument("--support", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="support [LO, HI] (default: [0, 1] for neg_log, [-max|xi|, max|xi|] for softplus)")
+    p.add_argument("--threads", type=int, default=None, help="rayon threads (default: all cores)")
+    p.add_argument("--output", "-o", default=None, help="output .npz or .parquet (default: print only)")
+    p.set_defaults(func=run)
+
+
+def _summary(res, n: int, seconds: float) -> str:
+    import numpy as np
+
+    lam = np.asarray(res.lam)
+    used = np.asarray(res.budget_used)
+    return "\n".join(
+        [
+            f"samples            {n}",
+            f"groups             {len(lam)}",
+            f"value              {res.value:.10g}",
+            f"empirical value    {res.empirical_value:.10g}",
+            f"dual value         {res.dual_value:.10g}  (gap {res.dual_gap:.2e})",
+            f"lambda*            min {lam.min():.6g}  median {np.median(lam):.6g}  max {lam.max():.6g}",
+            f"budget used        mean {used.mean():.6g}  max {used.max():.6g}  (eps {res.eps:g})",
+            f"split samples      {int(np.sum(np.asarray(res.mass)[:, 1] > 0))}",
+            f"time               {seconds * 1e3:.2f} ms",
+        ]
+    )
+
+
+def _write(path: str, xi, res, loss_repr: str) -> None:
+    import numpy as np
+
+    from ssapo.io import atomic_write
+
+    per_group = {
+        "group_values": np.asarray(res.group_values),
+        "lam": np.asarray(res.lam),
+        "budget_used": np.asarray(res.budget_used),
+        "group_sizes": np.asarray(res.group_sizes),
+        "group_labels": np.asarray(res.group_labels),
+    }
+    scalars = {
+        "value": res.value,
+        "empirical_value": res.empirical_value,
+        "dual_value": res.dual_value,
+        "dual_gap": res.dual_gap,
+        "eps": res.eps,
+        "support": list(res.support),
+        "loss": loss_repr,
+    }
+    if path.endswith(".npz"):
+        def w(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, xi=xi, loc=res.loc, mass=res.mass, shift=res.shift, weights=res.weights,
+                         group_index=res.group_index, **per_group,
+                         **{k: np.asarray(v) for k, v in scalars.items()})
+    elif path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        loc, mass, shift = np.asarray(res.loc), np.asarray(res.mass), np.asarray(res.shift)
+        table = pa.table({
+            "xi": xi, "loc0": loc[:, 0], "loc1": loc[:, 1], "mass0": mass[:, 0], "mass1": mass[:, 1],
+            "shift0": shift[:, 0], "shift1": shift[:, 1], "weight": np.asarray(res.weights),
+            "group": np.asarray(res.group_index),
+        })
+        meta = json.dumps({**scalars, **{k: v.tolist() for k, v in per_group.items()}})
+        table = table.replace_schema_metadata({"ssapo.follower": meta})
+
+        def w(tmp):
+            pq.write_table(table, tmp)
+    else:
+        raise ValueError(f"--output: unknown file type of {path!r} (use .npz or .parquet)")
+    atomic_write(path, w)
+
+
+def run(args) -> int:
+    import numpy as np
+
+    import dro_core
+    from ssapo.io import read_column
+
+    try:
+        if args.output is not None and not args.output.endswith((".npz", ".parquet")):
+            raise ValueError(f"--output: unknown file type of {args.output!r} (use .npz or .parquet)")
+        xi = read_column(args.input, args.column)
+        if args.global_ball:
+            groups = None
+        elif args.labels_column:
+            groups = read_column(args.input, args.labels_column, arg="--labels-column")
+            if not np.all(groups == np.round(groups)):
+                raise ValueError("--labels-column: labels must be integers")
+            groups = groups.astype(np.int64)
+        else:
+            groups = args.group_size
+        if args.loss == "neg_log":
+            loss = dro_core.Loss.neg_log(args.k)
+        else:
+            lo, hi = args.support if args.support else (-float(np.max(np.abs(xi))), float(np.max(np.abs(xi))))
+            if len(xi) and not lo < hi:
+                raise ValueError("--support: softplus needs lo < hi (all margins are 0?)")
+            loss = dro_core.Loss.softplus(args.k, lo, hi)
+        t = time.perf_counter()
+        res = dro_core.solve(xi, args.eps, groups, loss=loss,
+                             support=tuple(args.support) if args.support else None, threads=args.threads)
+        seconds = time.perf_counter() - t
+        if args.output:
+            _write(args.output, xi, res, repr(loss))
+    except ValueError as e:  # includes ssapo.io.InputError and dro_core's errors
+        print(f"ssapo solve: error: {e}", file=sys.stderr)
+        return 2
+    print(_summary(res, len(xi), seconds))
+    if args.output:
+        print(f"wrote              {args.output}")
+    return 0

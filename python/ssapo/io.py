@@ -1,0 +1,91 @@
+"""Small file helpers shared by the commands: atomic writes and readers of
+1-D columns from .npy / .csv / .jsonl."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> str:
+    """Calls `write_fn(tmp_path)` on a temp file in the target's directory,
+    then renames it onto `path`, so a crash or a kill never leaves a partial
+    file behind. The temp name keeps the target's suffix (numpy and pyarrow
+    look at it)."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=os.path.splitext(base)[1] or ".tmp", dir=parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> str:
+    """Atomic JSON dump."""
+
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+
+    return atomic_write(path, w)
+
+
+def _jsonable(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")
+
+
+class InputError(ValueError):
+    """A bad input file or column; the message names the argument."""
+
+
+def read_column(path: str, column: Optional[str] = None, arg: str = "input") -> np.ndarray:
+    """Reads a 1-D float column: .npy (a 1-D array), .csv (a header row;
+    `column`, default "xi"), .jsonl (one object per line; `column`, default "xi")."""
+    if not os.path.exists(path):
+        raise InputError(f"{arg}: no such file: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        a = np.load(path, allow_pickle=False)
+        if a.ndim != 1:
+            raise InputError(f"{arg}: {path} holds an array of shape {a.shape}; need 1-D")
+        return np.asarray(a, dtype=np.float64)
+    col = column or "xi"
+    if ext == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or col not in reader.fieldnames:
+                raise InputError(f"--column: {path} has no column {col!r} (columns: {reader.fieldnames})")
+            vals = [row[col] for row in reader]
+    elif ext in (".jsonl", ".ndjson"):
+        vals = []
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if col not in row:
+                    raise InputError(f"--column: line {lineno} of {path} has no key {col!r}")
+                vals.append(row[col])
+    else:
+        raise InputError(f"{arg}: unknown file type {ext!r} (use .npy, .csv or .jsonl)")
+    try:
+        return np.asarray([float(v) for v in vals], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--column: {col!r} of {path} holds a value that is not a number ({e})") from None
