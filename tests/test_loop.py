@@ -1,0 +1,102 @@
+"""The loop end to end on the tiny task: files, parameters, ε = 0 control,
+resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ssapo.annotate import pick_pairs
+from ssapo.config import load_config
+from ssapo.follower import follow
+from ssapo.loop import run
+
+SMALL = {"task_size": "test", "seed_size": "32", "round_sizes": "32 32", "num_rounds": "2", "batch_size": "8",
+         "per_device_train_batch_size": "8", "max_new_tokens": "6", "seed_epochs": "1"}
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("task"))
+
+
+def cfg(out, task_dir, **kw):
+    return load_config("tiny", overrides={**SMALL, "output_dir": str(out), "task_dir": task_dir, **kw})
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_pick_pairs_ranks_and_counts_ties():
+    pairs, st = pick_pairs([[0.1, 0.5, 0.5, -1.0], [2.0, 2.0], [0.0, 1.0, -3.0, -3.0]])
+    assert pairs == [(1, 3), None, (1, 3)]
+    assert st == {"tied_best": 1, "tied_worst": 1, "dropped_all_tied": 1}
+
+
+def test_follower_columns():
+    m = np.array([0.0, 1.0, 5.0, 30.0, 2.0])
+    cols, diag, _ = follow(m, 0.0, group_size=2)
+    assert np.all(cols["shift"] == 0) and np.all(cols["mass"][:, 0] == 1) and diag["moved_fraction"] == 0
+    cols, diag, res = follow(m, 0.1, group_size=0)
+    assert diag["moved_fraction"] > 0 and diag["dual_gap"] <= 1e-12 and len(diag["lam"]) == 1
+    np.testing.assert_allclose(cols["xi"], 1 / (1 + np.exp(-0.1 * m)))
+    cols, diag, _ = follow(m, 0.1, space="margin")
+    assert diag["space"] == "margin" and cols["shift"].shape == (5, 2)
+
+
+def test_two_rounds_write_everything(tmp_path, task_dir):
+    out = run(cfg(tmp_path / "run", task_dir))
+    with open(os.path.join(out, "state.json")) as f:
+        assert json.load(f)["done"] == ["seed", "round_1/annotate", "round_1/follow", "round_1/lead",
+                                        "round_2/annotate", "round_2/follow", "round_2/lead"]
+    for t in (1, 2):
+        rd = os.path.join(out, f"round_{t}")
+        for name in ("annotations.jsonl", "follower.npz", "metrics.json", "summary.md", "follower.png", "model/model.safetensors"):
+            assert os.path.exists(os.path.join(rd, name)), name
+        m = json.load(open(os.path.join(rd, "metrics.json")))
+        assert 0 <= m["annotation"]["gold_accuracy"] <= 1 and m["follower"]["dual_gap"] < 1e-9
+        assert m["leader"]["param_displacement"] > 0 and m["leader"]["max_grad_norm"] > 0
+    a, b = weights(os.path.join(out, "seed", "model")), weights(os.path.join(out, "round_2", "model"))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temp files left
+
+
+def test_ssapo_at_eps_zero_is_iterative_dpo(tmp_path, task_dir):
+    a = run(cfg(tmp_path / "ssapo", task_dir, eps="0", num_rounds="1", round_sizes="32"))
+    b = run(cfg(tmp_path / "idpo", task_dir, method="iterative-dpo", num_rounds="1", round_sizes="32"))
+    wa, wb = weights(os.path.join(a, "round_1", "model")), weights(os.path.join(b, "round_1", "model"))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_kill_loses_nothing(tmp_path, task_dir):
+    ref = run(cfg(tmp_path / "ref", task_dir))
+    out = tmp_path / "killed"
+    args = [f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir}.items()]
+    cmd = [sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--output-dir", str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and "round_1/annotate" in state.read_text():
+            break
+        if p.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # mid-round: after annotation, during or before the follower/leader
+    p.wait()
+    done = json.loads(state.read_text())["done"]
+    assert "round_2/lead" not in done
+    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rel in ("round_1/annotations.jsonl", "round_2/annotations.jsonl"):
+        assert (out / rel).read_text() == open(os.path.join(ref, rel)).read()
+    wa, wb = weights(os.path.join(ref, "round_2", "model")), weights(str(out / "round_2" / "model"))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
