@@ -43,6 +43,22 @@ def write_json(path: str | os.PathLike, obj) -> str:
     return atomic_write(path, w)
 
 
+def write_jsonl(path: str | os.PathLike, rows) -> str:
+    """Atomic JSON-lines dump, one object per row."""
+
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=_jsonable) + "\n")
+
+    return atomic_write(path, w)
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _jsonable(o):
     if isinstance(o, np.ndarray):
         return o.tolist()

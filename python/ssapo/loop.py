@@ -19,7 +19,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from ssapo.config import RunConfig
-from ssapo.io import atomic_write, write_json
+from ssapo.io import atomic_write, read_jsonl, write_json, write_jsonl
 
 
 class State:
@@ -38,20 +38,6 @@ class State:
     def mark(self, step: str) -> None:
         self.done.append(step)
         write_json(self.path, {"done": self.done})
-
-
-def _write_jsonl(path: str, rows) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-
-    atomic_write(path, w)
-
-
-def _read_jsonl(path: str) -> List[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
@@ -183,11 +169,11 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
             if not rows:
                 raise RuntimeError(f"round {t}: every prompt's responses tied; no pairs to train on")
             stats.update(gold_stats(src["task"], rows))
-            _write_jsonl(ann_path, rows)
+            write_jsonl(ann_path, rows)
             metrics["annotation"] = {**stats, "seconds": time.time() - t0}
             write_json(metrics_path, metrics)
             state.mark(f"round_{t}/annotate")
-        rows = _read_jsonl(ann_path)
+        rows = read_jsonl(ann_path)
         # b. follow: the worst case around the self-labels
         fol_path = os.path.join(rd, "follower.npz")
         if cfg.method == "ssapo" and f"round_{t}/follow" not in state:

@@ -24,7 +24,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 SIZES = {
     # labelled pool, prompt pool, test prompts, SFT examples, SFT epochs
@@ -112,17 +112,6 @@ def label_pairs(spec: TaskSpec, rng: random.Random, prompt: str, a: str, b: str)
     }
 
 
-def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    from ssapo.io import atomic_write
-
-    def w(tmp):
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-
-    atomic_write(path, w)
-
-
 def sft(spec: TaskSpec, out_dir: str) -> str:
     """Trains the SFT policy with a plain torch loop and saves it (safetensors + tokenizer)."""
     import torch
@@ -193,12 +182,12 @@ def prepare_task(out_dir, seed: int = 0, size: str = "tiny", flip_rate: float = 
         p = _prompt(rng, spec)
         a, b = _answer(rng, spec, p, spec.sft_correct), _answer(rng, spec, p, spec.sft_correct)
         prefs.append(label_pairs(spec, rng, p, a, b))
-    _write_jsonl(paths["preferences"], prefs)
-    _write_jsonl(paths["prompts"], [{"prompt": messages(_prompt(rng, spec))} for _ in range(sz["prompts"])])
-    _write_jsonl(paths["test_prompts"], [{"prompt": messages(_prompt(rng, spec))} for _ in range(sz["test"])])
-    sft(spec, paths["sft_model"])
-    from ssapo.io import write_json
+    from ssapo.io import write_json, write_jsonl
 
+    write_jsonl(paths["preferences"], prefs)
+    write_jsonl(paths["prompts"], [{"prompt": messages(_prompt(rng, spec))} for _ in range(sz["prompts"])])
+    write_jsonl(paths["test_prompts"], [{"prompt": messages(_prompt(rng, spec))} for _ in range(sz["test"])])
+    sft(spec, paths["sft_model"])
     write_json(paths["task"], record)  # last: marks the task complete
     return paths
 
