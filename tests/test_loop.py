@@ -100,3 +100,31 @@ def test_resume_after_kill_loses_nothing(tmp_path, task_dir):
         assert (out / rel).read_text() == open(os.path.join(ref, rel)).read()
     wa, wb = weights(os.path.join(ref, "round_2", "model")), weights(str(out / "round_2" / "model"))
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_stage_trains_and_saves_a_merged_model(tmp_path, task_dir):
+    from ssapo.bench.task import prepare_task
+    from ssapo.io import read_jsonl
+    from ssapo.loop import train_stage
+
+    task = prepare_task(task_dir, seed=42, size="test")
+    c = cfg(tmp_path / "peft", task_dir, use_peft="true", lora_r="4", lora_alpha="8", lora_target_modules="q_proj,v_proj")
+    rows = read_jsonl(task["preferences"])[:16]
+    stats = train_stage(c, task["sft_model"], task["sft_model"], rows, 1e-2, 1, "dpo", str(tmp_path / "m"), str(tmp_path / "w"))
+    assert stats["param_displacement"] > 0  # the adapter moved
+    before, after = weights(task["sft_model"]), weights(str(tmp_path / "m"))
+    assert set(before) == set(after)  # merged back into plain weights
+    assert any(not np.array_equal(before[k], after[k]) for k in before if "q_proj" in k)
+    assert all(np.array_equal(before[k], after[k]) for k in before if "mlp" in k)
+
+
+def test_vllm_backend_needs_vllm():
+    from ssapo.annotate import use_vllm
+
+    assert use_vllm("transformers") is False
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert use_vllm("auto") is False
+        with pytest.raises(ValueError, match="generation_backend: 'vllm' needs"):
+            use_vllm("vllm")

@@ -22,10 +22,45 @@ def _ids(tok, prompt) -> List[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def use_vllm(backend: str) -> bool:
+    """vLLM for `backend="vllm"`, or for "auto" when it is installed and a GPU is present."""
+    if backend == "transformers":
+        return False
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if backend == "vllm":
+            raise ValueError("generation_backend: 'vllm' needs `pip install ssapo[vllm]` on a GPU machine") from None
+        return False
+    return backend == "vllm" or torch.cuda.is_available()
+
+
+def generate_vllm(model_path: str, tok, prompts: Sequence, n: int, temperature: float, top_p: float,
+                  max_new_tokens: int, seed: int = 0) -> List[List[List[int]]]:
+    """The same as `generate`, through vLLM (GPU machines; not exercised by the CPU test suite)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, seed=seed, dtype="bfloat16", tensor_parallel_size=max(1, torch.cuda.device_count()))
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                            stop_token_ids=[tok.eos_token_id])
+    outs = llm.generate([{"prompt_token_ids": _ids(tok, p)} for p in prompts], params)
+    res = []
+    for o in outs:
+        seqs = []
+        for c in o.outputs:
+            ids = list(c.token_ids)
+            if c.finish_reason == "stop" and (not ids or ids[-1] != tok.eos_token_id):
+                ids.append(tok.eos_token_id)
+            seqs.append(ids)
+        res.append(seqs)
+    del llm
+    return res
+
+
 def generate(model, tok, prompts: Sequence, n: int, temperature: float, top_p: float, max_new_tokens: int,
              batch_size: int = 16, seed: int = 0, progress: bool = True) -> List[List[List[int]]]:
-    """n sampled responses (token ids, end-of-sequence included when produced) per prompt.
-    Uses vLLM when installed and a GPU is present (not on CPU), else transformers' generate."""
+    """n sampled responses (token ids, end-of-sequence included when produced) per prompt,
+    with transformers' batched generate."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -95,10 +130,14 @@ def pick_pairs(rewards: Sequence[Sequence[float]]) -> Tuple[List[Tuple[int, int]
 
 
 def annotate(policy, init, tok, prompts: Sequence, n: int, temperature: float, top_p: float, max_new_tokens: int,
-             batch_size: int = 16, seed: int = 0, progress: bool = True):
+             batch_size: int = 16, seed: int = 0, progress: bool = True, backend: str = "transformers",
+             policy_path: str = ""):
     """Returns (rows, stats): rows with prompt, chosen, rejected (chat messages
     when the prompt is one, else strings), chosen_reward, rejected_reward, margin."""
-    resp = generate(policy, tok, prompts, n, temperature, top_p, max_new_tokens, batch_size, seed, progress)
+    if use_vllm(backend):
+        resp = generate_vllm(policy_path, tok, prompts, n, temperature, top_p, max_new_tokens, seed)
+    else:
+        resp = generate(policy, tok, prompts, n, temperature, top_p, max_new_tokens, batch_size, seed, progress)
     flat_p = [p for p, rs in zip(prompts, resp) for _ in rs]
     flat_r = [r for rs in resp for r in rs]
     reward = (sequence_logps(policy, tok, flat_p, flat_r) - sequence_logps(init, tok, flat_p, flat_r)).tolist()

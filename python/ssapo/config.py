@@ -146,6 +146,9 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.accelerate_config is not None and self.accelerate_config not in ACCELERATE_CONFIGS:
             bad("accelerate_config", f"must be one of {ACCELERATE_CONFIGS} or null, got {self.accelerate_config!r}")
         if self.use_cpu and self.bf16:

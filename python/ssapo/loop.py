@@ -92,7 +92,7 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+                                 target_modules=_modules(cfg.lora_target_modules), task_type="CAUSAL_LM")
     trainer = SSAPOTrainer(model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
                            peft_config=peft_config)
     trainer.train()
@@ -102,6 +102,11 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
     if trainer.accelerator.is_main_process:
         save_pretrained(trained, tok, save_to)
     return {**trainer.leader_stats, "steps": trainer.state.global_step, "pairs": len(rows)}
+
+
+def _modules(spec: str):
+    """peft's target_modules: "all-linear" or a comma-separated list of names."""
+    return spec if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
 
 
 def gold_stats(task: Optional[dict], rows: List[dict]) -> Dict[str, float]:
@@ -165,6 +170,7 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
             rows, stats = annotate.annotate(
                 policy, init_model, tok, list(rounds[t - 1]["prompt"]), cfg.num_samples, cfg.temperature, cfg.top_p,
                 cfg.max_new_tokens, cfg.generation_batch_size, seed=cfg.seed + t,
+                backend=cfg.generation_backend, policy_path=previous,
             )
             if not rows:
                 raise RuntimeError(f"round {t}: every prompt's responses tied; no pairs to train on")
