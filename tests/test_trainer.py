@@ -30,11 +30,12 @@ def rows(atoms=None):
 
 
 def config(cls, tmp_path, **kw):
-    return cls(
+    args = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=5e-3,
         report_to="none", use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", beta=0.1,
-        seed=0, data_seed=0, precompute_ref_log_probs=True, **kw,
+        seed=0, data_seed=0, precompute_ref_log_probs=True,
     )
+    return cls(**{**args, **kw})
 
 
 def train(cls, tmp_path, ds, **kw):
@@ -89,3 +90,20 @@ def test_missing_atom_columns_are_an_error(tmp_path):
         train(SSAPOTrainer, tmp_path, rows(), leader_loss="shift_prob")
     with pytest.raises(ValueError, match="leader_loss: must be one of"):
         config(SSAPOConfig, tmp_path, leader_loss="nope")
+
+
+def test_spa_flags_and_smooths(tmp_path):
+    # a tiny step keeps each pair's confidence nearly fixed; the window of 4 fills after two
+    # batches of 2, and from then on pairs at or below its median are flagged
+    tr, changed = train(SSAPOTrainer, tmp_path, rows(), leader_loss="spa", spa_window=4, spa_quantile=0.5,
+                        spa_warmup_ratio=0.0, spa_lambda=0.5, learning_rate=1e-6, max_steps=8)
+    assert changed and tr.args.precompute_ref_log_probs is False
+    assert 0 < tr.leader_stats["spa_flagged_fraction"] < 1
+
+
+def test_spa_without_smoothing_is_dpo(tmp_path):
+    ours, _ = train(SSAPOTrainer, tmp_path / "a", rows(), leader_loss="spa", spa_alpha=0.0)
+    theirs, _ = train(SSAPOTrainer, tmp_path / "b", rows(), leader_loss="dpo")
+    a = [r["loss"] for r in ours.state.log_history if "loss" in r]
+    b = [r["loss"] for r in theirs.state.log_history if "loss" in r]
+    assert a == pytest.approx(b, rel=1e-5)

@@ -11,13 +11,17 @@ lists, as for trl) and, by `leader_loss`:
 - `shift_prob` / `shift_margin`: `shift` and `mass`, two floats each per row
   (`dro_core.Solution.shift` / `.mass`);
 - `weights`: `weight`, one float per row (`dro_core.Solution.weights`);
-- `dpo`: nothing more (plain DPO; iterative DPO's rounds and SSAPO's ε = 0 control).
+- `dpo`: nothing more (plain DPO; iterative DPO's rounds and SSAPO's ε = 0 control);
+- `spa`: nothing more (SPA's self-refinement, Kim et al. 2025: label smoothing on the
+  pairs the de-coupled model is least confident about).
 Reference log-probabilities are computed once before training
-(`precompute_ref_log_probs=True` by default).
+(`precompute_ref_log_probs=True` by default; `spa` needs the reference's logits
+at every step, so it turns the precomputation off).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +31,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ssapo import losses
 
-LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights")
+LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "spa")
 ATOM_COLUMNS = ("shift", "mass", "weight")
 
 
@@ -48,6 +52,15 @@ class SSAPOConfig(DPOConfig):
         },
     )
     clamp_min: float = field(default=1e-6, metadata={"help": "Clamp of σ(βh) − shift in the 'shift_prob' loss."})
+    spa_alpha: float = field(default=0.1, metadata={"help": "SPA: label-smoothing strength α on flagged pairs."})
+    spa_lambda: float = field(
+        default=0.5, metadata={"help": "SPA: de-coupling λ of this round ((1+λ)·logits_θ − λ·logits_ref); the paper: 1/2, 1/4, 1/8."}
+    )
+    spa_quantile: float = field(default=0.1, metadata={"help": "SPA: flag pairs at or below this quantile of confidence."})
+    spa_window: int = field(default=50, metadata={"help": "SPA: moving window of confidences (gathered over ranks)."})
+    spa_warmup_ratio: float = field(
+        default=0.2, metadata={"help": "SPA: no smoothing during this fraction of the optimizer steps."}
+    )
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "Compute the reference log-probabilities once, before training."}
     )
@@ -57,6 +70,12 @@ class SSAPOConfig(DPOConfig):
             raise ValueError(f"leader_loss: must be one of {LEADER_LOSSES}, got {self.leader_loss!r}")
         if not (0.0 < self.clamp_min < 1.0):
             raise ValueError(f"clamp_min: must be in (0, 1), got {self.clamp_min}")
+        if not 0.0 <= self.spa_alpha <= 0.5:
+            raise ValueError(f"spa_alpha: must be in [0, 0.5], got {self.spa_alpha}")
+        if self.spa_lambda < 0:
+            raise ValueError(f"spa_lambda: must be >= 0, got {self.spa_lambda}")
+        if self.leader_loss == "spa":
+            self.precompute_ref_log_probs = False  # the de-coupled model needs reference logits every step
         super().__post_init__()
 
 
@@ -86,8 +105,12 @@ class SSAPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "ssapo"]
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, ref_model=None, args: SSAPOConfig | None = None, **kwargs):
+        if args is not None and args.leader_loss == "spa" and ref_model is None and kwargs.get("peft_config") is None \
+                and not hasattr(model, "peft_config") and not isinstance(model, str):
+            # SPA needs the reference's logits at every step: keep a frozen copy of the start
+            ref_model = copy.deepcopy(model).eval()
+        super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         a = self.args
         needed = {"shift_prob": ("shift", "mass"), "shift_margin": ("shift", "mass"), "weights": ("weight",)}.get(
             a.leader_loss, ()
@@ -100,6 +123,9 @@ class SSAPOTrainer(DPOTrainer):
                     "(the follower's atoms; see ssapo.follower)"
                 )
         self.data_collator = _AtomCollator(self.data_collator)
+        self.confidence = losses.ConfidenceWindow(a.spa_window, a.spa_quantile)
+        self._flagged = 0
+        self._seen = 0
         self._start_params = None
         self._grad_norms: list[float] = []
         self._clamped = 0
@@ -150,8 +176,10 @@ class SSAPOTrainer(DPOTrainer):
                 self._atoms += int((mass > 0).sum())
         elif kind == "shift_margin":
             per_pair = losses.shift_margin_loss(h, beta, inputs["shift"].to(h.device), inputs["mass"].to(h.device))
-        else:
+        elif kind == "weights":
             per_pair = losses.weighted_dpo_loss(h, beta, inputs["weight"].to(h.device))
+        else:
+            per_pair = self._spa_loss(model, inputs, h, ref_chosen, ref_rejected, mode)
         loss = per_pair.mean()
 
         gather = self.accelerator.gather_for_metrics
@@ -165,6 +193,36 @@ class SSAPOTrainer(DPOTrainer):
         if kind == "shift_prob" and mode == "train":
             m["leader/clamped_fraction"].append(self._clamped / max(self._atoms, 1))
         return (loss, outputs) if return_outputs else loss
+
+    def _spa_loss(self, model, inputs, h, ref_chosen, ref_rejected, mode):
+        """SPA (eq. 9–12): confidence of each pair under the de-coupled model
+        softmax((1+λ)·logits_θ − λ·logits_ref), flagged when at or below the
+        window's lower quantile, smoothed with α after the warm-up."""
+        a = self.args
+        model_kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            pol_logits = model(**model_kwargs, use_cache=False).logits
+            if self.ref_model is not None:
+                ref_logits = self.ref_model(**model_kwargs, use_cache=False).logits
+            else:  # peft: the adapter-disabled model
+                from trl.trainer.utils import use_adapter
+
+                with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
+                    ref_logits = self.model(**model_kwargs, use_cache=False).logits
+        mixed = losses.decoupled_logits(pol_logits, ref_logits, a.spa_lambda)
+        labels = inputs["input_ids"][:, 1:]
+        mask = inputs["completion_mask"][:, 1:].to(mixed.dtype)
+        mixed_logps = losses.sequence_logps(mixed[:, :-1], labels, mask)
+        mc, mr = mixed_logps.chunk(2, dim=0)
+        confidence = self.beta * ((mc - mr) - (ref_chosen.to(mc.dtype) - ref_rejected.to(mc.dtype)))
+        flagged = self.confidence.flag(confidence)
+        if mode == "train":
+            self.confidence.update(self.accelerator.gather(confidence.detach()))
+            self._flagged += int(flagged.sum())
+            self._seen += int(flagged.numel())
+            self._metrics[mode]["spa/flagged_fraction"].append(self._flagged / max(self._seen, 1))
+        warm = self.state.global_step < a.spa_warmup_ratio * max(self.state.max_steps, 1)
+        return losses.spa_loss(h, self.beta, flagged, 0.0 if warm else a.spa_alpha)
 
     # -- diagnostics -----------------------------------------------------------------
 
@@ -198,5 +256,6 @@ class SSAPOTrainer(DPOTrainer):
             "param_displacement": math.sqrt(disp),
             "loss_history": self._losses,
             "grad_norms": self._grad_norms,
+            "spa_flagged_fraction": self._flagged / self._seen if self._seen else 0.0,
         }
         return out
