@@ -128,3 +128,30 @@ def test_vllm_backend_needs_vllm():
         assert use_vllm("auto") is False
         with pytest.raises(ValueError, match="generation_backend: 'vllm' needs"):
             use_vllm("vllm")
+
+
+@pytest.mark.parametrize("method", ["spa", "sera"])
+def test_baselines_run_in_the_same_loop(tmp_path, task_dir, method):
+    out = run(cfg(tmp_path / method, task_dir, method=method, num_rounds="1", round_sizes="32", spa_window="8"))
+    m = json.load(open(os.path.join(out, "round_1", "metrics.json")))
+    assert "follower" not in m and m["leader"]["loss"] == ("spa" if method == "spa" else "dpo")
+    if method == "sera":
+        s = m["sera"]
+        assert s["kept"] == round(0.7 * s["pairs_in"]) and s["bootstrapped"] > 0
+        assert m["leader"]["pairs"] == s["kept"] + s["bootstrapped"]
+    else:
+        assert m["leader"]["spa_flagged_fraction"] > 0
+
+
+def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch):
+    from ssapo import annotate
+    from ssapo.bench.task import prepare_task
+    from ssapo.loop import sera_round
+
+    task = prepare_task(task_dir, seed=42, size="test")
+    rows = [{"prompt": [{"role": "user", "content": "w1 w2 w3"}], "chosen": [{"role": "assistant", "content": "w1"}],
+             "rejected": [{"role": "assistant", "content": "w2"}], "margin": float(m)} for m in [3, -1, 7, 0, 5, 2, 1, 9, 4, 6]]
+    monkeypatch.setattr(annotate, "annotate", lambda *a, **k: ([], {}))  # no bootstrap: selection only
+    c = cfg(tmp_path, task_dir)
+    sel, st = sera_round(c, rows, task["sft_model"], None, task["sft_model"], seed=0)
+    assert [r["margin"] for r in sel] == [9, 7, 6, 5, 4, 3, 2] and st["kept"] == 7

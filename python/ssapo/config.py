@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 PRESETS = ("tiny", "mistral-7b", "llama3-8b")
-METHODS = ("ssapo", "dpo", "iterative-dpo")
+METHODS = ("ssapo", "dpo", "iterative-dpo", "spa", "sera")
 ACCELERATE_CONFIGS = ("ddp", "zero3", "fsdp")
 
 
@@ -45,7 +45,9 @@ class RunConfig:
     ref_model: Optional[str] = _f(None, "π_init for the implicit reward and the seed stage's reference (default: model).")
     trust_remote_code: bool = _f(False, "Allow model repositories' own code (only when you trust them).")
     output_dir: str = _f("runs/ssapo", "Run directory: seed/, round_<t>/, state.json, config.yaml.")
-    method: str = _f("ssapo", "ssapo | dpo (seed stage only) | iterative-dpo (self-annotation, plain DPO).")
+    method: str = _f(
+        "ssapo", "ssapo | dpo (seed stage only) | iterative-dpo (self-annotation, plain DPO) | spa | sera (baselines)."
+    )
     seed: int = _f(42, "Seed of data splits, sampling and training.")
     # -- data --
     preference_data: Optional[str] = _f(
@@ -89,6 +91,21 @@ class RunConfig:
     # -- leader --
     leader_loss: str = _f("shift_prob", "shift_prob (released code) | shift_margin | weights | dpo.")
     clamp_min: float = _f(1e-6, "Clamp of σ(βh) − shift in shift_prob.")
+    # -- SPA (Kim et al., ICLR 2025) --
+    spa_alpha: float = _f(0.1, "SPA: label smoothing α on the flagged pairs.")
+    spa_lambdas: List[float] = _f([0.5, 0.25, 0.125], "SPA: de-coupling λ of rounds 1, 2, 3, … (the last repeats).")
+    spa_quantile: float = _f(0.1, "SPA: flag the pairs at or below this quantile of de-coupled confidence.")
+    spa_window: int = _f(50, "SPA: moving window of confidences.")
+    spa_warmup_ratio: float = _f(0.2, "SPA: no smoothing during this fraction of a round's optimizer steps.")
+    # -- SeRA (Ko et al., ICLR 2025; Algorithm 1 unpublished: REFERENCE.md §2b, each unknown an option) --
+    sera_keep: float = _f(0.7, "SeRA: keep this fraction of the round's pairs, largest implicit-reward margin first.")
+    sera_num_samples: int = _f(4, "SeRA: responses sampled per kept prompt for preference bootstrapping.")
+    sera_top_p: float = _f(0.95, "SeRA: top-p of the bootstrap samples (temperature: `temperature`).")
+    sera_gamma: float = _f(0.3, "SeRA: γ; its role is set by sera_gamma_role.")
+    sera_gamma_role: str = _f(
+        "ensemble", "SeRA γ [our choice]: 'ensemble' — margin (1−γ)·m_{t−1} + γ·m_{t−2} (π_init before round 2); "
+        "'mix' — bootstrapped pairs are a γ share of the training set."
+    )
     # -- peft --
     use_peft: bool = _f(False, "Train a LoRA adapter; the reference is the adapter-disabled model.")
     lora_r: int = _f(16, "LoRA rank.")
@@ -142,10 +159,19 @@ class RunConfig:
             "leader_loss": ("shift_prob", "shift_margin", "weights", "dpo"),
             "generation_backend": ("auto", "transformers", "vllm"),
             "task_size": ("tiny", "test"),
+            "sera_gamma_role": ("ensemble", "mix"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 < self.sera_keep <= 1:
+            bad("sera_keep", f"must be in (0, 1], got {self.sera_keep}")
+        if not 0 <= self.sera_gamma < 1:
+            bad("sera_gamma", f"must be in [0, 1), got {self.sera_gamma}")
+        if self.sera_num_samples < 2:
+            bad("sera_num_samples", f"needs at least 2, got {self.sera_num_samples}")
+        if not self.spa_lambdas or any(v < 0 for v in self.spa_lambdas):
+            bad("spa_lambdas", f"needs one or more values >= 0, got {self.spa_lambdas}")
         for name in ("lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")

@@ -64,7 +64,7 @@ def _load(path: str, cfg: RunConfig):
 
 
 def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: List[dict], lr: float, epochs: float,
-                leader_loss: str, save_to: str, work_dir: str) -> Dict[str, Any]:
+                leader_loss: str, save_to: str, work_dir: str, spa_lambda: float = 0.5) -> Dict[str, Any]:
     """Trains `policy` on `rows` against `reference` (None: the policy's own
     start) and writes the checkpoint to `save_to` (safetensors, atomically)."""
     from datasets import Dataset
@@ -85,7 +85,8 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
         data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, report_to=cfg.report_to,
         logging_steps=cfg.logging_steps, save_strategy="no", max_length=cfg.max_length,
         leader_loss=leader_loss, clamp_min=cfg.clamp_min, gradient_checkpointing=cfg.gradient_checkpointing,
-        precompute_ref_log_probs=True, disable_tqdm=False,
+        precompute_ref_log_probs=True, disable_tqdm=False, spa_alpha=cfg.spa_alpha, spa_lambda=spa_lambda,
+        spa_quantile=cfg.spa_quantile, spa_window=cfg.spa_window, spa_warmup_ratio=cfg.spa_warmup_ratio,
     )
     peft_config = None
     if cfg.use_peft:
@@ -96,12 +97,14 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
     trainer = SSAPOTrainer(model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
                            peft_config=peft_config)
     trainer.train()
+    stats, steps = trainer.leader_stats, trainer.state.global_step
     trained = trainer.model
     if cfg.use_peft:
         trained = trained.merge_and_unload()
     if trainer.accelerator.is_main_process:
         save_pretrained(trained, tok, save_to)
-    return {**trainer.leader_stats, "steps": trainer.state.global_step, "pairs": len(rows)}
+    del trainer, model, ref_model
+    return {**stats, "steps": steps, "pairs": len(rows)}
 
 
 def _modules(spec: str):
@@ -125,6 +128,48 @@ def gold_stats(task: Optional[dict], rows: List[dict]) -> Dict[str, float]:
         tie += gc == gr
     n = len(rows)
     return {"gold_accuracy": right / n, "gold_tie_fraction": tie / n, "gold_accuracy_untied": right / max(n - tie, 1)}
+
+
+def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: Optional[str], init_path: str,
+               seed: int):
+    """SeRA's round, as specified in REFERENCE.md §2b [our choices marked]:
+    1. implicit-reward margin of each self-annotated pair under π_{t−1} (vs π_init),
+       ensembled with γ with the margin under the model before it [choice: γ role
+       'ensemble'; before round 2 that model is π_init, whose margin is 0];
+    2. keep the top `sera_keep` fraction, largest margin first;
+    3. bootstrap: `sera_num_samples` responses per kept prompt from π_{t−1}
+       (temperature, top-p `sera_top_p`), best vs worst by implicit reward
+       [choice: sampled from π_{t−1}, the policy the round starts from; not
+       filtered again]; with γ role 'mix' they are a γ share of the training set;
+    4. train DPO on kept ∪ bootstrapped (the caller)."""
+    import random
+
+    from ssapo import annotate
+
+    policy, tok = _load(policy_path, cfg)
+    init_model, _ = _load(init_path, cfg)
+    m = [r["margin"] for r in rows]
+    if cfg.sera_gamma_role == "ensemble" and before_path is not None and cfg.sera_gamma > 0:
+        before, _ = _load(before_path, cfg)
+        ids = lambda key: [tok(r[key][-1]["content"] if not isinstance(r[key], str) else r[key],  # noqa: E731
+                               add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows]
+        prompts = [r["prompt"] for r in rows]
+        ch, rj = ids("chosen"), ids("rejected")
+        mb = (annotate.sequence_logps(before, tok, prompts, ch) - annotate.sequence_logps(init_model, tok, prompts, ch)
+              - annotate.sequence_logps(before, tok, prompts, rj) + annotate.sequence_logps(init_model, tok, prompts, rj))
+        m = [(1 - cfg.sera_gamma) * a + cfg.sera_gamma * b for a, b in zip(m, mb.tolist())]
+    order = sorted(range(len(rows)), key=lambda i: (-m[i], i))
+    kept = [rows[i] for i in order[: max(1, round(cfg.sera_keep * len(rows)))]]
+    boot, bstats = annotate.annotate(
+        policy, init_model, tok, [r["prompt"] for r in kept], cfg.sera_num_samples, cfg.temperature, cfg.sera_top_p,
+        cfg.max_new_tokens, cfg.generation_batch_size, seed=seed, backend=cfg.generation_backend,
+        policy_path=policy_path,
+    )
+    if cfg.sera_gamma_role == "mix" and cfg.sera_gamma > 0:
+        n_boot = min(len(boot), round(cfg.sera_gamma / (1 - cfg.sera_gamma) * len(kept)))
+        boot = random.Random(seed).sample(boot, n_boot)
+    return kept + boot, {"pairs_in": len(rows), "kept": len(kept), "bootstrapped": len(boot),
+                         **{f"bootstrap_{k}": v for k, v in bstats.items()}}
 
 
 def run(cfg: RunConfig, resume: bool = False) -> str:
@@ -202,15 +247,30 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
             for i, r in enumerate(rows):
                 r["shift"], r["mass"], r["weight"] = z["shift"][i].tolist(), z["mass"][i].tolist(), float(z["weights"][i])
             leader_loss = cfg.leader_loss
+        elif cfg.method == "spa":
+            leader_loss = "spa"
         else:
             leader_loss = "dpo"
+        if cfg.method == "sera":
+            sera_path = os.path.join(rd, "sera.jsonl")
+            if f"round_{t}/sera" not in state:
+                t0 = time.time()
+                before = init if t == 1 else (seed_model if t == 2 else os.path.join(out, f"round_{t - 2}", "model"))
+                sel, stats = sera_round(cfg, rows, previous, before if t > 1 else None, init, seed=cfg.seed + 100 + t)
+                write_jsonl(sera_path, sel)
+                metrics["sera"] = {**stats, **{f"kept_{k}": v for k, v in gold_stats(src["task"], sel).items()},
+                                   "seconds": time.time() - t0}
+                write_json(metrics_path, metrics)
+                state.mark(f"round_{t}/sera")
+            rows = read_jsonl(sera_path)
         # c. lead: π_θ and its reference start at π_{t-1} (or the reference is π_init)
         model_dir = os.path.join(rd, "model")
         if f"round_{t}/lead" not in state:
             t0 = time.time()
             reference = previous if cfg.round_reference == "previous" else init
+            lam = cfg.spa_lambdas[min(t, len(cfg.spa_lambdas)) - 1]
             stats = train_stage(cfg, previous, reference, rows, cfg.learning_rate, cfg.epochs_per_round, leader_loss,
-                                model_dir, os.path.join(rd, "trainer"))
+                                model_dir, os.path.join(rd, "trainer"), spa_lambda=lam)
             metrics["leader"] = {**stats, "seconds": time.time() - t0, "loss": leader_loss}
             write_json(metrics_path, metrics)
             report.round_report(rd, t, metrics, rows)
