@@ -39,7 +39,7 @@ class TaskSpec:
     size: str = "tiny"
     vocab: int = 16
     n_words: int = 3
-    sft_correct: float = 0.6
+    sft_correct: float = 0.3
     bt_temperature: float = 0.05
     flip_rate: float = 0.0
     hidden_size: int = 64
