@@ -155,3 +155,27 @@ def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch):
     c = cfg(tmp_path, task_dir)
     sel, st = sera_round(c, rows, task["sft_model"], None, task["sft_model"], seed=0)
     assert [r["margin"] for r in sel] == [9, 7, 6, 5, 4, 3, 2] and st["kept"] == 7
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_share_one_follower(tmp_path, task_dir):
+    """`accelerate launch --num_processes 2` on CPU (gloo): annotation and the
+    follower run once on the main process over all pairs, so the follower's
+    input and output are exactly what one process computes from them."""
+    run(cfg(tmp_path / "warm", task_dir, num_rounds="1", round_sizes="32"))  # builds the task first
+    out = tmp_path / "two"
+    args = [f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir, "num_rounds": 1, "round_sizes": 32}.items()]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "ssapo.cli", "train", "--model", "tiny", "--output-dir", str(out), *args]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "state.json").read_text())["done"][-1] == "round_1/lead"
+    rows = [json.loads(line) for line in (out / "round_1" / "annotations.jsonl").read_text().splitlines()]
+    c = cfg(out, task_dir)
+    cols, _, _ = follow([r["margin"] for r in rows], c.eps, c.k, c.group_size, c.beta_follower, c.follower_space)
+    z = np.load(out / "round_1" / "follower.npz")
+    np.testing.assert_array_equal(z["xi"], cols["xi"])
+    np.testing.assert_array_equal(z["shift"], cols["shift"])
+    np.testing.assert_array_equal(z["mass"], cols["mass"])

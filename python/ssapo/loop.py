@@ -23,21 +23,31 @@ from ssapo.io import atomic_write, read_jsonl, write_json, write_jsonl
 
 
 class State:
-    """DIR/state.json: the steps completed so far, in order."""
+    """DIR/state.json: the steps completed so far, in order. Under several
+    processes only the main one writes; `mark` is also the barrier after a step."""
 
     def __init__(self, out: str, resume: bool):
+        from accelerate import PartialState
+
+        self.procs = PartialState()
         self.path = os.path.join(out, "state.json")
         self.done: List[str] = []
         if resume and os.path.exists(self.path):
             with open(self.path) as f:
                 self.done = json.load(f)["done"]
 
+    @property
+    def main(self) -> bool:
+        return self.procs.is_main_process
+
     def __contains__(self, step: str) -> bool:
         return step in self.done
 
     def mark(self, step: str) -> None:
         self.done.append(step)
-        write_json(self.path, {"done": self.done})
+        if self.main:
+            write_json(self.path, {"done": self.done})
+        self.procs.wait_for_everyone()
 
 
 def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
@@ -182,8 +192,15 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
     out = os.path.abspath(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
     state = State(out, resume)
-    atomic_write(os.path.join(out, "config.yaml"), lambda tmp: open(tmp, "w").write(cfg.to_yaml()))
-    src = resolve_model(cfg, out)
+    # self-annotation and the follower run once, on the main process, over all
+    # pairs; the other processes wait and read the files it wrote, so the
+    # follower's input and output do not depend on the number of processes.
+    if state.main:
+        atomic_write(os.path.join(out, "config.yaml"), lambda tmp: open(tmp, "w").write(cfg.to_yaml()))
+        src = resolve_model(cfg, out)
+    state.procs.wait_for_everyone()
+    if not state.main:
+        src = resolve_model(cfg, out)  # the task is built by now: this only finds it
     init = cfg.ref_model or src["init"]
     prefs = load_preferences(src["preference_data"])
     pool = load_prompts(src["prompt_data"]) if src["prompt_data"] else None
@@ -195,7 +212,8 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
         t = time.time()
         stats = train_stage(cfg, src["init"], init, list(seed_ds), cfg.seed_learning_rate, cfg.seed_epochs, "dpo",
                             seed_model, os.path.join(out, "seed", "trainer"))
-        write_json(os.path.join(out, "seed", "metrics.json"), {"leader": stats, "split": split_stats, "seconds": time.time() - t})
+        if state.main:
+            write_json(os.path.join(out, "seed", "metrics.json"), {"leader": stats, "split": split_stats, "seconds": time.time() - t})
         state.mark("seed")
     previous = seed_model
     if cfg.method == "dpo":
@@ -208,7 +226,9 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
         metrics: Dict[str, Any] = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
         ann_path = os.path.join(rd, "annotations.jsonl")
         # a. annotate with π_{t-1}, reward against π_init
-        if f"round_{t}/annotate" not in state:
+        if f"round_{t}/annotate" not in state and not state.main:
+            state.mark(f"round_{t}/annotate")  # wait for the main process's annotations
+        elif f"round_{t}/annotate" not in state:
             t0 = time.time()
             policy, tok = _load(previous, cfg)
             init_model, _ = _load(init, cfg)
@@ -227,7 +247,9 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
         rows = read_jsonl(ann_path)
         # b. follow: the worst case around the self-labels
         fol_path = os.path.join(rd, "follower.npz")
-        if cfg.method == "ssapo" and f"round_{t}/follow" not in state:
+        if cfg.method == "ssapo" and f"round_{t}/follow" not in state and not state.main:
+            state.mark(f"round_{t}/follow")
+        elif cfg.method == "ssapo" and f"round_{t}/follow" not in state:
             t0 = time.time()
             cols, diag, res = follower.follow([r["margin"] for r in rows], cfg.eps, cfg.k, cfg.group_size,
                                               cfg.beta_follower, cfg.follower_space)
@@ -253,7 +275,9 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
             leader_loss = "dpo"
         if cfg.method == "sera":
             sera_path = os.path.join(rd, "sera.jsonl")
-            if f"round_{t}/sera" not in state:
+            if f"round_{t}/sera" not in state and not state.main:
+                state.mark(f"round_{t}/sera")
+            elif f"round_{t}/sera" not in state:
                 t0 = time.time()
                 before = init if t == 1 else (seed_model if t == 2 else os.path.join(out, f"round_{t - 2}", "model"))
                 sel, stats = sera_round(cfg, rows, previous, before if t > 1 else None, init, seed=cfg.seed + 100 + t)
@@ -271,9 +295,10 @@ def run(cfg: RunConfig, resume: bool = False) -> str:
             lam = cfg.spa_lambdas[min(t, len(cfg.spa_lambdas)) - 1]
             stats = train_stage(cfg, previous, reference, rows, cfg.learning_rate, cfg.epochs_per_round, leader_loss,
                                 model_dir, os.path.join(rd, "trainer"), spa_lambda=lam)
-            metrics["leader"] = {**stats, "seconds": time.time() - t0, "loss": leader_loss}
-            write_json(metrics_path, metrics)
-            report.round_report(rd, t, metrics, rows)
+            if state.main:
+                metrics["leader"] = {**stats, "seconds": time.time() - t0, "loss": leader_loss}
+                write_json(metrics_path, metrics)
+                report.round_report(rd, t, metrics, rows)
             state.mark(f"round_{t}/lead")
         previous = model_dir
     return out
