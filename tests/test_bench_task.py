@@ -14,11 +14,16 @@ from ssapo.bench.task import TaskSpec, gold_reward, label_pairs, prepare_task
 
 
 def test_gold_reward_depends_on_prompt_and_response():
-    spec = TaskSpec(seed=0)
+    spec = TaskSpec(seed=0, quality_weight=0.0)  # the prompt-dependent part alone
     m = spec.mapping()
     perfect = " ".join(f"w{m[i]}" for i in (1, 2, 3))
     assert gold_reward(spec, "w1 w2 w3", perfect) == 1.0
     assert gold_reward(spec, "w4 w2 w3", perfect) < 1.0  # same answer, other prompt
+    both = TaskSpec(seed=0)  # half translation, half hidden word quality
+    q = both.quality()
+    expect = 0.5 * 1.0 + 0.5 * sum(q[m[i]] for i in (1, 2, 3)) / 3
+    assert gold_reward(both, "w1 w2 w3", perfect) == pytest.approx(expect)
+    assert sorted(q) == [i / 15 for i in range(16)]
     assert gold_reward(spec, "w1 w2 w3", "w1 w2 w3") != gold_reward(spec, "w1 w2 w3", perfect)
     assert gold_reward(spec, "w1 w2 w3", "") == 0.0 and gold_reward(spec, "w1 w2 w3", "junk w99") == 0.0
     assert TaskSpec(seed=1).mapping() != m  # the hidden rule depends on the seed

@@ -42,9 +42,10 @@ class TaskSpec:
     sft_correct: float = 0.3
     bt_temperature: float = 0.05
     flip_rate: float = 0.0
+    quality_weight: float = 0.5
     hidden_size: int = 64
     num_layers: int = 2
-    version: int = 1
+    version: int = 2
 
     def words(self) -> List[str]:
         return [f"w{i}" for i in range(self.vocab)]
@@ -54,14 +55,22 @@ class TaskSpec:
         random.Random(10_000 + self.seed).shuffle(perm)
         return perm
 
+    def quality(self) -> List[float]:
+        """A hidden quality of each answer word, evenly spread over [0, 1]."""
+        q = [i / (self.vocab - 1) for i in range(self.vocab)]
+        random.Random(20_000 + self.seed).shuffle(q)
+        return q
+
 
 def _idx(word: str) -> int:
     return int(word[1:])
 
 
 def gold_reward(spec: TaskSpec, prompt: str, response: str) -> float:
-    """r*(x, y): graded agreement of the answer with the hidden translation."""
+    """r*(x, y) = (1 − q)·(graded agreement with the hidden translation of the
+    prompt) + q·(hidden quality of the answer's words), q = quality_weight."""
     m = spec.mapping()
+    qual = spec.quality()
     xs = prompt.split()
     ys = response.split()
     half = spec.vocab / 2
@@ -70,7 +79,7 @@ def gold_reward(spec: TaskSpec, prompt: str, response: str) -> float:
         if j >= len(ys) or not ys[j].startswith("w") or not ys[j][1:].isdigit() or _idx(ys[j]) >= spec.vocab:
             continue  # a missing or malformed word earns nothing
         d = abs(_idx(ys[j]) - m[_idx(x)])
-        total += 1.0 - min(d, spec.vocab - d) / half
+        total += (1 - spec.quality_weight) * (1.0 - min(d, spec.vocab - d) / half) + spec.quality_weight * qual[_idx(ys[j])]
     return total / len(xs)
 
 
