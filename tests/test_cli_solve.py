@@ -27,6 +27,9 @@ def test_npy_to_npz(files, capsys):
     text = capsys.readouterr().out
     ref = dro_core.solve(XI, 0.05, 100)
     assert f"{ref.value:.10g}" in text and "groups             3" in text and "gap" in text
+    assert "samples            250" in text and f"{ref.empirical_value:.10g}" in text
+    assert f"min {ref.lam.min():.6g}  median {np.median(ref.lam):.6g}  max {ref.lam.max():.6g}" in text
+    assert f"mean {ref.budget_used.mean():.6g}  max {ref.budget_used.max():.6g}" in text and " ms" in text
     z = np.load(out)
     np.testing.assert_array_equal(z["loc"], ref.loc)
     np.testing.assert_array_equal(z["mass"], ref.mass)
@@ -67,11 +70,19 @@ def test_global_and_softplus(files, capsys):
         (["xi.npy", "--output", "out.txt"], "--output: unknown file type"),
         (["nan.npy"], "xi: must be finite, but xi[1] = NaN"),
         (["xi.npy", "--eps", "-1"], "eps: must be finite and >= 0"),
+        (["xi.jsonl"], "--column: line 1 of xi.jsonl has no key 'xi'"),
+        (["xi.jsonl", "--column", "p", "--labels-column", "nope"], "--labels-column: line 1"),
+        (["xi.npy", "--labels-column", "g"], "--labels-column: needs a .csv or .jsonl input"),
+        (["bad.jsonl", "--column", "p"], "input: line 2 of bad.jsonl is not JSON"),
+        (["text.csv", "--column", "p"], "--column: 'p' of text.csv holds a value that is not a number"),
+        (["xi.npy", "--output", "xi.npy/x.npz"], "--output: cannot write"),
     ],
 )
 def test_errors_name_the_argument(files, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(files)
     (files / "xi.txt").write_text("1\n")
+    (files / "bad.jsonl").write_text('{"p": 0.6}\n{"p": 0.7\n')
+    (files / "text.csv").write_text("p\n0.6\nhigh\n")
     np.save(files / "nan.npy", np.array([0.5, np.nan]))
     assert main(["solve", *argv]) == 2
     err = capsys.readouterr().err

@@ -1,5 +1,10 @@
 //! Criterion benches of the follower: `cargo bench -p dro_core --bench solve`.
-//! Inputs mimic self-annotated pairs: ξ = σ(0.1·|m|), m ~ N(0, 10²), K = 6.
+//! Inputs mimic self-annotated pairs: ξ = σ(0.1·|m|), m ~ N(0, 10²), ε = 0.01, K = 6.
+//!
+//! On a small machine run a filter or the quick mode, e.g.
+//! `cargo bench -p dro_core --bench solve -- --quick` (about a minute on 2 cores) or
+//! `cargo bench -p dro_core --bench solve -- 58K`.
+//! The "threads: all" cases use rayon's global pool (one thread per core).
 
 use std::hint::black_box;
 
@@ -23,11 +28,14 @@ fn self_annotated(n: usize, seed: u64) -> Vec<f64> {
 
 fn bench(c: &mut Criterion) {
     let loss = Loss::neg_log(6).unwrap();
-    let cases: [(&str, usize, usize, Option<usize>, usize); 6] = [
+    // (name, N, G (0: one global ball), threads, criterion sample size)
+    let cases: [(&str, usize, usize, Option<usize>, usize); 8] = [
         ("58K/G100", 58_000, 100, None, 50),
+        ("58K/G100/1thread", 58_000, 100, Some(1), 50),
         ("1M/G100/1thread", 1_000_000, 100, Some(1), 20),
         ("1M/G100/2threads", 1_000_000, 100, Some(2), 20),
         ("1M/global", 1_000_000, 0, None, 20),
+        ("1M/global/1thread", 1_000_000, 0, Some(1), 20),
         ("10M/global", 10_000_000, 0, None, 10),
         ("10M/G100", 10_000_000, 100, None, 10),
     ];

@@ -71,23 +71,30 @@ class InputError(ValueError):
     """A bad input file or column; the message names the argument."""
 
 
-def read_column(path: str, column: Optional[str] = None, arg: str = "input") -> np.ndarray:
+def read_column(path: str, column: Optional[str] = None, arg: str = "input",
+                column_arg: str = "--column") -> np.ndarray:
     """Reads a 1-D float column: .npy (a 1-D array), .csv (a header row;
-    `column`, default "xi"), .jsonl (one object per line; `column`, default "xi")."""
+    `column`, default "xi"), .jsonl (one object per line; `column`, default "xi").
+    Errors are `InputError`s whose message starts with the argument at fault:
+    `arg` for the file itself, `column_arg` for the column."""
     if not os.path.exists(path):
         raise InputError(f"{arg}: no such file: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
-        a = np.load(path, allow_pickle=False)
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{arg}: cannot read {path} as .npy ({e})") from None
         if a.ndim != 1:
             raise InputError(f"{arg}: {path} holds an array of shape {a.shape}; need 1-D")
         return np.asarray(a, dtype=np.float64)
     col = column or "xi"
+    colarg = column_arg
     if ext == ".csv":
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or col not in reader.fieldnames:
-                raise InputError(f"--column: {path} has no column {col!r} (columns: {reader.fieldnames})")
+                raise InputError(f"{colarg}: {path} has no column {col!r} (columns: {reader.fieldnames})")
             vals = [row[col] for row in reader]
     elif ext in (".jsonl", ".ndjson"):
         vals = []
@@ -95,13 +102,16 @@ def read_column(path: str, column: Optional[str] = None, arg: str = "input") -> 
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                if col not in row:
-                    raise InputError(f"--column: line {lineno} of {path} has no key {col!r}")
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{arg}: line {lineno} of {path} is not JSON ({e})") from None
+                if not isinstance(row, dict) or col not in row:
+                    raise InputError(f"{colarg}: line {lineno} of {path} has no key {col!r}")
                 vals.append(row[col])
     else:
         raise InputError(f"{arg}: unknown file type {ext!r} (use .npy, .csv or .jsonl)")
     try:
         return np.asarray([float(v) for v in vals], dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise InputError(f"--column: {col!r} of {path} holds a value that is not a number ({e})") from None
+        raise InputError(f"{colarg}: {col!r} of {path} holds a value that is not a number ({e})") from None

@@ -126,7 +126,9 @@ def run(args) -> int:
         if args.global_ball:
             groups = None
         elif args.labels_column:
-            groups = read_column(args.input, args.labels_column, arg="--labels-column")
+            if args.input.lower().endswith(".npy"):
+                raise ValueError("--labels-column: needs a .csv or .jsonl input (a .npy file has no named columns)")
+            groups = read_column(args.input, args.labels_column, column_arg="--labels-column")
             if not np.all(groups == np.round(groups)):
                 raise ValueError("--labels-column: labels must be integers")
             groups = groups.astype(np.int64)
@@ -144,7 +146,12 @@ def run(args) -> int:
                              support=tuple(args.support) if args.support else None, threads=args.threads)
         seconds = time.perf_counter() - t
         if args.output:
-            _write(args.output, xi, res, repr(loss))
+            try:
+                _write(args.output, xi, res, repr(loss))
+            except OSError as e:
+                raise ValueError(f"--output: cannot write {args.output} ({e.strerror or e})") from None
+            except ImportError as e:
+                raise ValueError(f"--output: .parquet needs pyarrow ({e})") from None
     except ValueError as e:  # includes ssapo.io.InputError and dro_core's errors
         print(f"ssapo solve: error: {e}", file=sys.stderr)
         return 2
