@@ -76,6 +76,17 @@ def test_length_controlled_win_rate_removes_a_length_effect():
     assert abs(r["lc_win_rate"] - 0.5) < 0.05
 
 
+def test_noise_reaches_the_runs(tmp_path):
+    from ssapo.bench.run import _config
+    from ssapo.loop import resolve_model
+
+    c = _config("iterative-dpo", {"task_size": "test"}, str(tmp_path / "r"), str(tmp_path / "t"), 0, 0.25)
+    task = resolve_model(c, str(tmp_path / "r"))["task"]
+    with open(task["preferences"]) as f:
+        flips = [json.loads(line)["flipped"] for line in f]
+    assert 0.15 < np.mean(flips) < 0.35
+
+
 def test_quick_bench_end_to_end(tmp_path):
     from ssapo.bench.run import bench
 

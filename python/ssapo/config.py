@@ -120,6 +120,7 @@ class RunConfig:
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing.")
     accelerate_config: Optional[str] = _f(None, "ddp | zero3 | fsdp: recipes/accelerate/<name>.yaml for multi-GPU runs.")
     task_size: str = _f("tiny", "Size of the built-in task of the tiny preset: tiny | test.")
+    task_flip_rate: float = _f(0.0, "Label-flip rate of the tiny preset's built-in task (the benchmark's noise level).")
     task_dir: Optional[str] = _f(None, "Where the tiny preset's task is built or found (default: <output_dir>/task); shared runs reuse it.")
 
     def __post_init__(self):
@@ -164,6 +165,8 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 <= self.task_flip_rate <= 1:
+            bad("task_flip_rate", f"must be in [0, 1], got {self.task_flip_rate}")
         if not 0 < self.sera_keep <= 1:
             bad("sera_keep", f"must be in (0, 1], got {self.sera_keep}")
         if not 0 <= self.sera_gamma < 1:

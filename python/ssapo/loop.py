@@ -55,7 +55,8 @@ def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
     if cfg.model == "tiny":
         from ssapo.bench.task import prepare_task
 
-        task = prepare_task(cfg.task_dir or os.path.join(out, "task"), seed=cfg.seed, size=cfg.task_size)
+        task = prepare_task(cfg.task_dir or os.path.join(out, "task"), seed=cfg.seed, size=cfg.task_size,
+                            flip_rate=cfg.task_flip_rate)
         return {
             "init": task["sft_model"],
             "preference_data": cfg.preference_data or task["preferences"],

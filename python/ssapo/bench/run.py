@@ -40,12 +40,13 @@ QUICK = {"task_size": "test", "seed_size": 32, "round_sizes": [32, 64], "num_rou
 FULL = {"task_size": "tiny", "max_new_tokens": 6}
 
 
-def _config(name: str, base: dict, out: str, task_dir: str, seed: int):
+def _config(name: str, base: dict, out: str, task_dir: str, seed: int, flip_rate: float = 0.0):
     from ssapo.config import load_config
 
     ov = dict(METHODS[name])
     scale = ov.pop("learning_rate_scale", None)
-    cfg = load_config("tiny", overrides={**base, **ov, "output_dir": out, "task_dir": task_dir, "seed": seed})
+    cfg = load_config("tiny", overrides={**base, **ov, "output_dir": out, "task_dir": task_dir, "seed": seed,
+                                         "task_flip_rate": flip_rate})
     if scale is not None:
         cfg.learning_rate *= scale
     return cfg
@@ -225,6 +226,6 @@ def bench(out: str, methods: List[str], seeds: List[int], flips: List[float], qu
         task_dir = os.path.join(out, f"flip{f:g}", f"seed{s}", "task")
         task = prepare_task(task_dir, seed=s, size=base["task_size"], flip_rate=f)
         run_dir = os.path.join(out, f"flip{f:g}", f"seed{s}", m.replace("/", "_"))
-        run(_config(m, base, run_dir, task_dir, s), resume=True)
+        run(_config(m, base, run_dir, task_dir, s, f), resume=True)
         results.setdefault(f, {}).setdefault(s, {})[m] = evaluate_run(run_dir, METHODS[m]["method"], task, n_eval, s)
     return report(results, methods, flips, seeds, out, cmd, time.time() - t0)
