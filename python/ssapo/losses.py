@@ -1,114 +1,224 @@
 """The leader's losses: small pure functions on per-sample tensors.
 
 Notation: h_i is the policy-vs-reference log-ratio margin of pair i,
-    h = log πθ(y_w|x)/π_ref(y_w|x) − log πθ(y_l|x)/π_ref(y_l|x),
+    h = log πθ(y_w|x)/π_ref(y_w|x) − log πθ(y_l|x)/π_ref(y_l|x),      shape (B,),
 β the DPO temperature, and the follower's atoms of pair i are (shift_ij, mass_ij),
-j = 0, 1 (`dro_core.Solution.shift` / `.mass`). Every function returns one loss
-per pair; the trainer averages them.
+j = 0..K−1 (K = 2 from `dro_core`: `Solution.shift` / `.mass`), shape (B, K).
+Every loss function returns one loss per pair (shape (B,)); the trainer averages them.
 
-With shift = 0, mass = (1, 0) and weight = 1 every variant equals `dpo_loss`
-exactly: SSAPO at ε = 0 is DPO.
+With shift = 0, mass = (1, 0), weight = 1 and nothing flagged every variant
+equals `dpo_loss` bit for bit: SSAPO at ε = 0 is DPO.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 
+def _check_atoms(h: torch.Tensor, shift: torch.Tensor, mass: torch.Tensor) -> None:
+    if h.dim() != 1 or shift.dim() != 2 or shift.shape != mass.shape or shift.shape[0] != h.shape[0]:
+        raise ValueError(
+            f"shift and mass: must both have shape (B, K) with B = len(h) = {tuple(h.shape)}, "
+            f"got shift {tuple(shift.shape)} and mass {tuple(mass.shape)}"
+        )
+
+
 def dpo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023, eq. 7): −log σ(βh) = softplus(−βh)."""
-    return F.softplus(-beta * h)
+    """DPO (Rafailov et al. 2023, eq. 7): −log σ(βh) = softplus(−βh), per pair.
+
+    Computed as −logsigmoid(βh), trl's expression, which is also the accurate
+    one (torch's softplus returns x itself above x = 20, off by ~e^−20)."""
+    return -F.logsigmoid(beta * h)
 
 
 def shift_prob_loss(
     h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor, clamp_min: float = 1e-6
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The released SSAPO leader (REFERENCE §3c): Σ_j mass_ij · −log clamp(σ(βh_i) − shift_ij, clamp_min).
+    """The released SSAPO leader (REFERENCE.md §3c; the thesis' eq. 2-6 with α
+    outside the log, as the code has it):
 
-    The follower worked on ξ = σ(β·margin) and moved ξ_i to ζ_ij = ξ_i − shift_ij;
+        loss_i = Σ_j mass_ij · −log clamp(σ(βh_i) − shift_ij, min=clamp_min).
+
+    The follower worked on ξ = σ(β_f·margin) and moved ξ_i to ζ_ij = ξ_i − shift_ij;
     the leader evaluates −log at σ(βh_i) shifted the same way. Each pair uses
-    its own atoms (the released code applied row 0's atoms to the whole
-    micro-batch). An atom with σ(βh_i) − shift_ij < clamp_min sits on the clamp:
-    its loss is constant and its gradient zero.
+    its own atoms (row i of `shift`/`mass`; the released code applied row 0's
+    atoms to the whole micro-batch).
 
-    Returns (loss per pair, number of clamped atoms with positive mass).
+    An atom with mass > 0 and σ(βh_i) − shift_ij < clamp_min sits on the clamp:
+    its loss is the constant −log clamp_min (13.8 at 1e-6) and its gradient is
+    zero. Such atoms are counted. An atom with shift exactly 0 is DPO's
+    softplus(−βh) (the same function, computed without the clamp and without
+    the rounding of −log σ), so it is never clamped: ε = 0 is DPO exactly.
+
+    Returns (loss per pair (B,), number of clamped atoms with mass > 0 (a 0-dim
+    integer tensor)).
     """
-    p = torch.sigmoid(beta * h).unsqueeze(-1) - shift.to(h.dtype)
-    clamped = ((p < clamp_min) & (mass > 0)).sum()
-    # an atom that did not move gives DPO's softplus(−βh) exactly (−log σ(βh)
-    # differs from it in the last bits and underflows for very negative βh)
-    unmoved = dpo_loss(h, beta).unsqueeze(-1).expand_as(p)
-    per_atom = torch.where((shift == 0) & (p >= clamp_min), unmoved, -torch.log(p.clamp(min=clamp_min)))
-    return (mass.to(h.dtype) * per_atom).sum(-1), clamped
+    _check_atoms(h, shift, mass)
+    shift = shift.to(device=h.device, dtype=h.dtype)
+    mass = mass.to(device=h.device, dtype=h.dtype)
+    p = torch.sigmoid(beta * h).unsqueeze(-1) - shift
+    unmoved = shift == 0
+    clamped = ((p < clamp_min) & (mass > 0) & ~unmoved).sum()
+    per_atom = torch.where(
+        unmoved, dpo_loss(h, beta).unsqueeze(-1).expand_as(p), -torch.log(p.clamp(min=clamp_min))
+    )
+    return (mass * per_atom).sum(-1), clamped
 
 
 def shift_margin_loss(h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Margin-space shift: Σ_j mass_ij · softplus(−(βh_i − shift_ij)). The shift is
-    in units of βh (the follower's margin space); |∂/∂h| ≤ β, so no spikes."""
-    z = beta * h.unsqueeze(-1) - shift.to(h.dtype)
-    return (mass.to(h.dtype) * F.softplus(-z)).sum(-1)
+    """Margin-space shift (ablation, DESIGN.md §3c): Σ_j mass_ij · softplus(−(βh_i − shift_ij)).
+
+    The shift is in units of βh (the follower's margin space, not probability);
+    |∂loss_i/∂h_i| ≤ β·Σ_j mass_ij, so no spikes and no dead atoms.
+    """
+    _check_atoms(h, shift, mass)
+    shift = shift.to(device=h.device, dtype=h.dtype)
+    mass = mass.to(device=h.device, dtype=h.dtype)
+    # one (B,) column at a time, like dpo_loss (a (B, K) call may take another vectorised
+    # path and differ in the last bit); βh − 0.0 = βh exactly, so unshifted atoms are DPO bit for bit
+    out = mass[:, 0] * -F.logsigmoid(beta * h - shift[:, 0])
+    for j in range(1, shift.shape[1]):
+        out = out + mass[:, j] * -F.logsigmoid(beta * h - shift[:, j])
+    return out
 
 
 def weighted_dpo_loss(h: torch.Tensor, beta: float, weights: torch.Tensor) -> torch.Tensor:
-    """Scalar weights w_i · softplus(−βh_i) (`dro_core.Solution.weights`: the
-    gradient-matching weights of the follower's atoms)."""
-    return weights.to(h.dtype) * dpo_loss(h, beta)
+    """Scalar weights (ablation): w_i · softplus(−βh_i) (`dro_core.Solution.weights`,
+    the gradient-matching weights of the follower's atoms)."""
+    if weights.shape != h.shape:
+        raise ValueError(f"weights: must have shape {tuple(h.shape)} like h, got {tuple(weights.shape)}")
+    return weights.to(device=h.device, dtype=h.dtype) * dpo_loss(h, beta)
 
 
 def spa_loss(h: torch.Tensor, beta: float, flagged: torch.Tensor, alpha: float) -> torch.Tensor:
     """SPA's refined loss (Kim et al. 2025, eq. 10): label smoothing α on the
-    flagged (least confident) pairs only:
-    (1 − αz)·softplus(−βh) + αz·softplus(βh)."""
-    z = alpha * flagged.to(h.dtype)
-    return (1 - z) * F.softplus(-beta * h) + z * F.softplus(beta * h)
+    flagged (least confident, eq. 9/11) pairs only:
+
+        (1 − αz)·softplus(−βh) + αz·softplus(βh),   z = flagged ∈ {0, 1}.
+
+    Unflagged pairs (or α = 0) give `dpo_loss` exactly."""
+    if flagged.shape != h.shape:
+        raise ValueError(f"flagged: must have shape {tuple(h.shape)} like h, got {tuple(flagged.shape)}")
+    plain = dpo_loss(h, beta)
+    if alpha == 0:
+        return plain
+    smoothed = (1 - alpha) * plain + alpha * -F.logsigmoid(-beta * h)
+    return torch.where(flagged.to(h.device).bool(), smoothed, plain)
 
 
 def decoupled_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam: float) -> torch.Tensor:
-    """SPA's de-coupled model (eq. 12), in logit space: (1 + λ)·h_θ − λ·h_ref,
-    detached (it only scores confidence)."""
-    return ((1 + lam) * policy_logits - lam * ref_logits).detach()
+    """SPA's de-coupled model (eq. 12), in logit space (token logits, before
+    any softmax): (1 + λ)·logits_θ − λ·logits_ref, detached (it only scores
+    confidence). Mixing log-probabilities instead would drop the per-token
+    normaliser of the mixed distribution."""
+    return ((1 + lam) * policy_logits.detach() - lam * ref_logits.detach())
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over masked positions of log softmax(logits)[label]; logits (B, T, V)
-    predict labels (B, T)."""
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum(-1)
+    """Σ_t mask_t · log softmax(logits_t)[labels_t], in float32 or wider.
+
+    logits (N, T, V) are already aligned with labels (N, T): position t
+    predicts labels[:, t] (for a causal LM pass logits[:, :-1] and
+    input_ids[:, 1:]). Labels under mask 0 may be anything in range."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (lp * mask.to(lp.dtype)).sum(-1)
+
+
+def decoupled_margin(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    lam: float,
+    beta: float,
+    ref_logps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """SPA's confidence of each pair under the de-coupled model (eq. 11–12):
+
+        m̃_i = β·[(log π̃(y_w) − log π̃(y_l)) − (log π_ref(y_w) − log π_ref(y_l))],
+        π̃ = softmax((1 + λ)·logits_θ − λ·logits_ref) at every token.
+
+    Inputs are trl's concatenated batch: rows 0..B−1 are prompt+chosen, rows
+    B..2B−1 prompt+rejected; logits (2B, T, V) of a causal LM on input_ids
+    (2B, T); completion_mask (2B, T) marks the response tokens. The reference's
+    sequence log-probs come from `ref_logits` unless given as (chosen, rejected).
+    Returns m̃, shape (B,), detached.
+    """
+    labels = input_ids[:, 1:]
+    mask = completion_mask[:, 1:]
+    mixed = sequence_logps(decoupled_logits(policy_logits, ref_logits, lam)[:, :-1], labels, mask)
+    if ref_logps is None:
+        ref = sequence_logps(ref_logits.detach()[:, :-1], labels, mask)
+        ref_c, ref_r = ref.chunk(2, dim=0)
+    else:
+        ref_c, ref_r = (r.to(mixed) for r in ref_logps)
+    mix_c, mix_r = mixed.chunk(2, dim=0)
+    return (beta * ((mix_c - mix_r) - (ref_c - ref_r))).detach()
 
 
 class ConfidenceWindow:
-    """SPA's threshold τ: the lower `quantile` boundary of the de-coupled
-    confidences of the last `size` pairs (App. B.4).
+    """SPA's threshold τ (eq. 11, App. B.4): the lower `quantile` boundary of the
+    de-coupled confidences m̃ of the last `size` pairs.
 
-    `update(values)` appends a batch (gather it over ranks first when
-    distributed); `flag(values)` marks values ≤ τ. Until the window holds
-    `size` values nothing is flagged (τ = −∞): the released code used τ = 0
-    there, which flags every negative margin at the start of a round.
-    τ is the `quantile` order statistic (linear interpolation, numpy's default)
-    of the window.
+    - `update(values)` appends a batch of confidences; when `gather` is given
+      (the trainer passes accelerate's `Accelerator.gather` in multi-process
+      runs) the batch is first gathered over ranks, so every rank holds the
+      same window and the same τ (the released SPA code kept one τ per rank,
+      from per-micro-batch means).
+    - `tau` is the `quantile` order statistic of the window with linear
+      interpolation (`torch.quantile`, numpy's default), e.g. 54.9 for the
+      values 50..99 at 0.1.
+    - `flag(values)` is `values ≤ τ` (inclusive: a pair exactly at the
+      boundary is smoothed). With the window full of distinct values about
+      `quantile`·`size` of them fall at or below τ.
+    - Choice: while the window is empty τ = −∞ and nothing is flagged (the
+      released code used τ = 0 until 50 entries, which flags every pair with a
+      negative margin at the start of a round). Once it holds any values τ is
+      their quantile, so it is in use after the first batch; SPA's warm-up
+      (no smoothing in the first 20 % of steps) covers the noisy start.
+    The trainer flags a batch against the window of earlier batches and then
+    adds the batch (the released code's order).
     """
 
-    def __init__(self, size: int = 50, quantile: float = 0.1):
+    def __init__(self, size: int = 50, quantile: float = 0.1,
+                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if size < 1:
             raise ValueError(f"size: must be >= 1, got {size}")
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile: must be in [0, 1], got {quantile}")
         self.size = size
         self.quantile = quantile
+        self.gather = gather
         self._values: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def values(self) -> list[float]:
+        return list(self._values)
 
     @property
     def tau(self) -> float:
-        if len(self._values) < self.size:
+        if not self._values:
             return float("-inf")
         return float(torch.quantile(torch.tensor(self._values, dtype=torch.float64), self.quantile))
 
     def update(self, values: torch.Tensor) -> None:
-        self._values.extend(values.detach().double().flatten().tolist())
-        self._values = self._values[-self.size :]
+        values = values.detach()
+        if self.gather is not None:
+            values = self.gather(values)
+        self._values.extend(values.double().flatten().tolist())
+        del self._values[: -self.size]
 
     def flag(self, values: torch.Tensor) -> torch.Tensor:
+        if not self._values:
+            return torch.zeros_like(values, dtype=torch.bool)
         return values <= self.tau
+
+    def reset(self) -> None:
+        self._values.clear()
