@@ -1,52 +1,150 @@
-"""Recipes stay loadable and in step with RunConfig; values are the paper's."""
+"""Recipes stay loadable and in step with RunConfig; preset values are the
+paper's (DESIGN.md §3 table, REFERENCE.md §3d); overrides are typed; bad
+values name the field; `ssapo train` reports them with exit code 2."""
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from ssapo.config import FIELDS, PRESETS, RECIPES_DIR, RunConfig, load_config, parse_overrides, recipe_path
+from ssapo.config import (
+    ACCELERATE_CONFIGS, FIELDS, PRESETS, RECIPES_DIR, RunConfig, load_config, parse_overrides, recipe_path,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_recipe_key_is_a_field_and_loads(preset):
-    with open(recipe_path(preset)) as f:
-        keys = set(yaml.safe_load(f))
-    assert keys <= set(FIELDS), keys - set(FIELDS)
+def read(path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+# -- recipes --
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_recipe_key_is_a_field(preset):
+    keys = set(read(recipe_path(preset)))
+    assert keys <= set(FIELDS), f"recipe keys that are not RunConfig fields: {keys - set(FIELDS)}"
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_recipe_sets_every_field_but_the_task_ones(preset):
+    """A recipe is the whole run: a new field must be added to every recipe."""
+    keys = set(read(recipe_path(preset)))
+    # the baselines' and LoRA's knobs keep their defaults; the built-in task's only matter to tiny
+    optional = {f for f in FIELDS if f.startswith(("spa_", "sera_", "lora_"))}
+    if preset != "tiny":
+        optional |= {f for f in FIELDS if f.startswith("task_")}
+    assert set(FIELDS) - optional - keys == set()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_recipe_loads_and_round_trips(preset, tmp_path):
     cfg = load_config(preset)
-    again = RunConfig(**yaml.safe_load(cfg.to_yaml()))
-    assert again == cfg
+    assert RunConfig(**yaml.safe_load(cfg.to_yaml())) == cfg
+    path = tmp_path / "c.yaml"
+    cfg.to_yaml(str(path))
+    assert RunConfig.from_yaml(str(path)) == cfg
+    assert load_config(None, str(path)) == cfg
+    # the recipe file on its own gives the same config as the preset
+    assert RunConfig.from_yaml(recipe_path(preset)) == cfg
 
 
-def test_paper_values():
-    m = load_config("mistral-7b")
-    assert (m.model, m.seed_learning_rate, m.learning_rate, m.beta, m.seed_epochs, m.num_rounds) == (
-        "alignment-handbook/zephyr-7b-sft-full", 5e-7, 5e-7, 0.1, 3, 3)
-    l = load_config("llama3-8b")  # noqa: E741
-    assert (l.model, l.learning_rate, l.beta, l.seed_epochs, l.num_rounds) == (
-        "meta-llama/Meta-Llama-3-8B-Instruct", 1e-6, 0.05, 1, 2)
-    for c in (m, l):
-        assert (c.batch_size, c.lr_scheduler_type, c.warmup_ratio, c.seed_size) == (32, "cosine", 0.1, 2000)
-        assert (c.eps, c.k, c.group_size, c.num_samples, c.temperature, c.max_new_tokens) == (0.01, 6, 100, 2, 0.7, 300)
-        assert c.beta_follower == 0.1 and not c.trust_remote_code
-    assert m.round_sizes == [8000, 20000, 30000] and l.round_sizes[:2] == [8000, 20000]
-    t = load_config("tiny")
-    assert t.use_cpu and not t.bf16
+def test_recipes_ship_inside_the_package_and_the_top_level_is_a_link():
+    assert RECIPES_DIR == os.path.join(os.path.dirname(os.path.abspath(sys.modules["ssapo.config"].__file__)), "recipes")
+    for preset, path in PRESETS.items():
+        assert path == os.path.join(RECIPES_DIR, preset, "config.yaml") and os.path.isfile(path)
+    top = os.path.join(REPO, "recipes")
+    if os.path.exists(top):  # a checkout: recipes/ is the same directory, not a copy that could drift
+        assert os.path.realpath(top) == os.path.realpath(RECIPES_DIR)
 
 
 def test_accelerate_configs_ship():
-    for name in ("ddp", "zero3", "fsdp"):
-        with open(os.path.join(RECIPES_DIR, "accelerate", f"{name}.yaml")) as f:
-            assert "distributed_type" in yaml.safe_load(f)
+    assert set(ACCELERATE_CONFIGS) == {"ddp", "zero3", "fsdp"}
+    kinds = {name: read(path)["distributed_type"] for name, path in ACCELERATE_CONFIGS.items()}
+    assert kinds == {"ddp": "MULTI_GPU", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+    assert read(ACCELERATE_CONFIGS["zero3"])["deepspeed_config"]["zero_stage"] == 3
 
+
+def test_paper_values():
+    m, l, t = load_config("mistral-7b"), load_config("llama3-8b"), load_config("tiny")  # noqa: E741
+    assert (m.model, m.seed_learning_rate, m.learning_rate, m.beta, m.seed_epochs, m.num_rounds) == (
+        "alignment-handbook/zephyr-7b-sft-full", 5e-7, 5e-7, 0.1, 3, 3)
+    assert m.round_sizes == [8000, 20000, 30000]
+    assert (l.model, l.seed_learning_rate, l.learning_rate, l.beta, l.seed_epochs, l.num_rounds) == (
+        "meta-llama/Meta-Llama-3-8B-Instruct", 1e-6, 1e-6, 0.05, 1, 2)
+    assert l.round_sizes == [8000, 20000]
+    for c in (m, l):
+        assert c.preference_data == "argilla/ultrafeedback-binarized-preferences-cleaned"
+        assert (c.batch_size, c.lr_scheduler_type, c.warmup_ratio, c.num_train_epochs_per_round) == (32, "cosine", 0.1, 1)
+        assert (c.seed, c.seed_size, c.max_length, c.max_prompt_length) == (42, 2000, 2048, 1024)
+        assert (c.num_samples, c.temperature, c.top_p, c.max_new_tokens) == (2, 0.7, 1.0, 300)
+        assert (c.eps, c.k, c.group_size, c.beta_follower, c.follower_space) == (0.01, 6, 100, 0.1, "prob")
+        assert (c.leader_loss, c.clamp_min, c.round_reference, c.annotation_reference) == (
+            "shift_prob", 1e-6, "previous", "init")
+        assert (c.bf16, c.use_cpu, c.accelerate_config, c.method, c.trust_remote_code) == (
+            True, False, "zero3", "ssapo", False)
+        assert c.accumulation_steps(num_processes=4) == 8  # the paper: 1 × 8 × 4 GPUs
+    assert t.model == "tiny" and t.use_cpu and not t.bf16 and t.accelerate_config is None
+    assert t.seed_size <= 128 and max(t.round_sizes) <= 256 and 8 <= t.max_new_tokens <= 16
+
+
+def test_released_code_differences_are_named_in_the_recipes():
+    text = open(recipe_path("mistral-7b")).read()
+    assert "3.0e-7" in text and "0.05" in text  # the released yaml's lr and run_train.sh's ε, as comments
+    assert "0.1" in open(recipe_path("llama3-8b")).read().split("beta_follower:")[1].split("\n")[0]
+
+
+def test_defaults_are_the_paper_mistral_setting_and_documented():
+    d = RunConfig()
+    assert (d.seed, d.seed_size, d.round_sizes, d.num_rounds, d.max_new_tokens) == (42, 2000, [8000, 20000, 30000], 3, 300)
+    assert (d.beta_follower, d.eps, d.k, d.group_size, d.leader_loss, d.round_reference) == (
+        0.1, 0.01, 6, 100, "shift_prob", "previous")
+    assert (d.spa_alpha, d.spa_lambdas, d.spa_quantile, d.spa_window, d.spa_warmup_ratio) == (
+        0.1, [0.5, 0.25, 0.125], 0.1, 50, 0.2)
+    assert (d.sera_keep, d.sera_num_samples, d.sera_top_p, d.sera_gamma) == (0.7, 4, 0.95, 0.3)
+    assert "hard-codes 0.1" in FIELDS["beta_follower"].metadata["help"]
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+        assert f.name in RunConfig.__doc__, f"{f.name} is missing from RunConfig's grouped docstring"
+
+
+# -- overrides --
 
 def test_overrides_are_typed(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("eps: 0.05\nround_sizes: [10, 20]\n")
-    cfg = load_config("tiny", str(p), parse_overrides(["--k", "7", "--use-peft", "--round-sizes=4,5", "num_rounds=2"]))
-    assert cfg.eps == 0.05 and cfg.k == 7 and cfg.use_peft is True and cfg.round_sizes == [4, 5] and cfg.num_rounds == 2
+    p.write_text("eps: 0.05\nround_sizes: [10, 20]\nlearning_rate: 5e-7\n")  # YAML reads 5e-7 as a string
+    cfg = load_config("tiny", str(p), ["--k", "7", "--use-peft", "--round-sizes=4,5", "num_rounds=2",
+                                       "--spa-lambdas", "[0.5, 0.1]", "--group-size", "global",
+                                       "--save-total-limit", "null", "--gradient-accumulation-steps", "2",
+                                       "--per-device-train-batch-size", "4", "--batch-size", "16"])
+    assert cfg.eps == 0.05 and cfg.learning_rate == 5e-7 and isinstance(cfg.learning_rate, float)
+    assert cfg.k == 7 and cfg.use_peft is True and cfg.round_sizes == [4, 5] and cfg.num_rounds == 2
+    assert cfg.spa_lambdas == [0.5, 0.1] and cfg.group_size == 0 and cfg.save_total_limit is None
+    assert cfg.accumulation_steps() == 2
+    # a mapping works too, and the old key of the epochs per round is an alias
+    cfg = load_config("tiny", overrides={"epochs_per_round": "2", "bf16": "no", "seed": 7})
+    assert cfg.num_train_epochs_per_round == 2.0 == cfg.epochs_per_round and cfg.seed == 7
+    assert RunConfig(group_size="global").group_size == 0
+
+
+def test_model_path_and_precedence(tmp_path):
     assert load_config("some/local/path").model == "some/local/path"
+    p = tmp_path / "c.yaml"
+    p.write_text("eps: 0.05\nk: 4\n")
+    cfg = load_config("llama3-8b", str(p), {"k": 5})
+    assert (cfg.beta, cfg.eps, cfg.k) == (0.05, 0.05, 5)  # recipe < file < overrides
+    assert load_config("./my-sft", str(p)).model == "./my-sft"
+
+
+def test_parse_overrides():
+    assert parse_overrides(["--eps", "0.1", "--use-peft", "--k=3", "beta=0.2", "--eps-x", "-1"]) == {
+        "eps": "0.1", "use_peft": "true", "k": "3", "beta": "0.2", "eps_x": "-1"}
+    with pytest.raises(ValueError, match="^eps: expected --key value or key=value"):
+        parse_overrides(["eps"])
 
 
 @pytest.mark.parametrize(
@@ -54,12 +152,32 @@ def test_overrides_are_typed(tmp_path):
     [
         ({"eps": "-1"}, "^eps: must be >= 0"),
         ({"k": "1.5"}, "^k: cannot read '1.5' as int"),
+        ({"k": "0"}, "^k: must be >= 1"),
         ({"epz": "1"}, "^epz: unknown configuration key .*did you mean eps"),
-        ({"method": "ppo"}, "^method: must be one of"),
+        ({"lerning_rate": "1"}, "did you mean learning_rate"),
+        ({"method": "ppo"}, "^method: must be one of ssapo, dpo, iterative-dpo, spa, sera, got 'ppo'"),
         ({"num_samples": "1"}, "^num_samples: needs at least 2"),
         ({"round_sizes": "5", "num_rounds": "2"}, "^round_sizes: needs one size per round"),
+        ({"round_sizes": "5,x"}, "^round_sizes: cannot read '5,x' as a list of int"),
         ({"bf16": "true"}, "^bf16: set bf16: false with use_cpu: true"),
+        ({"bf16": "maybe"}, "^bf16: cannot read 'maybe' as bool"),
         ({"leader_loss": "x"}, "^leader_loss: must be one of"),
+        ({"follower_space": "logit"}, "^follower_space: must be one of prob, margin"),
+        ({"round_reference": "seed"}, "^round_reference: must be one of previous, init"),
+        ({"generation_backend": "sglang"}, "^generation_backend: must be one of auto, transformers, vllm"),
+        ({"sera_gamma_role": "x"}, "^sera_gamma_role: must be one of ensemble, mix, threshold"),
+        ({"sera_pool": "x"}, "^sera_pool: must be one of round, cumulative"),
+        ({"accelerate_config": "zero2"}, "^accelerate_config: must be one of null, ddp, zero3, fsdp"),
+        ({"group_size": "-3"}, "^group_size: must be >= 0"),
+        ({"group_size": "all"}, "^group_size: cannot read 'all' as int"),
+        ({"top_p": "0"}, r"^top_p: must be in \(0, 1\]"),
+        ({"warmup_ratio": "1"}, r"^warmup_ratio: must be in \[0, 1\)"),
+        ({"learning_rate": "0"}, "^learning_rate: must be > 0"),
+        ({"batch_size": "20"}, r"^batch_size: must be a multiple of .*\(16\)"),
+        ({"max_prompt_length": "64"}, r"^max_prompt_length: must be below max_length \(64\)"),
+        ({"load_in_4bit": "true"}, "^load_in_4bit: needs use_peft"),
+        ({"spa_lambdas": ""}, "^spa_lambdas: needs one or more values"),
+        ({"resolve_every": "-1"}, "^resolve_every: must be >= 0"),
     ],
 )
 def test_bad_values_name_the_field(overrides, match):
@@ -67,6 +185,72 @@ def test_bad_values_name_the_field(overrides, match):
         load_config("tiny", overrides=overrides)
 
 
-def test_every_field_has_help():
-    for f in dataclasses.fields(RunConfig):
-        assert f.metadata.get("help"), f.name
+def test_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="^config: no such file"):
+        load_config("tiny", str(tmp_path / "missing.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config("tiny", str(tmp_path / "list.yaml"))
+    (tmp_path / "bad.yaml").write_text("epsilon: 0.1\n")
+    with pytest.raises(ValueError, match=r"^epsilon: unknown configuration key in .*bad.yaml"):
+        load_config("tiny", str(tmp_path / "bad.yaml"))
+
+
+# -- ssapo train --
+
+def _cli(*argv):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ssapo.cli", "train", *argv], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--eps", "-1"], "eps"),
+        (["--set", "k=zero"], "k"),
+        (["--epz", "0.1"], "epz"),
+        (["--config", "/nonexistent/x.yaml"], "config"),
+        (["--method", "sera", "--sera-keep", "2"], "sera_keep"),
+    ],
+)
+def test_train_reports_bad_config_with_exit_2(argv, field):
+    r = _cli("--model", "tiny", *argv)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"ssapo train: error: {field}:") and "Traceback" not in r.stderr
+
+
+def test_train_builds_the_config_from_flags_and_free_keys():
+    from ssapo.cli import build_parser
+    from ssapo.commands.train import build_config
+
+    args, extra = build_parser().parse_known_args(
+        ["train", "--model", "llama3-8b", "--eps", "0.05", "--round-sizes", "1,2", "--set", "k=5", "--use-peft",
+         "--method", "iterative-dpo", "--output-dir", "/tmp/x", "--trust-remote-code", "--seed=3"])
+    cfg = build_config(args, extra)
+    assert (cfg.eps, cfg.round_sizes, cfg.k, cfg.use_peft, cfg.method, cfg.output_dir, cfg.trust_remote_code,
+            cfg.seed, cfg.beta) == (0.05, [1, 2], 5, True, "iterative-dpo", "/tmp/x", True, 3, 0.05)
+
+
+def test_train_relaunches_under_accelerate(tmp_path, monkeypatch):
+    import ssapo.commands.train as train
+    from ssapo.cli import build_parser
+
+    calls = []
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv(train.LAUNCHED_ENV, raising=False)
+    monkeypatch.setattr(train.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    args, extra = build_parser().parse_known_args(
+        ["train", "--model", "mistral-7b", "--accelerate-config", "fsdp", "--num-processes", "4",
+         "--output-dir", str(tmp_path / "run"), "--eps", "0.05", "--resume"])
+    assert train.run(args, extra) == 0
+    (cmd, env), = calls
+    i = cmd.index("--config_file")
+    assert cmd[i + 1] == ACCELERATE_CONFIGS["fsdp"] and cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[cmd.index("-m", i) + 1:cmd.index("-m", i) + 3] == ["ssapo.cli", "train"] and "--resume" in cmd
+    assert env[train.LAUNCHED_ENV] == "1"
+    # the processes read exactly the config validated here
+    launched = RunConfig.from_yaml(cmd[cmd.index("--config") + 1])
+    assert launched.eps == 0.05 and launched.accelerate_config == "fsdp"
+    args2, extra2 = build_parser().parse_known_args(cmd[cmd.index("train"):])
+    assert train.build_config(args2, extra2) == launched

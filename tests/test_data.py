@@ -1,14 +1,26 @@
-"""Loading preference data in every format, the paper's split, and errors."""
+"""Loading preference data in every format and schema, the paper's split
+(sizes, determinism, disjointness), errors that name the source or column,
+and skips that are counted. Every file is written by the test; nothing is
+downloaded (the hub path is exercised through a stand-in load_dataset)."""
 
 import json
 
 import pytest
 
-from ssapo.data import load_preferences, load_prompts, split_seed_and_rounds
+from ssapo.data import Split, load_preferences, load_prompts, prompt_key, split_seed_and_rounds
 
-CHAT = [{"chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "good"}],
-         "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "bad"}],
-         "score": i} for i in range(40)]
+
+def conv(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+# argilla/ultrafeedback-binarized-preferences-cleaned: a string prompt and whole conversations
+ARGILLA = [{"prompt": f"q{i}", "chosen": conv(f"q{i}", "good"), "rejected": conv(f"q{i}", "bad"), "score": i}
+           for i in range(40)]
+NO_PROMPT = [{k: v for k, v in r.items() if k != "prompt"} for r in ARGILLA]
+STRINGS = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad", "gold": float(i)} for i in range(40)]
+MSG = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}]} for i in range(40)]
 
 
 def write_jsonl(path, rows):
@@ -16,58 +28,234 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_chat_lists_without_prompt_column(tmp_path):
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", CHAT))
-    assert ds[3]["prompt"] == [{"role": "user", "content": "q3"}]
-    assert ds[3]["chosen"] == [{"role": "assistant", "content": "good"}] and ds[3]["score"] == 3
-
-
-def test_parquet_and_saved_dataset_and_strings(tmp_path):
+def write(tmp_path, rows, fmt):
     from datasets import Dataset
 
-    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
-    Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    for src in (tmp_path / "p.parquet", tmp_path / "saved"):
-        ds = load_preferences(str(src))
-        assert ds.column_names[:3] == ["prompt", "chosen", "rejected"] and len(ds) == 10
-    assert load_prompts(str(tmp_path / "p.parquet")).column_names == ["prompt"]
+    if fmt == "jsonl":
+        return write_jsonl(tmp_path / "p.jsonl", rows)
+    if fmt == "json":  # one JSON array
+        (tmp_path / "p.json").write_text(json.dumps(rows))
+        return str(tmp_path / "p.json")
+    ds = Dataset.from_list(rows)
+    if fmt == "parquet":
+        ds.to_parquet(str(tmp_path / "p.parquet"))
+        return str(tmp_path / "p.parquet")
+    if fmt == "arrow-dir":
+        ds.save_to_disk(str(tmp_path / "saved"))
+        return str(tmp_path / "saved")
+    if fmt == "datasetdict-dir":
+        from datasets import DatasetDict
+
+        DatasetDict({"train": ds, "test": ds.select(range(3))}).save_to_disk(str(tmp_path / "dd"))
+        return str(tmp_path / "dd")
+    if fmt == "files-dir":
+        (tmp_path / "files").mkdir()
+        write_jsonl(tmp_path / "files" / "train.jsonl", rows)
+        return str(tmp_path / "files")
+    raise AssertionError(fmt)
 
 
-def test_split_is_deterministic_and_disjoint(tmp_path):
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", CHAT))
-    seed, rounds, stats = split_seed_and_rounds(ds, [8, 12], seed_size=5, seed=42)
-    again = split_seed_and_rounds(ds, [8, 12], seed_size=5, seed=42)
+FORMATS = ["jsonl", "json", "parquet", "arrow-dir", "datasetdict-dir", "files-dir"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("schema", ["argilla", "no-prompt", "messages"])
+def test_chat_schemas_in_every_format(tmp_path, fmt, schema):
+    rows = {"argilla": ARGILLA, "no-prompt": NO_PROMPT, "messages": MSG}[schema]
+    ds = load_preferences(write(tmp_path, rows, fmt))
+    assert ds.column_names[:3] == ["prompt", "chosen", "rejected"] and len(ds) == 40
+    row = ds[3]
+    assert row["prompt"] == [{"role": "user", "content": "q3"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "good"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "bad"}]
+    if schema != "messages":
+        assert row["score"] == 3  # extra columns kept
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_string_schema_in_every_format(tmp_path, fmt):
+    ds = load_preferences(write(tmp_path, STRINGS, fmt))
+    assert ds.column_names == ["prompt", "chosen", "rejected", "gold"]
+    assert ds[5] == {"prompt": "q5", "chosen": "good", "rejected": "bad", "gold": 5.0}
+
+
+def test_string_prompt_with_one_message_answers(tmp_path):
+    rows = [{"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}]
+    assert load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))[0]["prompt"] == [{"role": "user", "content": "hi"}]
+
+
+def test_hub_id_goes_through_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake(path, split=None, **kw):
+        calls.append((path, split))
+        return datasets.Dataset.from_list(STRINGS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert len(load_preferences("someone/uf-binarized")) == 40
+    assert len(load_prompts("someone/uf-binarized:train_prefs")) == 40
+    assert calls == [("someone/uf-binarized", "train"), ("someone/uf-binarized", "train_prefs")]
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_a_value_error(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match="^preference_data: 'nobody/nothing' is not a local file .*ConnectionError"):
+        load_preferences("nobody/nothing")
+
+
+def test_prompt_pools(tmp_path):
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"prompt": f"x{i}", "id": i} for i in range(5)])
+    assert load_prompts(pool).column_names == ["prompt"] and load_prompts(pool)["prompt"][0] == "x0"
+    # pairs are a pool too: their prompts, labels dropped
+    pairs = load_prompts(write_jsonl(tmp_path / "pairs.jsonl", NO_PROMPT))
+    assert pairs.column_names == ["prompt"] and pairs[0]["prompt"] == [{"role": "user", "content": "q0"}]
+
+
+def test_prompt_key_treats_a_string_as_one_user_message():
+    assert prompt_key("q1") == prompt_key([{"role": "user", "content": "q1"}]) != prompt_key("q2")
+
+
+# -- the split --
+
+def test_split_is_the_papers_row_blocks(tmp_path):
+    """No skips: seed = rows [0, s) of shuffle(seed), then consecutive blocks, the rest is test."""
+    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS))
+    split = split_seed_and_rounds(ds, 5, [8, 12], seed=42)
+    assert isinstance(split, Split)
+    order = list(ds.shuffle(seed=42)["gold"])
+    assert list(split.seed["gold"]) == order[:5]
+    assert [list(r["prompt"]) for r in split.rounds] == [
+        [f"q{int(g)}" for g in order[5:13]], [f"q{int(g)}" for g in order[13:25]]]
+    assert list(split.test["gold"]) == order[25:]
+    assert split.seed.column_names == ["prompt", "chosen", "rejected", "gold"]
+    assert all(r.column_names == ["prompt"] for r in split.rounds)  # prompts only: labels dropped
+    assert split.report == {"duplicates_skipped": 0, "too_long_skipped": 0, "empty_skipped": 0, "seed": 5,
+                            "rounds": [8, 12], "test": 15, "test_overlap_dropped": 0}
+
+
+def test_split_is_deterministic_and_depends_on_the_seed(tmp_path):
+    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", ARGILLA))
+    seed, rounds, report = split_seed_and_rounds(ds, 5, [8, 12], seed=42)
+    again, rounds2, _ = split_seed_and_rounds(ds, 5, [8, 12], seed=42)
+    other, _, _ = split_seed_and_rounds(ds, 5, [8, 12], seed=0)
+    assert list(seed["score"]) == list(again["score"]) != list(other["score"])
+    assert [list(r["prompt"]) for r in rounds] == [list(r["prompt"]) for r in rounds2]
     assert [len(r) for r in rounds] == [8, 12] and len(seed) == 5
-    assert list(seed["score"]) == list(again[0]["score"])
-    keys = [json.dumps(p) for p in seed["prompt"]] + [json.dumps(p) for r in rounds for p in r["prompt"]]
+    keys = [prompt_key(p) for p in seed["prompt"]] + [prompt_key(p) for r in rounds for p in r["prompt"]]
     assert len(set(keys)) == len(keys)
-    assert rounds[0].column_names == ["prompt"] and stats["duplicates_skipped"] == 0
 
 
-def test_duplicates_are_skipped_and_counted(tmp_path):
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", CHAT + CHAT[:10]))
-    _, rounds, stats = split_seed_and_rounds(ds, [20], seed_size=5, seed=0)
-    assert stats["duplicates_skipped"] > 0 and len(rounds[0]) == 20
+def test_split_accepts_the_first_versions_argument_order(tmp_path):
+    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS))
+    a = split_seed_and_rounds(ds, 5, [8, 12], 42)
+    b = split_seed_and_rounds(ds, [8, 12], 5, 42)
+    assert list(a.seed["gold"]) == list(b.seed["gold"]) and a.report == b.report
 
+
+def test_separate_prompt_pool(tmp_path):
+    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS))
+    pool = load_prompts(write_jsonl(tmp_path / "pool.jsonl", [{"prompt": f"x{i}"} for i in range(30)]
+                                    + [{"prompt": "q0"}, {"prompt": "q1"}]))  # two may repeat seed prompts
+    split = split_seed_and_rounds(ds, 38, [10, 15], seed=1, prompts=pool)
+    assert [len(r) for r in split.rounds] == [10, 15]
+    seed_keys = {prompt_key(p) for p in split.seed["prompt"]}
+    assert not seed_keys & {prompt_key(p) for r in split.rounds for p in r["prompt"]}
+    assert len(split.test) == 2  # the labelled pairs after the seed
+
+
+def test_duplicates_and_empties_are_skipped_and_counted(tmp_path):
+    rows = STRINGS + STRINGS[:10] + [{"prompt": "", "chosen": "a", "rejected": "b", "gold": -1.0}]
+    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
+    seed, rounds, report = split_seed_and_rounds(ds, 5, [20], seed=0)
+    assert len(rounds[0]) == 20 and len(seed) == 5
+    used = [p for p in seed["prompt"]] + list(rounds[0]["prompt"])
+    assert len(set(used)) == 25 and "" not in used
+    assert report["duplicates_skipped"] >= 1 and report["empty_skipped"] <= 1
+    # every row is accounted for: used, skipped, test, or dropped from test as a repeat
+    counted = 25 + report["duplicates_skipped"] + report["empty_skipped"] + report["test"] + report["test_overlap_dropped"]
+    assert counted == len(rows)
+
+
+def test_over_long_prompts_are_skipped_and_counted(tmp_path):
+    from ssapo.tiny import build_tokenizer
+
+    rows = [{"prompt": " ".join(["w"] * (1 + (i % 4) * 5)), "chosen": "w", "rejected": "w", "i": i} for i in range(40)]
+    rows = [dict(r, prompt=r["prompt"] + f" n{r['i']}") for r in rows]  # distinct prompts
+    tok = build_tokenizer(["w"] + [f"n{i}" for i in range(40)])
+    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
+    seed, rounds, report = split_seed_and_rounds(ds, 4, [4, 4], seed=0, tokenizer=tok, max_prompt_length=12)
+    from ssapo.data import prompt_length
+
+    kept = list(seed["prompt"]) + [p for r in rounds for p in r["prompt"]]
+    assert all(prompt_length(tok, p) <= 12 for p in kept)
+    assert report["too_long_skipped"] > 0
+    assert max(prompt_length(tok, r["prompt"]) for r in rows) > 12
+    # no tokenizer: nothing is measured
+    assert split_seed_and_rounds(ds, 4, [4, 4], seed=0).report["too_long_skipped"] == 0
+
+
+# -- errors --
 
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda p: write_jsonl(p / "x.jsonl", [{"prompt": "a", "chosen": "b"}]), r"preference_data: missing column\(s\) \['rejected'\]"),
-        (lambda p: str(p / "missing.jsonl"), "preference_data: no such file"),
-        (lambda p: (p / "x.txt").write_text("hi") and str(p / "x.txt"), "preference_data: unknown file type"),
-        (lambda p: write_jsonl(p / "s.jsonl", [{"chosen": "a", "rejected": "b"}]), "preference_data: has no 'prompt' column"),
+        (lambda p: write_jsonl(p / "x.jsonl", [{"prompt": "a", "chosen": "b"}]),
+         r"^preference_data: missing column\(s\) \['rejected'\] in .*x.jsonl"),
+        (lambda p: str(p / "missing.jsonl"), "^preference_data: no such file or directory: .*missing.jsonl"),
+        (lambda p: (p / "x.txt").write_text("hi") and str(p / "x.txt"), "^preference_data: unknown file type '.txt'"),
+        (lambda p: write_jsonl(p / "s.jsonl", [{"chosen": "a", "rejected": "b"}]),
+         "^preference_data: has no 'prompt' column and 'chosen' is not a chat-message list"),
+        (lambda p: write_jsonl(p / "one.jsonl", [{"chosen": [{"role": "assistant", "content": "a"}],
+                                                 "rejected": [{"role": "assistant", "content": "b"}]}]),
+         "^prompt: the data has no 'prompt' column and 'chosen' holds only the answer"),
+        (lambda p: write_jsonl(p / "mix.jsonl", [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a",
+                                                 "rejected": "b"}]),
+         "^chosen: a string while 'prompt' is a chat-message list"),
+        (lambda p: (p / "e.jsonl").write_text("") and str(p / "e.jsonl") or str(p / "e.jsonl"),
+         "^preference_data: .*e.jsonl holds no rows"),
+        (lambda p: (p / "bad.jsonl").write_text("{not json\n") and str(p / "bad.jsonl"),
+         "^preference_data: cannot read .*bad.jsonl as json"),
+        (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), "^preference_data: .*empty_dir holds no"),
+        (lambda p: "", "^preference_data: empty source"),
     ],
 )
-def test_bad_sources(tmp_path, make, match):
+def test_bad_sources_name_the_source_or_column(tmp_path, make, match):
     with pytest.raises(ValueError, match=match):
         load_preferences(make(tmp_path))
 
 
-def test_too_small_for_the_split(tmp_path):
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", CHAT))
-    with pytest.raises(ValueError, match="round_sizes: 100 fresh prompts needed"):
-        split_seed_and_rounds(ds, [50, 50], seed_size=5, seed=0)
-    with pytest.raises(ValueError, match="seed_size: 50 seed pairs requested"):
-        split_seed_and_rounds(ds, [5], seed_size=50, seed=0)
+def test_empty_sets(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).to_parquet(str(tmp_path / "e.parquet"))
+    with pytest.raises(ValueError, match="^preference_data: .*e.parquet holds no rows"):
+        load_preferences(str(tmp_path / "e.parquet"))
+    with pytest.raises(ValueError, match="^prompt_data: .*e.parquet holds no rows"):
+        load_prompts(str(tmp_path / "e.parquet"))
+    Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).save_to_disk(str(tmp_path / "e"))
+    with pytest.raises(ValueError, match="^preference_data: .*e holds no rows"):
+        load_preferences(str(tmp_path / "e"))
+    with pytest.raises(ValueError, match="^prompt_data: missing column 'prompt'"):
+        load_prompts(write_jsonl(tmp_path / "q.jsonl", [{"question": "x"}]))
+
+
+def test_too_small_for_the_split_says_the_numbers(tmp_path):
+    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS + STRINGS[:3]))
+    with pytest.raises(ValueError, match=r"^round_sizes: 100 prompts needed for rounds \[50, 50\], but preference_data "
+                                         r"after the seed has only 35 usable \(3 duplicates skipped"):
+        split_seed_and_rounds(ds, 5, [50, 50], seed=0)
+    with pytest.raises(ValueError, match=r"^seed_size: 50 seed pairs requested but preference_data has only 40 usable "
+                                         r"rows of 43"):
+        split_seed_and_rounds(ds, 50, [5], seed=0)
+    with pytest.raises(ValueError, match="^seed_size: must be >= 1"):
+        split_seed_and_rounds(ds, 0, [5], seed=0)
+    with pytest.raises(ValueError, match="^preference_data: missing column 'chosen'"):
+        split_seed_and_rounds(ds.remove_columns("chosen"), 5, [5], seed=0)
