@@ -4,8 +4,10 @@ step on the same tiny model, batch and data, side by side in one run.
     python benches/bench_leader.py [--steps 40] [--rounds 5] [--out benches/results/leader.md]
 
 Each round trains both trainers for `steps` optimizer steps (alternating which
-goes first); a callback times every step; the first 5 steps of each run are
-warm-up and dropped. Reported: median step time of each and their ratio.
+goes first); a callback times every step (forward, backward, optimizer); the
+first 5 steps of each run are warm-up and dropped. Reported: the median step
+time of each over all rounds, their ratio (target <= 1.05), and the ratio of
+medians within each round (its spread shows the machine's noise).
 """
 
 from __future__ import annotations
@@ -84,16 +86,26 @@ def main():
     tok = build_tokenizer(words)
     rows = data(a.steps * a.batch, words)
     times = {"ssapo": [], "dpo": []}
+    per_round = []
+    load0 = os.getloadavg()[0]
     for r in range(a.rounds):
         order = ["ssapo", "dpo"] if r % 2 == 0 else ["dpo", "ssapo"]
+        got = {}
         for kind in order:
-            times[kind] += one(kind, a.steps, a.batch, rows, tok, f"/tmp/bench_leader_{kind}")
+            got[kind] = one(kind, a.steps, a.batch, rows, tok, f"/tmp/bench_leader_{kind}")
+            times[kind] += got[kind]
+        per_round.append(statistics.median(got["ssapo"]) / statistics.median(got["dpo"]))
+    load1 = os.getloadavg()[0]
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ratio = ms["ssapo"] / ms["dpo"]
+    import trl
+    import transformers
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     doc = f"""# One leader step: SSAPOTrainer vs trl DPOTrainer
 
-Measured {datetime.date.today()} on {cpu}, 1 torch thread, in one run of
+Measured {datetime.date.today()} on {cpu} ({os.cpu_count()} cores, load average {load0:.1f} before and
+{load1:.1f} after: other sessions share this machine), CPU only, 1 torch thread, torch {torch.__version__},
+transformers {transformers.__version__}, trl {trl.__version__}, in one run of
 
     python benches/bench_leader.py --steps {a.steps} --rounds {a.rounds} --batch {a.batch}
 
@@ -104,7 +116,14 @@ log-probabilities precomputed for both; {a.rounds} alternating rounds of {a.step
 |---|---|---|
 | trl DPOTrainer (sigmoid) | {ms['dpo']:.2f} ms | {len(times['dpo'])} |
 | SSAPOTrainer (shift_prob, per-pair atoms) | {ms['ssapo']:.2f} ms | {len(times['ssapo'])} |
-| ratio | {ratio:.3f} | |
+| ratio SSAPO / DPO | {ratio:.3f} | target <= 1.05 |
+
+Ratio of the two medians within each round: {", ".join(f"{x:.3f}" for x in per_round)}
+(median {statistics.median(per_round):.3f}).
+
+The SSAPO step does what the DPO step does (one policy forward and backward with trl's fused LM head, reference
+log-probabilities read from the batch) plus the per-pair atoms: a (B, 2) tensor built in the collator, the
+clamped-shift loss on B pairs, and the clamp count (one host sync per micro-batch).
 """
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".tmp", "w") as f:
