@@ -58,8 +58,15 @@ def test_recipes_ship_inside_the_package_and_the_top_level_is_a_link():
     for preset, path in PRESETS.items():
         assert path == os.path.join(RECIPES_DIR, preset, "config.yaml") and os.path.isfile(path)
     top = os.path.join(REPO, "recipes")
-    if os.path.exists(top):  # a checkout: recipes/ is the same directory, not a copy that could drift
-        assert os.path.realpath(top) == os.path.realpath(RECIPES_DIR)
+    if os.path.exists(top):
+        # a checkout: recipes/ is the package's folder, not a copy that could drift ...
+        src = os.path.join(REPO, "python", "ssapo", "recipes")
+        assert os.path.realpath(top) == os.path.realpath(src)
+        # ... and the installed package ships exactly those files
+        def files(d):
+            return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f)).read()
+                    for r, _, fs in os.walk(d) for f in fs if f.endswith(".yaml")}
+        assert files(RECIPES_DIR) == files(src)
 
 
 def test_accelerate_configs_ship():

@@ -179,3 +179,10 @@ def test_two_processes_share_one_follower(tmp_path, task_dir):
     np.testing.assert_array_equal(z["xi"], cols["xi"])
     np.testing.assert_array_equal(z["shift"], cols["shift"])
     np.testing.assert_array_equal(z["mass"], cols["mass"])
+
+
+@pytest.mark.parametrize("override, name", [({"resolve_every": "5"}, "resolve_every"), ({"load_in_4bit": "true"}, "load_in_4bit"),
+                                            ({"sera_gamma_role": "threshold"}, "sera_gamma_role")])
+def test_fields_the_loop_does_not_act_on_are_refused(tmp_path, task_dir, override, name):
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        run(cfg(tmp_path / "x", task_dir, **override))

@@ -94,7 +94,7 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
         per_device_train_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=accum,
         lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, beta=cfg.beta, seed=cfg.seed,
         data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, report_to=cfg.report_to,
-        logging_steps=cfg.logging_steps, save_strategy="no", max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps, save_strategy="no", save_total_limit=cfg.save_total_limit, max_length=cfg.max_length,
         leader_loss=leader_loss, clamp_min=cfg.clamp_min, gradient_checkpointing=cfg.gradient_checkpointing,
         precompute_ref_log_probs=True, disable_tqdm=False, spa_alpha=cfg.spa_alpha, spa_lambda=spa_lambda,
         spa_quantile=cfg.spa_quantile, spa_window=cfg.spa_window, spa_warmup_ratio=cfg.spa_warmup_ratio,
@@ -183,8 +183,29 @@ def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: 
                          **{f"bootstrap_{k}": v for k, v in bstats.items()}}
 
 
+# RunConfig fields the loop does not act on yet: a value other than the default
+# is refused rather than silently ignored.
+NOT_YET = {
+    "tokenizer": None,
+    "gradient_accumulation_steps": None,
+    "annotation_reference": "init",
+    "resolve_every": 0,
+    "sera_pool": "round",
+    "load_in_4bit": False,
+}
+
+
+def check_supported(cfg: RunConfig) -> None:
+    for name, default in NOT_YET.items():
+        if getattr(cfg, name, default) != default:
+            raise ValueError(f"{name}: not supported by the loop yet; leave it at {default!r}")
+    if cfg.sera_gamma_role == "threshold":
+        raise ValueError("sera_gamma_role: 'threshold' is not implemented yet; use 'ensemble' or 'mix'")
+
+
 def run(cfg: RunConfig, resume: bool = False) -> str:
     """Runs (or resumes) the whole loop; returns the output directory."""
+    check_supported(cfg)
     import numpy as np
 
     from ssapo import annotate, follower, report
