@@ -1,50 +1,241 @@
-"""The follower step of a round: self-annotation margins → ξ → dro_core → atoms.
+"""The follower of a round (DESIGN.md §3b): self-annotation margins → ξ →
+`dro_core.solve` → at most two atoms per pair.
 
-- `prob` space (the paper's): ξ_i = σ(β_f · margin_i) ∈ [0.5, 1), loss −log ξ by
-  K tangents (`Loss.neg_log(k)`), support [0, 1]; the shift is in probability
-  units and the `shift_prob` leader subtracts it from σ(βh).
-- `margin` space: ξ_i = β_f · margin_i, loss softplus(−ξ) by K tangents over
-  [−m, m], m = max|ξ|; the shift is in units of β·h, as the `shift_margin`
-  leader uses it.
-Groups: G consecutive pairs in the annotation order (stable), or one ball.
+    from ssapo.follower import follow, save
+    cols, diag = follow(margins, cfg)                 # cfg: a RunConfig (eps, k, group_size, beta_follower, follower_space)
+    cols, diag = follow(margins, eps=0.01, group_size=100)
+    save("round_1/follower.npz", cols, diag)
+
+Spaces (`follower_space`):
+- `prob` (the paper's and the released code's): ξ_i = σ(β_f·margin_i) ∈ [0.5, 1)
+  for self-annotated pairs (margin > 0), loss −log ξ by its K tangents at k/K
+  (`dro_core.Loss.neg_log(K)`), support [0, 1]. The shift δ_ij = ξ_i − ζ_ij is
+  in *probability units*: the `shift_prob` leader subtracts it from σ(βh_θ)
+  (Σ_j α_ij·−log clamp(σ(βh_θ) − δ_ij, clamp_min)). β_f is `beta_follower`
+  (the released code hard-codes 0.1 for every model).
+- `margin`: ξ_i = β_f·margin_i, the DPO margin at β_f of the self-annotation;
+  loss softplus(−ξ) by K tangents spread over [−m, m], m = max_i |ξ_i|
+  (`dro_core.Loss.softplus(K, −m, m)`: the adversary may turn a pair into the
+  most confidently wrong pair observed). The shift is in units of β·h (the
+  margin the DPO loss sees): the `shift_margin` leader uses
+  Σ_j α_ij·softplus(−(βh_θ − δ_ij)). With β_f = β the two scales agree.
+
+Groups (`group_size`): G consecutive pairs in the annotation order (the stable
+prompt order, never a worker's completion order), the last group shorter; 0 =
+one global ball. The result is bit-identical whatever the thread count.
+
+Columns returned per pair: `xi`, `loc` (N, 2), `mass` (N, 2) (rows sum to 1),
+`shift` (N, 2) = ξ − loc, `weight` (N,) (gradient-matching scalar weights for
+the `weights` leader) and `group` (N,). With ε = 0 every shift is 0 and every
+mass (1, 0): every leader loss is then exactly DPO.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+SPACES = ("prob", "margin")
 
-def follow(margins, eps: float, k: int = 6, group_size: int = 100, beta_follower: float = 0.1,
-           space: str = "prob", threads=None) -> Tuple[Dict[str, np.ndarray], Dict[str, object], object]:
-    """Returns (columns, diagnostics, solution): columns `shift`, `mass` (N, 2) and `weight` (N,)."""
+
+def _settings(cfg, **kw) -> Dict[str, Any]:
+    names = {"eps": "eps", "k": "k", "group_size": "group_size", "beta_follower": "beta_follower",
+             "space": "follower_space"}
+    defaults = {"eps": 0.01, "k": 6, "group_size": 100, "beta_follower": 0.1, "space": "prob"}
+    out = {}
+    for key, field in names.items():
+        v = kw.get(key)
+        if v is None and cfg is not None:
+            v = getattr(cfg, field, None)
+        out[key] = defaults[key] if v is None else v
+    if out["space"] not in SPACES:
+        raise ValueError(f"follower_space: must be 'prob' or 'margin', got {out['space']!r}")
+    if isinstance(out["group_size"], str):
+        if out["group_size"].strip().lower() != "global":
+            raise ValueError(f"group_size: an integer >= 0 or 'global', got {out['group_size']!r}")
+        out["group_size"] = 0
+    if int(out["group_size"]) < 0:
+        raise ValueError(f"group_size: must be >= 0 (0 = one global ball), got {out['group_size']}")
+    if not out["beta_follower"] > 0:
+        raise ValueError(f"beta_follower: must be > 0, got {out['beta_follower']}")
+    return out
+
+
+def xi_of(margins, beta_follower: float = 0.1, space: str = "prob") -> np.ndarray:
+    """The follower's samples: σ(β_f·margin) (prob) or β_f·margin (margin)."""
+    m = np.asarray(margins, dtype=np.float64)
+    if m.ndim != 1:
+        raise ValueError(f"margins: must be 1-D, got shape {m.shape}")
+    bad = np.flatnonzero(~np.isfinite(m))
+    if len(bad):
+        raise ValueError(f"margins: not finite at index {int(bad[0])} ({m[bad[0]]})")
+    z = beta_follower * m
+    if space == "prob":
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), accurate at both ends
+    if space == "margin":
+        return z
+    raise ValueError(f"follower_space: must be 'prob' or 'margin', got {space!r}")
+
+
+def loss_of(xi: np.ndarray, k: int, space: str):
+    """The follower's piecewise-linear loss in `space` (see the module docstring)."""
     import dro_core
 
-    m = np.asarray(margins, dtype=np.float64)
     if space == "prob":
-        xi = 1.0 / (1.0 + np.exp(-beta_follower * m))
-        loss = dro_core.Loss.neg_log(k)
-    elif space == "margin":
-        xi = beta_follower * m
-        r = float(np.max(np.abs(xi))) if len(xi) else 0.0
-        loss = dro_core.Loss.softplus(k, -r, r) if r > 0 else dro_core.Loss.max_affine([0.0], [float(np.log(2))])
-    else:
-        raise ValueError(f"follower_space: must be 'prob' or 'margin', got {space!r}")
-    res = dro_core.solve(xi, eps, group_size if group_size > 0 else None, loss=loss, threads=threads)
-    mass = np.asarray(res.mass)
-    moved = (mass[:, 0] < 1.0) | (np.asarray(res.loc)[:, 0] != xi)
-    diag = {
-        "n": int(len(xi)),
-        "value": res.value,
-        "empirical_value": res.empirical_value,
-        "dual_value": res.dual_value,
-        "dual_gap": res.dual_gap,
-        "lam": np.asarray(res.lam).tolist(),
-        "budget_used": np.asarray(res.budget_used).tolist(),
-        "moved_fraction": float(np.mean(moved)) if len(xi) else 0.0,
-        "space": space,
-        "loss": repr(loss),
+        return dro_core.Loss.neg_log(int(k))
+    r = float(np.max(np.abs(xi))) if len(xi) else 0.0
+    if r == 0.0:  # every margin 0: nothing to move towards; softplus(-0) = log 2, flat
+        return dro_core.Loss.max_affine([0.0], [float(np.log(2.0))])
+    return dro_core.Loss.softplus(int(k), -r, r)
+
+
+def follow(margins, cfg=None, *, eps: Optional[float] = None, k: Optional[int] = None,
+           group_size: Optional[int] = None, beta_follower: Optional[float] = None, space: Optional[str] = None,
+           threads: Optional[int] = None, clamp_level: float = 0.5) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """Solves the follower over `margins` (chosen_reward − rejected_reward per
+    pair, in the stable annotation order). Settings from `cfg` (a RunConfig)
+    and/or keywords (keywords win).
+
+    Returns (columns, diagnostics): columns as in the module docstring;
+    diagnostics {n, eps, k, space, beta_follower, group_size, groups, value
+    (worst-case expected loss), empirical_value, dual_value, dual_gap, lam
+    (λ* per group), budget_used (per group, mean transport, ≤ ε),
+    budget_used_fraction, moved_fraction (pairs with mass away from ξ),
+    moved_mass (mean mass moved), dead_at_start_fraction (prob space: pairs
+    with an atom of mass > 0 shifted by ≥ `clamp_level` = σ(βh) at the start of
+    a round whose reference is π_{t−1}; the `shift_prob` leader's clamp gives
+    those atoms no gradient), mean_shift, xi_min/xi_mean/xi_max, seconds}."""
+    import dro_core
+
+    s = _settings(cfg, eps=eps, k=k, group_size=group_size, beta_follower=beta_follower, space=space)
+    t0 = time.time()
+    xi = xi_of(margins, s["beta_follower"], s["space"])
+    n = len(xi)
+    G = int(s["group_size"])
+    diag: Dict[str, Any] = {"n": n, "eps": float(s["eps"]), "k": int(s["k"]), "space": s["space"],
+                            "beta_follower": float(s["beta_follower"]), "group_size": G if G > 0 else "global"}
+    if n == 0:
+        z2 = np.zeros((0, 2))
+        cols = {"xi": xi, "loc": z2, "mass": z2.copy(), "shift": z2.copy(), "weight": np.zeros(0),
+                "group": np.zeros(0, dtype=np.int64)}
+        diag.update(groups=0, value=0.0, empirical_value=0.0, dual_value=0.0, dual_gap=0.0, lam=[], budget_used=[],
+                    group_sizes=[], budget_used_fraction=0.0, moved_fraction=0.0, moved_mass=0.0,
+                    dead_at_start_fraction=0.0, mean_shift=0.0, seconds=time.time() - t0)
+        return cols, diag
+    loss = loss_of(xi, s["k"], s["space"])
+    res = dro_core.solve(xi, float(s["eps"]), G if G > 0 else None, loss=loss, threads=threads)
+    loc, mass, shift = np.asarray(res.loc), np.asarray(res.mass), np.asarray(res.shift)
+    moving = (mass > 0) & (shift != 0)
+    moved = moving.any(axis=1)
+    group = np.arange(n) // G if G > 0 else np.zeros(n, dtype=np.int64)
+    budget = np.asarray(res.budget_used, dtype=np.float64)
+    cols = {"xi": xi, "loc": loc, "mass": mass, "shift": shift, "weight": np.asarray(res.weights), "group": group}
+    diag.update(
+        groups=int(len(res.lam)),
+        value=float(res.value),
+        empirical_value=float(res.empirical_value),
+        dual_value=float(res.dual_value),
+        dual_gap=float(res.dual_gap),
+        lam=np.asarray(res.lam, dtype=np.float64).tolist(),
+        budget_used=budget.tolist(),
+        group_sizes=np.asarray(res.group_sizes).tolist(),
+        budget_used_fraction=float(np.mean(budget) / s["eps"]) if s["eps"] > 0 else 0.0,
+        moved_fraction=float(np.mean(moved)),
+        moved_mass=float(np.mean(np.where(moving, mass, 0.0).sum(axis=1))),
+        dead_at_start_fraction=float(np.mean(((mass > 0) & (shift >= clamp_level)).any(axis=1)))
+        if s["space"] == "prob" else 0.0,
+        mean_shift=float(np.mean((mass * shift).sum(axis=1))),
+        xi_min=float(xi.min()), xi_mean=float(xi.mean()), xi_max=float(xi.max()),
+        seconds=time.time() - t0,
+    )
+    return cols, diag
+
+
+def attach(rows: Sequence[dict], cols: Dict[str, np.ndarray]) -> list:
+    """Copies of `rows` with each pair's own atoms: `shift` and `mass` (lists of
+    2 floats) and `weight` (float), the columns `SSAPOTrainer` reads."""
+    if len(rows) != len(cols["shift"]):
+        raise ValueError(f"rows: {len(rows)} rows for {len(cols['shift'])} follower atoms")
+    out = []
+    for i, r in enumerate(rows):
+        out.append({**r, "shift": [float(v) for v in cols["shift"][i]], "mass": [float(v) for v in cols["mass"][i]],
+                    "weight": float(cols["weight"][i])})
+    return out
+
+
+def save(path, cols: Dict[str, np.ndarray], diag: Dict[str, Any], margins=None) -> str:
+    """follower.npz, atomically: xi, loc, mass, shift, weights, group, lam,
+    budget_used, group_sizes, value, empirical_value, dual_value, dual_gap, eps
+    (and margins when given)."""
+    from ssapo.io import atomic_write
+
+    arrays = {
+        "xi": cols["xi"], "loc": cols["loc"], "mass": cols["mass"], "shift": cols["shift"],
+        "weights": cols["weight"], "group": cols["group"],
+        "lam": np.asarray(diag.get("lam", []), dtype=np.float64),
+        "budget_used": np.asarray(diag.get("budget_used", []), dtype=np.float64),
+        "group_sizes": np.asarray(diag.get("group_sizes", []), dtype=np.int64),
+        "value": np.float64(diag.get("value", 0.0)), "empirical_value": np.float64(diag.get("empirical_value", 0.0)),
+        "dual_value": np.float64(diag.get("dual_value", 0.0)), "dual_gap": np.float64(diag.get("dual_gap", 0.0)),
+        "eps": np.float64(diag.get("eps", 0.0)),
     }
-    cols = {"shift": np.asarray(res.shift), "mass": mass, "weight": np.asarray(res.weights), "xi": xi}
-    return cols, diag, res
+    if margins is not None:
+        arrays["margins"] = np.asarray(margins, dtype=np.float64)
+
+    def w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, w)
+
+
+def load(path) -> Dict[str, np.ndarray]:
+    """The arrays of a follower.npz; `weight` is an alias of `weights`."""
+    with np.load(path) as z:
+        out = {k: z[k] for k in z.files}
+    out["weight"] = out["weights"]
+    return out
+
+
+class Resolver:
+    """The re-solve hook (`resolve_every`): every `every` optimizer steps of a
+    round, `margins_fn()` gives the current margins of the round's pairs (in
+    the dataset's order), the follower is solved again with the same settings,
+    and the new atoms replace the old ones in `table` (what the trainer reads;
+    see `ssapo.loop`). `history` keeps the diagnostics of each re-solve.
+    Works as a transformers `TrainerCallback` through `callback()`."""
+
+    def __init__(self, cfg, every: int, margins_fn: Callable[[], np.ndarray], table: Dict[str, np.ndarray],
+                 broadcast: Optional[Callable[[Any], Any]] = None):
+        if every < 1:
+            raise ValueError(f"resolve_every: must be >= 1 for a Resolver, got {every}")
+        self.cfg, self.every, self.margins_fn, self.table = cfg, int(every), margins_fn, table
+        self.broadcast = broadcast
+        self.history: list = []
+
+    def resolve(self, step: int) -> Dict[str, Any]:
+        margins = np.asarray(self.margins_fn(), dtype=np.float64)
+        cols, diag = follow(margins, self.cfg)
+        if self.broadcast is not None:  # every rank trains on the main process's atoms
+            cols = self.broadcast(cols)
+        for key in ("shift", "mass", "weight"):
+            self.table[key] = np.asarray(cols[key])
+        diag = {k: v for k, v in diag.items() if k not in ("lam", "budget_used", "group_sizes")}
+        diag["step"] = int(step)
+        self.history.append(diag)
+        return diag
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _ResolveCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                if state.global_step % outer.every == 0 and state.global_step < state.max_steps:
+                    outer.resolve(state.global_step)
+                return control
+
+        return _ResolveCallback()

@@ -1,0 +1,102 @@
+"""The follower step: columns, diagnostics, ε = 0, spaces, groups, saving, the re-solve hook."""
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ssapo.follower import Resolver, attach, follow, load, save, xi_of
+
+M = np.array([0.0, 1.0, 5.0, 30.0, 2.0, 0.5, 12.0])
+
+
+def test_eps_zero_is_the_data():
+    cols, diag = follow(M, eps=0.0, group_size=2)
+    assert np.all(cols["shift"] == 0) and np.all(cols["mass"] == [1.0, 0.0]) and np.all(cols["weight"] == 1.0)
+    assert diag["moved_fraction"] == 0 and diag["value"] == diag["empirical_value"] and diag["groups"] == 4
+    np.testing.assert_array_equal(cols["loc"][:, 0], cols["xi"])
+
+
+def test_columns_and_diagnostics():
+    cols, diag = follow(M, eps=0.05, group_size=3, beta_follower=0.2)
+    n = len(M)
+    np.testing.assert_allclose(cols["xi"], 1 / (1 + np.exp(-0.2 * M)), rtol=1e-15)
+    for key, shape in (("loc", (n, 2)), ("mass", (n, 2)), ("shift", (n, 2)), ("weight", (n,)), ("group", (n,))):
+        assert cols[key].shape == shape, key
+    np.testing.assert_allclose(cols["mass"].sum(1), 1.0)
+    np.testing.assert_allclose(cols["shift"], cols["xi"][:, None] - cols["loc"])
+    assert cols["group"].tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert diag["groups"] == len(diag["lam"]) == len(diag["budget_used"]) == 3 and diag["group_sizes"] == [3, 3, 1]
+    assert abs(diag["dual_gap"]) < 1e-12 and abs(diag["value"] - diag["dual_value"]) < 1e-12
+    assert diag["value"] > diag["empirical_value"] and 0 < diag["moved_fraction"] <= 1
+    assert all(b <= 0.05 + 1e-12 for b in diag["budget_used"])
+    assert np.all(cols["loc"] >= 0) and np.all(cols["loc"] <= 1)  # probability units
+    # the worst case moves the least confident pairs toward ξ = 0 first
+    assert cols["shift"][0].max() > 0
+
+
+def test_groups_are_consecutive_and_global_is_one_ball():
+    cols, diag = follow(M, eps=0.05, group_size=0)
+    assert diag["groups"] == 1 and diag["group_size"] == "global" and np.all(cols["group"] == 0)
+    # a group's result depends on its own samples only
+    a, _ = follow(M[:3], eps=0.05, group_size=3)
+    b, _ = follow(M, eps=0.05, group_size=3)
+    np.testing.assert_array_equal(a["shift"], b["shift"][:3])
+
+
+def test_margin_space_shifts_in_margin_units():
+    cols, diag = follow(M, eps=0.1, space="margin", beta_follower=0.1)
+    np.testing.assert_array_equal(cols["xi"], 0.1 * M)
+    r = np.abs(0.1 * M).max()
+    assert diag["space"] == "margin" and diag["dead_at_start_fraction"] == 0.0
+    assert np.all(cols["loc"] >= -r - 1e-12) and np.all(cols["loc"] <= r + 1e-12)
+    assert cols["shift"].max() > 0
+
+
+def test_settings_from_a_config_and_keywords_win():
+    cfg = SimpleNamespace(eps=0.0, k=4, group_size=100, beta_follower=0.1, follower_space="prob")
+    cols, diag = follow(M, cfg)
+    assert diag["k"] == 4 and diag["eps"] == 0.0 and np.all(cols["shift"] == 0)
+    _, diag = follow(M, cfg, eps=0.05)
+    assert diag["eps"] == 0.05 and diag["moved_fraction"] > 0
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="^margins: not finite at index 1"):
+        follow([1.0, np.nan])
+    with pytest.raises(ValueError, match="^follower_space: "):
+        follow(M, space="logit")
+    with pytest.raises(ValueError, match="^group_size: "):
+        follow(M, group_size=-1)
+    cols, diag = follow([])
+    assert cols["shift"].shape == (0, 2) and diag["n"] == 0
+
+
+def test_save_load_and_attach(tmp_path):
+    cols, diag = follow(M, eps=0.05, group_size=3)
+    path = save(tmp_path / "follower.npz", cols, diag, margins=M)
+    assert os.listdir(tmp_path) == ["follower.npz"]  # no temp file left
+    z = load(path)
+    for key in ("xi", "loc", "mass", "shift"):
+        np.testing.assert_array_equal(z[key], cols[key])
+    np.testing.assert_array_equal(z["weights"], cols["weight"])
+    np.testing.assert_array_equal(z["lam"], diag["lam"])
+    assert float(z["value"]) == diag["value"] and float(z["eps"]) == 0.05
+    rows = attach([{"margin": float(m)} for m in M], z)
+    assert [r["shift"] for r in rows] == cols["shift"].tolist() and rows[0]["margin"] == 0.0
+    assert len({tuple(r["shift"]) for r in rows}) > 1  # each pair its own atoms
+    with pytest.raises(ValueError, match="^rows: "):
+        attach(rows[:2], z)
+
+
+def test_resolver_replaces_the_table():
+    margins = [M]
+    table = {"shift": np.zeros((7, 2)), "mass": np.tile([1.0, 0.0], (7, 1)), "weight": np.ones(7)}
+    cfg = SimpleNamespace(eps=0.05, k=6, group_size=0, beta_follower=0.1, follower_space="prob")
+    r = Resolver(cfg, 2, lambda: margins[0], table)
+    d = r.resolve(step=2)
+    want, _ = follow(M, cfg)
+    np.testing.assert_array_equal(table["shift"], want["shift"])
+    assert d["step"] == 2 and len(r.history) == 1
+    assert xi_of([0.0])[0] == 0.5
