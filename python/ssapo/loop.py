@@ -625,16 +625,18 @@ def _resolver_factory(cfg: RunConfig, ann_ref: str, state: State):
             model.train(was_training)
             return m.numpy()
 
-        broadcast = None
-        if state.world > 1:
-            from accelerate.utils import broadcast_object_list
-
-            def broadcast(cols):
-                box = [cols if state.main else None]
-                broadcast_object_list(box, from_process=0)
-                return box[0]
-
+        broadcast = _broadcast_from_main if state.world > 1 else None
         table = {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in ("shift", "mass", "weight")}
         return follower.Resolver(cfg, cfg.resolve_every, margins_fn, table, broadcast)
 
     return make
+
+
+def _broadcast_from_main(obj):
+    """`obj` as the main process has it, on every process."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj if PartialState().is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
