@@ -18,63 +18,56 @@ from scipy.sparse import coo_matrix
 
 def ek_lp(xi, eps, slopes, intercepts, lo, hi):
     """Optimal value of max (1/n) Σ_ik α_ik(a_k ξ_i + b_k) − a_k q_ik
-    s.t. (1/n) Σ |q_ik| ≤ ε, Σ_k α_ik = 1, α ≥ 0, lo·α_ik ≤ α_ik ξ_i − q_ik ≤ hi·α_ik."""
+    s.t. (1/n) Σ |q_ik| ≤ ε, Σ_k α_ik = 1, α ≥ 0, lo·α_ik ≤ α_ik ξ_i − q_ik ≤ hi·α_ik,
+    with q = q⁺ − q⁻ (q⁺, q⁻ ≥ 0), so |q| ≤ q⁺ + q⁻ and the budget row is linear."""
     xi = np.asarray(xi, float)
     a = np.asarray(slopes, float)
     b = np.asarray(intercepts, float)
     n, k = len(xi), len(a)
-    nv = 3 * n * k  # [alpha | qp | qm], q = qp - qm
-    A = lambda i, j: i * k + j
-    c = np.zeros(nv)
-    for i in range(n):
-        for j in range(k):
-            c[A(i, j)] = -(a[j] * xi[i] + b[j]) / n
-            c[n * k + A(i, j)] = a[j] / n
-            c[2 * n * k + A(i, j)] = -a[j] / n
-    rows, cols, vals, rhs = [], [], [], []
-    r = 0
-    # budget
-    for idx in range(n * k):
-        rows += [r, r]
-        cols += [n * k + idx, 2 * n * k + idx]
-        vals += [1.0 / n, 1.0 / n]
-    rhs.append(eps)
-    r += 1
-    # support: alpha*(xi - hi) - q <= 0 ; alpha*(lo - xi) + q <= 0
-    for i in range(n):
-        for j in range(k):
-            idx = A(i, j)
-            rows += [r, r, r]
-            cols += [idx, n * k + idx, 2 * n * k + idx]
-            vals += [xi[i] - hi, -1.0, 1.0]
-            rhs.append(0.0)
-            r += 1
-            rows += [r, r, r]
-            cols += [idx, n * k + idx, 2 * n * k + idx]
-            vals += [lo - xi[i], 1.0, -1.0]
-            rhs.append(0.0)
-            r += 1
-    A_ub = coo_matrix((vals, (rows, cols)), shape=(r, nv)).tocsr()
-    eq_rows = np.repeat(np.arange(n), k)
-    A_eq = coo_matrix((np.ones(n * k), (eq_rows, np.arange(n * k))), shape=(n, nv)).tocsr()
-    res = linprog(c, A_ub=A_ub, b_ub=rhs, A_eq=A_eq, b_eq=np.ones(n), bounds=(0, None), method="highs")
+    nk = n * k
+    # variables [alpha | q+ | q-], each indexed i*k + j
+    xr = np.repeat(xi, k)  # ξ_i for index i*k + j
+    ar = np.tile(a, n)
+    br = np.tile(b, n)
+    c = np.concatenate([-(ar * xr + br) / n, ar / n, -ar / n])  # minimise the negative
+    idx = np.arange(nk)
+    # row 0: budget (1/n) Σ (q+ + q-) ≤ ε
+    # rows 1..nk:      α(ξ − hi) − q+ + q- ≤ 0   (ξ − q/α ≤ hi)
+    # rows nk+1..2nk:  α(lo − ξ) + q+ − q- ≤ 0   (ξ − q/α ≥ lo)
+    up, dn = 1 + idx, 1 + nk + idx
+    rows = np.concatenate([np.zeros(2 * nk, int), up, up, up, dn, dn, dn])
+    cols = np.concatenate([nk + idx, 2 * nk + idx, idx, nk + idx, 2 * nk + idx, idx, nk + idx, 2 * nk + idx])
+    vals = np.concatenate(
+        [np.full(2 * nk, 1.0 / n), xr - hi, -np.ones(nk), np.ones(nk), lo - xr, np.ones(nk), -np.ones(nk)]
+    )
+    A_ub = coo_matrix((vals, (rows, cols)), shape=(1 + 2 * nk, 3 * nk)).tocsr()
+    b_ub = np.concatenate([[eps], np.zeros(2 * nk)])
+    A_eq = coo_matrix((np.ones(nk), (np.repeat(np.arange(n), k), idx)), shape=(n, 3 * nk)).tocsr()
+    res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=np.ones(n), bounds=(0, None), method="highs")
     assert res.status == 0, res.message
     return -res.fun
 
 
-def transport_lp(xi, eps, loss_fn, knots, lo, hi):
-    """Optimal value of the transport LP on the grid {lo, hi, knots in [lo, hi], xi}."""
+def transport_lp(xi, eps, loss_fn, knots, lo, hi, counts=None):
+    """Optimal value of the transport LP on the grid {lo, hi, knots in [lo, hi], xi}:
+    max (1/n) Σ_ij π_ij ℓ(g_j)  s.t.  Σ_j π_ij = 1,  (1/n) Σ_ij π_ij |g_j − ξ_i| ≤ ε,  π ≥ 0.
+
+    With `counts`, xi holds distinct values and counts[i] samples sit at xi[i]
+    (rows then sum to counts[i]; n = Σ counts): the same LP with equal samples
+    merged, which keeps large tied instances small."""
     xi = np.asarray(xi, float)
-    n = len(xi)
+    w = np.ones(len(xi)) if counts is None else np.asarray(counts, float)
+    d = len(xi)
+    n = w.sum()
     grid = np.unique(np.concatenate([[lo, hi], np.asarray(knots, float), xi]))
     grid = grid[(grid >= lo) & (grid <= hi)]
     m = len(grid)
     lg = loss_fn(grid)
-    c = -np.tile(lg, n) / n
+    c = -np.tile(lg, d) / n
     cost = np.abs(grid[None, :] - xi[:, None]).ravel() / n
     A_ub = cost[None, :]
-    rows = np.repeat(np.arange(n), m)
-    A_eq = coo_matrix((np.ones(n * m), (rows, np.arange(n * m))), shape=(n, n * m)).tocsr()
-    res = linprog(c, A_ub=A_ub, b_ub=[eps], A_eq=A_eq, b_eq=np.ones(n), bounds=(0, None), method="highs")
+    rows = np.repeat(np.arange(d), m)
+    A_eq = coo_matrix((np.ones(d * m), (rows, np.arange(d * m))), shape=(d, d * m)).tocsr()
+    res = linprog(c, A_ub=A_ub, b_ub=[eps], A_eq=A_eq, b_eq=w, bounds=(0, None), method="highs")
     assert res.status == 0, res.message
     return -res.fun

@@ -15,26 +15,41 @@ X = np.array([0.6, 0.7, 0.9])
     [
         (dict(xi=[0.5, np.nan, 0.7]), r"^xi: .*xi\[1\] = NaN"),
         (dict(xi=[0.5, 0.6, np.inf]), r"^xi: .*xi\[2\] = inf"),
+        (dict(xi=[0.5, 0.6, 0.7, -np.inf]), r"^xi: .*xi\[3\] = -inf"),
+        (dict(xi=np.array([0.5, np.nan], dtype=np.float32)), r"^xi: .*xi\[1\] = NaN"),
         (dict(xi=[]), r"^xi: is empty"),
+        (dict(xi=np.array([])), r"^xi: is empty"),
+        (dict(xi=0.5), r"^xi: must be 1-D"),
         (dict(xi=np.ones((2, 2)) * 0.5), r"^xi: must be 1-D"),
         (dict(xi=[0.5, 1.5]), r"^xi: xi\[1\] = 1.5 lies outside the support \[0, 1\]"),
+        (dict(xi=[0.5, 0.2, -0.1]), r"^xi: xi\[2\] = -0.1 lies outside the support \[0, 1\]"),
         (dict(xi=["a", "b"]), r"^xi: must hold real numbers"),
         (dict(xi=[True, False]), r"^xi: must hold real numbers"),
         (dict(eps=-0.1), r"^eps: must be finite and >= 0"),
         (dict(eps=float("nan")), r"^eps: must be finite and >= 0"),
         (dict(eps=float("inf")), r"^eps: must be finite and >= 0"),
         (dict(eps="0.1"), r"^eps: must be a real number"),
+        (dict(eps=None), r"^eps: must be a real number"),
+        (dict(eps=True), r"^eps: must be a real number"),
+        (dict(eps=np.float64(-1e-300)), r"^eps: must be finite and >= 0"),
         (dict(groups=0), r"^groups: must be >= 1"),
         (dict(groups=-3), r"^groups: must be >= 1"),
         (dict(groups=[0, -1, 0]), r"^groups: labels must be >= 0, but groups\[1\] = -1"),
         (dict(groups=[0, 1]), r"^groups: needs one label per sample: 2 labels for 3 samples"),
         (dict(groups=[0.0, 1.0, 1.0]), r"^groups: labels must be integers"),
+        (dict(groups=np.array([0, 1, 1], dtype=np.float32)), r"^groups: labels must be integers"),
+        (dict(groups=[0, 1, 2, 3]), r"^groups: needs one label per sample: 4 labels for 3 samples"),
+        (dict(groups=np.array([3, 2, -7])), r"^groups: labels must be >= 0, but groups\[2\] = -7"),
         (dict(groups=[[0, 1, 1]]), r"^groups: labels must be 1-D"),
         (dict(support=(0.0, float("inf"))), r"^support: must be finite"),
         (dict(support=(1.0, 0.0)), r"^support: lo must be <= hi"),
+        (dict(support=(float("-inf"), 1.0)), r"^support: must be finite"),
+        (dict(support=(float("nan"), 1.0)), r"^support: must be finite"),
+        (dict(support="ab"), r"^support: must be a pair"),
         (dict(support=(0.0,)), r"^support: must be a pair"),
         (dict(support=(0.65, 1.0)), r"^xi: xi\[0\] = 0.6 lies outside the support"),
         (dict(threads=0), r"^threads: must be >= 1"),
+        (dict(threads=-2), r"^threads: must be >= 1"),
         (dict(threads=1.5), r"^threads: must be an int"),
         (dict(loss="neg_log"), r"^loss: must be a dro_core.Loss"),
     ],
@@ -61,6 +76,13 @@ def test_bad_solve_input(kwargs, match):
         (lambda: Loss.interpolate([0.0, 1.0, 1.0], [0.0, 1.0, 2.0]), r"^x: knots must be strictly increasing, but x\[2\]"),
         (lambda: Loss.interpolate([0.0, 2.0, 1.0], [0.0, 1.0, 2.0]), r"^x: knots must be strictly increasing, but x\[2\]"),
         (lambda: Loss.interpolate([0.0], [0.0]), r"^x: needs at least 2 knots"),
+        (lambda: Loss.interpolate([], []), r"^x: needs at least 2 knots, got 0"),
+        (lambda: Loss.interpolate([0.0, float("nan")], [0.0, 1.0]), r"^x: must be finite, but element 1"),
+        (lambda: Loss.softplus(3, 2.0, 1.0), r"^hi: must be greater than lo"),
+        (lambda: Loss.softplus(3, 0.0, float("inf")), r"^hi: must be finite"),
+        (lambda: Loss.max_affine([], [1.0]), r"^slopes: must hold at least one piece"),
+        (lambda: Loss.max_affine([1.0, 2.0, 3.0], [0.0, 0.0]), r"^intercepts: must have the length of slopes \(3\), got 2"),
+        (lambda: Loss.max_affine([1.0], [float("-inf")]), r"^intercepts: must be finite, but element 0"),
         (lambda: Loss.interpolate([0.0, 1.0], [0.0]), r"^y: must have the length of x"),
         (lambda: Loss.interpolate([0.0, 1.0], [0.0, float("inf")]), r"^y: must be finite, but element 1"),
     ],
@@ -109,3 +131,32 @@ def test_solution_arrays_and_repr():
     assert "Solution(value=" in repr(r)
     assert repr(Loss.neg_log(6)) == "Loss.neg_log(k=6)"
     assert r.eps == 0.05
+
+
+def test_accepted_argument_forms():
+    ref = dro_core.solve(X, 0.01)
+    for xi in (X.tolist(), tuple(X), np.asfortranarray(X), np.concatenate([X, X])[::2][[0, 1, 2]]):
+        assert dro_core.solve(xi, 0.01).value == ref.value
+    x2 = np.repeat(X, 2)[::2]  # a strided view is copied, not misread
+    assert dro_core.solve(x2, 0.01).value == ref.value
+    assert dro_core.solve(X, np.float64(0.01)).value == ref.value
+    x32 = X.astype(np.float32)
+    assert dro_core.solve(x32, 0.01).value == dro_core.solve(x32.astype(np.float64), 0.01).value
+    assert dro_core.solve(X, 0).value == dro_core.solve(X, 0.0).value  # an int radius
+    assert dro_core.solve(X, 0.01, support=[0, 1]).value == ref.value  # a list support
+    assert dro_core.solve(X, 0.01, np.int8(2)).group_sizes.tolist() == [2, 1]  # a numpy int size
+    assert dro_core.solve(X, 0.01, threads=np.int64(1)).value == ref.value
+    big = dro_core.solve(X, 0.01, [0, 1, np.iinfo(np.int64).max])
+    assert big.group_labels.tolist() == [0, 1, np.iinfo(np.int64).max]
+    r = dro_core.solve([0.25, 0.25], 0.1, support=(0.25, 0.25))  # a support of width 0
+    assert r.value == r.empirical_value and np.all(r.loc == 0.25)
+
+
+def test_errors_come_before_any_work():
+    # a bad argument late in the list is still reported, whatever comes first
+    with pytest.raises(ValueError, match=r"^threads: "):
+        dro_core.solve(np.full(1_000_000, 0.5), 0.01, 100, threads=0)
+    with pytest.raises(ValueError, match=r"^xi: .*xi\[999999\]"):
+        x = np.full(1_000_000, 0.5)
+        x[-1] = np.nan
+        dro_core.solve(x, 0.01)

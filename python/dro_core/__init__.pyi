@@ -1,4 +1,12 @@
-"""dro_core: the exact worst-case Wasserstein follower of SSAPO."""
+"""dro_core: the exact worst-case Wasserstein follower of SSAPO.
+
+For each group of samples xi_i, `solve` finds the worst-case distribution of a
+continuous piecewise-linear loss within a 1-Wasserstein ball of radius eps
+around the group's empirical distribution, on a bounded support [lo, hi]. The
+problem is a linear program with one coupling constraint per group; it is
+solved exactly (per-sample concave hulls and a fractional knapsack per group)
+and returns its own dual certificate (`Solution.dual_gap`).
+"""
 
 from typing import Any, Final, Optional, Sequence, Tuple, final
 
@@ -9,12 +17,22 @@ import numpy.typing as npt
 __all__ = ["solve", "Loss", "Solution", "CHUNK", "__version__"]
 
 __version__: Final[str]
+"""The version of the compiled core (the crate's version)."""
 CHUNK: Final[int]
-"""Samples per unit of work; every sum runs over chunks of this size in order."""
+"""Samples per unit of parallel work. Every sum over samples runs within chunks
+of this size and then over chunks in order, so results are bit-identical at
+any thread count."""
 
 @final
 class Loss:
-    """A continuous piecewise-linear loss. Build one with a static method."""
+    """A continuous piecewise-linear loss l(z), with an optional natural support.
+
+    Build one with a static method: `neg_log` (the paper's default), `softplus`
+    (margin space), `max_affine` (any convex one) or `interpolate` (any
+    continuous one, convex or not). Invalid arguments raise ValueError whose
+    message starts with the argument's name (`k`, `lo`, `hi`, `slopes`,
+    `intercepts`, `x`, `y`) and names the first bad index.
+    """
 
     @staticmethod
     def neg_log(k: int = 6) -> "Loss":
@@ -47,7 +65,13 @@ class Loss:
 
 @final
 class Solution:
-    """The exact worst case of every group and its dual certificate."""
+    """The exact worst case of every group and its dual certificate.
+
+    Per-group arrays have one entry per group (ordered by label); per-sample
+    arrays have N rows in the order of the input. Each sample's mass sits on at
+    most two atoms (an optimal vertex splits at most one sample per group); a
+    one-atom row repeats its location with mass 0 in the second column.
+    """
 
     @property
     def value(self) -> float:
