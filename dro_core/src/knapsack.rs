@@ -42,11 +42,20 @@ fn threshold_slope(items: &mut [(f64, f64)], budget: f64) -> Option<f64> {
     if total <= budget {
         return None;
     }
+    // From here on the answer is a slope: `total` decided that the edges do
+    // not all fit, and nothing below may overrule it. Invariant: `above`, the
+    // cost of items[..lo] (all steeper than the range), is a sum that was
+    // itself compared with the budget and found to fit. The same floating
+    // value is compared and then kept (`with_gt`, `with_eq` below): computing
+    // it again in another association order could round it past the budget,
+    // after which a range with nothing above its pivot would look "full" and
+    // the search would end without an answer.
     let mut lo = 0usize; // items[..lo] are known to be strictly above the range
     let mut hi = items.len();
-    let mut above = 0.0f64; // their cost
+    let mut above = 0.0f64; // their cost, <= budget
     let mut rounds = 0u32;
-    while hi > lo {
+    loop {
+        debug_assert!(hi > lo && above <= budget);
         rounds += 1;
         if rounds > 64 {
             // pathological pivots: finish the remaining range by sorting it
@@ -62,10 +71,11 @@ fn threshold_slope(items: &mut [(f64, f64)], budget: f64) -> Option<f64> {
                     eq += rest[j].1;
                     j += 1;
                 }
-                if acc + eq > budget {
+                let with_eq = acc + eq;
+                if with_eq > budget {
                     return Some(s);
                 }
-                acc += eq;
+                acc = with_eq;
                 i = j;
             }
             return Some(rest[rest.len() - 1].0);
@@ -89,21 +99,21 @@ fn threshold_slope(items: &mut [(f64, f64)], budget: f64) -> Option<f64> {
                 i += 1;
             }
         }
-        if above + w_gt > budget {
+        let with_gt = above + w_gt;
+        let with_eq = with_gt + w_eq;
+        if with_gt > budget {
+            // gt > lo here: w_gt > 0 because `above` <= budget
             hi = gt;
-        } else if above + w_gt + w_eq > budget {
+        } else if with_eq > budget || lt == hi {
+            // the budget runs out at the pivot; or nothing is left below it
+            // (the partial sums fit where `total` did not: rounding), and the
+            // smallest slope is where it runs out
             return Some(pivot);
         } else {
-            above += w_gt + w_eq;
-            if lt == hi {
-                // rounding: the order of summation made the rest fit; the
-                // smallest slope is then where the budget runs out.
-                return Some(pivot);
-            }
+            above = with_eq;
             lo = lt;
         }
     }
-    None
 }
 
 #[inline]
@@ -154,6 +164,65 @@ mod tests {
             let budget = rnd(60) as f64;
             let mut work = items.clone();
             assert_eq!(threshold(&mut work, budget).map(|t| t.slope), brute(&items, budget), "{items:?} {budget}");
+        }
+    }
+
+    /// The costs of the edges above t and at t, summed in a fixed order.
+    fn sums_at(items: &[(f64, f64)], t: f64) -> (f64, f64) {
+        let above = items.iter().filter(|e| e.0 > t).map(|e| e.1).sum();
+        let eq = items.iter().filter(|e| e.0 == t).map(|e| e.1).sum();
+        (above, eq)
+    }
+
+    #[test]
+    fn decimal_costs_and_heavy_ties_in_any_order() {
+        // Costs that are not exact in binary (multiples of 0.1), few distinct
+        // slopes, budgets hit exactly by a sum of costs, and many orders of
+        // the same items: the selection's partial sums round differently in
+        // each order. Whatever the order, the answer must be a slope where
+        // the budget runs out, up to rounding, and never `None` (everything
+        // fits) when the costs exceed the budget. This is the shape of the
+        // issue-8 instance (ξ on a 0.1 grid, the budget used up exactly by
+        // the edges above the threshold).
+        let mut state = 777u64;
+        let mut rnd = |m: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % m
+        };
+        for case in 0..3000 {
+            let n = 2 + rnd(120) as usize;
+            let distinct = 1 + rnd(8);
+            let mut items: Vec<(f64, f64)> =
+                (0..n).map(|_| (1.0 + rnd(distinct) as f64 * 0.37, (1 + rnd(10)) as f64 / 10.0)).collect();
+            let total: f64 = items.iter().map(|e| e.1).sum();
+            // budgets: a prefix sum of the slope-sorted costs (hit exactly), or a decimal one
+            let budget = if case % 2 == 0 {
+                let mut v = items.clone();
+                v.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let k = rnd(n as u64) as usize;
+                v[..k].iter().map(|e| e.1).sum::<f64>()
+            } else {
+                rnd((total * 10.0) as u64 + 1) as f64 / 10.0
+            };
+            for _ in 0..8 {
+                // shuffle
+                for i in (1..items.len()).rev() {
+                    let j = rnd(i as u64 + 1) as usize;
+                    items.swap(i, j);
+                }
+                let mut work = items.clone();
+                let got = threshold(&mut work, budget);
+                let tol = 1e-12 * total.max(1.0);
+                match got {
+                    None => assert!(total <= budget + tol, "None with total {total} > budget {budget}: {items:?}"),
+                    Some(t) => {
+                        let (above, eq) = sums_at(&items, t.slope);
+                        assert!(above <= budget + tol, "above {above} > budget {budget}");
+                        assert!(above + eq >= budget - tol, "above+eq {} < budget {budget}", above + eq);
+                        assert!((t.above - above).abs() <= tol);
+                    }
+                }
+            }
         }
     }
 }
