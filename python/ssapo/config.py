@@ -69,7 +69,7 @@ class RunConfig:
         sera_gamma_role, sera_pool.
     PEFT: use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules, load_in_4bit.
     Infra: bf16, use_cpu, gradient_checkpointing, report_to, logging_steps,
-        save_total_limit, accelerate_config.
+        save_total_limit, save_steps, ddp_timeout, accelerate_config.
     Built-in task (the tiny preset): task_size, task_flip_rate, task_dir.
 
     `epochs_per_round` is an alias of `num_train_epochs_per_round` (attribute and key).
@@ -197,6 +197,14 @@ class RunConfig:
     report_to: str = _f("none", "Passed to transformers: none | wandb | tensorboard | all.")
     logging_steps: int = _f(1, "Log every n optimizer steps.")
     save_total_limit: Optional[int] = _f(None, "Keep at most this many trainer checkpoints per stage (null: all).")
+    save_steps: int = _f(
+        0, "Checkpoint the trainer every n optimizer steps of a stage (a resumed run continues from the last one); "
+        "0 = no mid-stage checkpoints."
+    )
+    ddp_timeout: int = _f(
+        10800, "Seconds a process waits for the others at a collective (the process group's timeout; NCCL's default "
+        "is 600). Long single-process phases run as their own launches, so no rank waits on them."
+    )
     accelerate_config: Optional[str] = _f(
         None, "ddp | zero3 | fsdp: recipes/accelerate/<name>.yaml for multi-process runs; null: one process.",
         (None, *ACCELERATE_CONFIGS),
@@ -260,6 +268,10 @@ class RunConfig:
             bad("sera_num_samples", f"needs at least 2, got {self.sera_num_samples}")
         if not self.spa_lambdas or any(v < 0 for v in self.spa_lambdas):
             bad("spa_lambdas", f"needs one or more values >= 0, got {self.spa_lambdas}")
+        if self.save_steps < 0:
+            bad("save_steps", f"must be >= 0 (0 = no mid-stage checkpoints), got {self.save_steps}")
+        if self.ddp_timeout < 1:
+            bad("ddp_timeout", f"must be >= 1 second, got {self.ddp_timeout}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             bad("save_total_limit", f"must be >= 1 or null, got {self.save_total_limit}")
         micro = self.per_device_train_batch_size
