@@ -61,7 +61,7 @@ class RunConfig:
         gradient_accumulation_steps, batch_size, lr_scheduler_type, warmup_ratio, beta,
         round_reference.
     Annotation: num_samples, temperature, top_p, max_new_tokens, annotation_reference,
-        generation_batch_size, generation_backend.
+        generation_batch_size, generation_backend, system_turn.
     Follower: beta_follower, eps, k, group_size, follower_space.
     Leader: leader_loss, clamp_min, resolve_every.
     SPA (Kim et al., ICLR 2025): spa_alpha, spa_lambdas, spa_quantile, spa_window, spa_warmup_ratio.
@@ -138,6 +138,13 @@ class RunConfig:
     generation_batch_size: int = _f(16, "Prompts per generate() call (transformers backend).")
     generation_backend: str = _f(
         "auto", "auto (vLLM if installed and a GPU is there) | transformers | vllm.", ("auto", "transformers", "vllm")
+    )
+    system_turn: str = _f(
+        "auto",
+        "Empty system message before chat prompts (generation, scoring and training alike): 'empty' | 'none' | "
+        "'auto' = the released code's rule: empty when the chat template has a system role, unless the model's "
+        "name contains 'llama'.",
+        ("auto", "empty", "none"),
     )
     # -- follower --
     beta_follower: float = _f(
