@@ -24,25 +24,201 @@ stored as dataset columns. `spa` needs the reference's token logits at every
 step for its de-coupled model, so it runs the reference each step (it then
 takes the reference log-probabilities from that same forward) and keeps a
 frozen copy of the start model when there is neither `ref_model` nor peft.
+
+Precision, checkpoints and saving (the functions a leader stage uses):
+- `load_policy_kwargs(cfg, train=...)` / `load_policy(path, cfg, train=...)`:
+  the trainable policy loads in float32 (`bf16=True` then autocasts the compute
+  while AdamW updates fp32 master weights; DeepSpeed and FSDP build their own
+  masters from them), reference and scoring models in bfloat16 when `bf16`;
+  QLoRA (`load_in_4bit`) keeps its 4-bit base. `SSAPOTrainer` refuses a
+  trainable parameter in 16 bits without DeepSpeed/FSDP: at the paper's
+  learning rates an Adam step is below bf16 resolution for most weights.
+- Mid-round checkpoints: with `save_strategy="steps"` every `save_steps`
+  optimizer steps a `checkpoint-N` directory is written into `output_dir`
+  (transformers' own: weights, optimizer, scheduler, RNG of every rank, trainer
+  state) plus the leader's counters; it is marked complete only once every rank
+  has written (`ssapo_checkpoint.json`), and only then are older ones rotated
+  (`save_total_limit`). `last_checkpoint(output_dir)` is the newest complete
+  one; `trainer.train(resume_from_checkpoint=last_checkpoint(d))` on a trainer
+  built exactly as the first (same start model, data, arguments) continues to
+  the same weights as an uninterrupted run. The precomputed reference
+  log-probabilities are cached in `output_dir/ref_logps/` under a key of the
+  data and the reference's weights, so every rank reads the file the main rank
+  wrote and a resumed run reads the same values.
+- `save_trained(trainer, path)`: the final weights through the trainer's own
+  `save_model` (gathers ZeRO-3 / FSDP shards; every rank must call it), a LoRA
+  adapter merged into the full-precision base, a model card naming SSAPO and its
+  paper, written to a temp directory and renamed into place; `push_to_hub`
+  when asked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import logging
 import math
+import os
+import re
+import shutil
+import textwrap
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
 from ssapo import losses
+from ssapo.io import write_json
+
+logger = logging.getLogger(__name__)
 
 LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "spa")
 ATOM_COLUMNS = ("shift", "mass", "weight")
 NEEDED_COLUMNS = {"shift_prob": ("shift", "mass"), "shift_margin": ("shift", "mass"), "weights": ("weight",)}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ATOM_COLUMNS}
+CHECKPOINT_MARKER = "ssapo_checkpoint.json"  # written last, once every rank has written its part
+LEADER_STATE = "ssapo_leader_state_{}.json"  # one per rank: the counters behind leader_stats
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_HALF = (torch.bfloat16, torch.float16)
+
+SSAPO_PAPER = {
+    "title": "Stackelberg Self-Annotated Preference Optimization",
+    "id": "2502.18099",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @misc{ssapo2025,
+            title        = {{Stackelberg Self-Annotated Preference Optimization}},
+            year         = 2025,
+            eprint       = {2502.18099},
+            archivePrefix = {arXiv},
+            note         = {NeurIPS 2025},
+            url          = {https://arxiv.org/abs/2502.18099},
+        }"""),
+}
+
+
+def _flag(cfg, name, value, default):
+    if value is not None:
+        return value
+    return getattr(cfg, name, default) if cfg is not None else default
+
+
+def load_policy_kwargs(cfg=None, *, train: bool = True, bf16: Optional[bool] = None,
+                       load_in_4bit: Optional[bool] = None, trust_remote_code: Optional[bool] = None) -> dict:
+    """`from_pretrained` keyword arguments for a model of a leader stage.
+
+    `cfg`: anything with attributes `bf16`, `load_in_4bit`, `trust_remote_code`
+    (a `RunConfig`), or None; the keyword flags override it.
+    - `train=True` (the policy being trained): `dtype=torch.float32`. With
+      `bf16=True` in the trainer's arguments the forward and backward run under
+      bf16 autocast while AdamW updates these fp32 master weights (under
+      DeepSpeed / FSDP the engine keeps its own fp32 master copy built from
+      them). Never bf16 weights under plain AdamW: at lr 5e-7 a step is below
+      bf16 resolution for most weights (`SSAPOTrainer` refuses them).
+    - `train=True, load_in_4bit=True` (QLoRA): the 4-bit NF4 base with bf16
+      compute on this process's device (`device_map={"": local_process_index}`);
+      the LoRA weights peft adds are float32.
+    - `train=False` (reference, scoring, annotation: no optimizer):
+      `dtype=torch.bfloat16` when `bf16`, else float32.
+    Always `use_safetensors=True`; `trust_remote_code` only when asked."""
+    bf16 = bool(_flag(cfg, "bf16", bf16, False))
+    four_bit = bool(_flag(cfg, "load_in_4bit", load_in_4bit, False))
+    kw: dict[str, Any] = {"use_safetensors": True,
+                          "trust_remote_code": bool(_flag(cfg, "trust_remote_code", trust_remote_code, False))}
+    if train and four_bit:
+        from accelerate import PartialState
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["dtype"] = torch.bfloat16
+        kw["device_map"] = {"": PartialState().local_process_index}
+    elif train:
+        kw["dtype"] = torch.float32
+    else:
+        kw["dtype"] = torch.bfloat16 if bf16 else torch.float32
+    return kw
+
+
+def load_policy(path: str, cfg=None, *, train: bool = True, **flags):
+    """`AutoModelForCausalLM.from_pretrained(path, **load_policy_kwargs(cfg,
+    train=train, **flags))`: the causal LM only (load the tokenizer yourself)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, **load_policy_kwargs(cfg, train=train, **flags))
+
+
+def _is_complete(checkpoint: str) -> bool:
+    try:
+        with open(os.path.join(checkpoint, CHECKPOINT_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return False
+    m = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(checkpoint)))
+    return bool(m) and isinstance(marker, dict) and marker.get("global_step") == int(m.group(1))
+
+
+def last_checkpoint(work_dir) -> Optional[str]:
+    """The newest complete `checkpoint-N` directory that an `SSAPOTrainer`
+    wrote into `work_dir` (its `output_dir`), or None: no such directory, or
+    none complete. A checkpoint is complete once its `ssapo_checkpoint.json`
+    marker is there, written after every rank saved its part; a directory that
+    a kill cut short is skipped (the resumed run writes it again)."""
+    work_dir = os.fspath(work_dir)
+    if not os.path.isdir(work_dir):
+        return None
+    steps = []
+    for name in os.listdir(work_dir):
+        m = _CHECKPOINT_RE.match(name)
+        if m and os.path.isdir(os.path.join(work_dir, name)):
+            steps.append((int(m.group(1)), name))
+    for _, name in sorted(steps, reverse=True):
+        path = os.path.join(work_dir, name)
+        if _is_complete(path):
+            return path
+    return None
+
+
+def _init_cpu_process_group(args) -> None:
+    """transformers hands `ddp_timeout` to the process group except with
+    `use_cpu` (gloo): there, initialise the group with the timeout before
+    accelerate's state is built (accelerate then keeps the existing group)."""
+    import torch.distributed as dist
+
+    cpu = args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if not cpu or not dist.is_available() or dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
+        return
+    if args.ddp_backend not in (None, "gloo"):
+        return
+    dist.init_process_group(backend="gloo", timeout=timedelta(seconds=args.ddp_timeout))
+
+
+@contextlib.contextmanager
+def unsharded_loading():
+    """Inside, `from_pretrained` builds whole models on this process: neither
+    ZeRO-3's partitioned `zero.Init` (which a DeepSpeed `TrainingArguments`
+    switches on for the whole process) nor FSDP's meta-device loading on the
+    ranks other than 0. For a model that one process uses alone (merging an
+    adapter on the main rank)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    env = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING") if k in os.environ}
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+        os.environ.update(env)
 
 
 @dataclass
@@ -123,6 +299,26 @@ class SSAPOConfig(DPOConfig):
                 raise ValueError(f"{name}: not supported by SSAPOTrainer (the loss is chosen by leader_loss); "
                                  f"leave it at {default!r}, got {getattr(self, name)!r}")
 
+    @cached_property
+    def _setup_devices(self) -> "torch.device":
+        # `ddp_timeout` (TrainingArguments', not overridden here) reaches the process group on every path:
+        # transformers passes it to accelerate except with use_cpu, where it is set here first
+        _init_cpu_process_group(self)
+        return TrainingArguments._setup_devices.func(self)
+
+
+def _check_one_device_per_process(args, model) -> None:
+    """trl refuses `nn.DataParallel` (several GPUs visible to one process, no
+    launcher); say how to launch instead."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    split = len({d for d in device_map.values() if d not in ("cpu", "disk")}) > 1  # model parallel: n_gpu 1
+    if not split and args.n_gpu > 1:
+        raise ValueError(
+            f"args: {args.n_gpu} GPUs are visible to one process that was not launched as one process per GPU "
+            "(trl does not support nn.DataParallel). Run `ssapo train --num-processes N` (one process per GPU, "
+            "launched with accelerate), or `accelerate launch --num_processes N ...`, or make one GPU visible "
+            "with CUDA_VISIBLE_DEVICES")
+
 
 class _AtomCollator:
     """Wraps trl's preference collator and adds each row's atoms as float32
@@ -166,6 +362,8 @@ class SSAPOTrainer(DPOTrainer):
     """
 
     _tag_names = ["trl", "dpo", "ssapo"]
+    _name = "SSAPO"
+    _paper = SSAPO_PAPER
 
     def __init__(self, model, ref_model=None, args: Optional[SSAPOConfig] = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
@@ -190,14 +388,94 @@ class SSAPOTrainer(DPOTrainer):
                 and not is_peft_model(model):
             # SPA needs the reference's logits at every step: keep a frozen copy of the start
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        _check_one_device_per_process(args, model)
         super().__init__(model, ref_model=ref_model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
+        self._check_master_weights()
         self.data_collator = _AtomCollator(self.data_collator)
         gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
         self.confidence = losses.ConfidenceWindow(self.args.spa_window, self.args.spa_quantile, gather=gather)
         self._reset_stats()
         self.leader_stats: dict[str, Any] = {}
+
+    def _check_master_weights(self):
+        """Plain AdamW (one process or DDP) updates the parameters in their own
+        dtype: 16-bit trainable weights would drop most updates at lr 5e-7.
+        DeepSpeed and FSDP keep fp32 master weights of their own."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
+        half = [(n, p.dtype) for n, p in self.model.named_parameters() if p.requires_grad and p.dtype in _HALF]
+        if half:
+            name, dtype = half[0]
+            raise ValueError(
+                f"model: {len(half)} trainable parameter(s) are {dtype} (e.g. {name}); AdamW would update them in "
+                f"{dtype}, where a step at the paper's learning rates (5e-7, 1e-6) is below the resolution of most "
+                "weights. Load the policy in float32 (ssapo.trainer.load_policy_kwargs(train=True)) and keep "
+                "bf16=True, which runs the compute in bfloat16 (or train under DeepSpeed / FSDP, which keep fp32 "
+                "master weights)")
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # trl caches the reference log-probs in a file named from the data's fingerprint and the reference's
+        # weights next to the dataset's cache files; an in-memory dataset has none, and datasets then draws a
+        # random name in a per-process temp directory (the other ranks read a file never written). Put the
+        # cache in output_dir/ref_logps/ under the fingerprint: shared by the ranks, and the same file (the
+        # same values) when a killed run resumes.
+        if not getattr(dataset, "cache_files", None):
+            cache_dir = os.path.join(self.args.output_dir, "ref_logps")
+            os.makedirs(cache_dir, exist_ok=True)
+            dataset._get_cache_file_path = lambda fingerprint: os.path.join(cache_dir, f"{name}-{fingerprint}.arrow")
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint (weights, optimizer, scheduler, RNG, trainer
+        state; trl adds the model card), then every rank's leader counters, a
+        barrier, the completion marker, and only then the rotation of older
+        checkpoints (so a kill mid-save never leaves no complete checkpoint)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        marker = os.path.join(folder, CHECKPOINT_MARKER)
+        if self.args.should_save and os.path.exists(marker):
+            os.remove(marker)  # a stale marker from an earlier run of this step: rewritten below
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate below, once this checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        os.makedirs(folder, exist_ok=True)
+        write_json(os.path.join(folder, LEADER_STATE.format(self.args.process_index)), self._leader_state())
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_json(marker, {"global_step": self.state.global_step, "num_processes": self.args.world_size})
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _leader_state(self) -> dict:
+        return {"clamped": self._clamped, "atoms": self._atoms, "flagged": self._flagged, "seen": self._seen,
+                "grad_norms": list(self._grad_norms), "step_losses": [float(x) for x in self._step_losses],
+                "confidence": self.confidence.values, "global_step": self.state.global_step}
+
+    def _load_leader_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, LEADER_STATE.format(self.args.process_index))
+        if not os.path.exists(path):
+            logger.warning("%s: no leader counters for process %d (written with another number of processes?); "
+                           "leader_stats count from the resumed step on", checkpoint, self.args.process_index)
+            return
+        with open(path) as f:
+            st = json.load(f)
+        self._clamped, self._atoms, self._flagged, self._seen = st["clamped"], st["atoms"], st["flagged"], st["seen"]
+        self._grad_norms = [float(g) for g in st["grad_norms"]]
+        self._step_losses = [torch.tensor(x, dtype=torch.float32, device=self.accelerator.device)
+                             for x in st["step_losses"]]
+        self.confidence._values = [float(v) for v in st["confidence"]]
 
     def _reset_stats(self):
         self._clamped = self._atoms = self._flagged = self._seen = 0
@@ -347,12 +625,31 @@ class SSAPOTrainer(DPOTrainer):
     def _trainable(self):
         return [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`. `resume_from_checkpoint`: a checkpoint directory
+        (must be complete, see `last_checkpoint`) or True (the newest complete
+        one in `output_dir`); build the trainer exactly as the interrupted one
+        (same start model, not the checkpoint's weights: they are loaded here).
+        leader_stats then cover the whole run, as if it had not stopped."""
+        if resume_from_checkpoint is True:
+            found = last_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
+            resume_from_checkpoint = found
+        elif resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+            if not _is_complete(resume_from_checkpoint):
+                raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a complete SSAPOTrainer "
+                                 f"checkpoint (no {CHECKPOINT_MARKER}); use last_checkpoint(output_dir)")
+        else:
+            resume_from_checkpoint = None
         self._reset_stats()
+        if resume_from_checkpoint is not None:
+            self._load_leader_state(resume_from_checkpoint)
         # the start point, on the main process only (ranks hold the same replica), on CPU in the params' dtype
         track = not self._sharded() and self.accelerator.is_main_process
         start = {n: p.detach().to("cpu", copy=True) for n, p in self._trainable()} if track else None
-        out = super().train(*args, **kwargs)
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
 
         acc = self.accelerator
         disp = float("nan")
@@ -382,3 +679,107 @@ class SSAPOTrainer(DPOTrainer):
             "spa_flagged_fraction": flagged / seen if seen else 0.0,
         }
         return out
+
+
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
+
+
+def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, base_model: Optional[str] = None,
+                 model_name: Optional[str] = None, dataset_name: Optional[str] = None,
+                 push_to_hub: Optional[bool] = None, trust_remote_code: bool = False) -> str:
+    """Saves the trained policy of `trainer` to `path` (safetensors, tokenizer,
+    model card) atomically, through the trainer's own `save_model`. Returns `path`.
+
+    EVERY process must call it: `save_model` gathers the weights (DeepSpeed
+    ZeRO-3 with `stage3_gather_16bit_weights_on_model_save`, FSDP through
+    `accelerator.get_state_dict` with a FULL_STATE_DICT), a collective.
+    - Everything is written into `<path>.tmp-save` and renamed onto `path` by the
+      writing process (`args.should_save`) once complete; the old `path`, if
+      any, is replaced; a barrier follows, so on return every rank sees `path`.
+    - With a peft model and `merge_adapter` (default), the writer merges the
+      saved adapter into the full base weights loaded whole on that process in
+      float32 (`base_model`, default the adapter's `base_model_name_or_path`;
+      `unsharded_loading`: no ZeRO-3 partitioning, no meta tensors), so a 4-bit
+      (QLoRA) run is merged into full-precision weights too. The adapter is kept
+      under `path/adapter/`. `merge_adapter=False` saves the adapter alone.
+      `trust_remote_code` is passed to that base's `from_pretrained`.
+    - The precision is that of the trained weights: the fp32 master weights
+      (one process, DDP, FSDP full state dict); under ZeRO-3 the 16-bit copy
+      that `stage3_gather_16bit_weights_on_model_save` gathers.
+    - README.md: trl's model card naming SSAPO, its paper (arXiv 2502.18099) and
+      citation, tags `trl`, `dpo`, `ssapo`; `model_name` defaults to the name of `path`.
+    - `push_to_hub` (default `trainer.args.push_to_hub`): the writer uploads
+      `path` to `args.hub_model_id` (default: the name of `path`) with
+      `args.hub_token`, `args.hub_private_repo`, `args.hub_revision`.
+    """
+    path = os.path.abspath(os.fspath(path))
+    args, acc = trainer.args, trainer.accelerator
+    writer = args.should_save
+    tmp = path + ".tmp-save"
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    acc.wait_for_everyone()
+    trainer.save_model(tmp, _internal_call=True)  # collective; writes on the writer only; no hub push here
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(trainer.model)
+    if writer:
+        try:
+            if merge_adapter and is_peft_model(unwrapped):
+                _merge_saved_adapter(unwrapped, tmp, base_model, trust_remote_code)
+            name = model_name or os.path.basename(path)
+            card_dir = args.output_dir
+            card = os.path.join(card_dir, "README.md")
+            trainer.create_model_card(model_name=name, dataset_name=dataset_name)
+            if os.path.exists(card):
+                os.replace(card, os.path.join(tmp, "README.md"))
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    acc.wait_for_everyone()
+    if push_to_hub if push_to_hub is not None else args.push_to_hub:
+        if writer:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = args.hub_model_id or os.path.basename(path)
+            repo = create_repo(repo_id, token=args.hub_token, private=args.hub_private_repo, exist_ok=True)
+            upload_folder(repo_id=repo.repo_id, folder_path=path, token=args.hub_token,
+                          revision=args.hub_revision, commit_message=f"SSAPO: {os.path.basename(path)}")
+        acc.wait_for_everyone()
+    return path
+
+
+def _merge_saved_adapter(peft_model, tmp: str, base_model: Optional[str], trust_remote_code: bool) -> None:
+    """In `tmp`: the adapter that `save_model` wrote, replaced by the merged full
+    model (the adapter files move to `tmp/adapter/`)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = peft_model.peft_config.get("default") or next(iter(peft_model.peft_config.values()))
+    base = base_model or cfg.base_model_name_or_path
+    if not base:
+        raise ValueError("base_model: the adapter does not record its base model; pass base_model=<path>")
+    adapter_dir = os.path.join(tmp, "adapter")
+    os.makedirs(adapter_dir, exist_ok=True)
+    for name in os.listdir(tmp):
+        if name.startswith("adapter_") or name == "README.md":
+            os.replace(os.path.join(tmp, name), os.path.join(adapter_dir, name))
+    with unsharded_loading():
+        full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+                                                    trust_remote_code=trust_remote_code)
+        merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
+    merged.save_pretrained(tmp, safe_serialization=True)
+    del full, merged
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Renames the finished directory `src` onto `dst`, replacing an old `dst`."""
+    if os.path.exists(dst):
+        old = dst + ".old-save"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
