@@ -200,6 +200,28 @@ impl Loss {
         }
     }
 
+    /// Upper bounds (max |ℓ(z)|, max |ℓ'(z)|) over z in [lo, hi].
+    pub fn bounds(&self, lo: f64, hi: f64) -> (f64, f64) {
+        match &self.shape {
+            Shape::MaxAffine { slopes, intercepts } => {
+                // |max_k a_k z + b_k| <= max_k |a_k z + b_k| <= max_k |a_k| M + |b_k|
+                let m = lo.abs().max(hi.abs());
+                let v = slopes.iter().zip(intercepts).map(|(a, b)| a.abs() * m + b.abs()).fold(0.0, f64::max);
+                (v, slopes.iter().fold(0.0f64, |s, a| s.max(a.abs())))
+            }
+            Shape::Interpolate { x, y } => {
+                // a piecewise-linear function peaks in |.| at an end or a knot
+                let mut v = self.eval(lo).abs().max(self.eval(hi).abs());
+                for (&k, &yk) in x.iter().zip(y) {
+                    if k > lo && k < hi {
+                        v = v.max(yk.abs());
+                    }
+                }
+                (v, segment_slopes(x, y).iter().fold(0.0f64, |s, a| s.max(a.abs())))
+            }
+        }
+    }
+
     /// The points where the worst case may put mass, sorted, with ℓ there: the
     /// ends of the support and the concave kinks of ℓ strictly inside it. For
     /// every ξ and λ ≥ 0, max over c in [lo, hi] of ℓ(c) − λ|c − ξ| is attained

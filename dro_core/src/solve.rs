@@ -97,16 +97,23 @@ impl Solution {
 /// over distributions Q on [lo, hi] with W1(Q, P̂_g) ≤ `eps`.
 pub fn solve(xi: &[f64], eps: f64, groups: Groups<'_>, loss: &Loss, opts: &Options) -> Result<Solution> {
     let support = validate(xi, eps, &groups, loss, opts)?;
-    match opts.threads {
-        None => Ok(solve_valid(xi, eps, groups, loss, support)),
+    let sol = match opts.threads {
+        None => solve_valid(xi, eps, groups, loss, support),
         Some(t) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(t)
                 .build()
                 .map_err(|e| DroError::ThreadPool(e.to_string()))?;
-            Ok(pool.install(|| solve_valid(xi, eps, groups, loss, support)))
+            pool.install(|| solve_valid(xi, eps, groups, loss, support))
         }
+    };
+    #[cfg(debug_assertions)]
+    {
+        // every debug build proves every answer it gives
+        let cert = sol.certificate(xi, loss).expect("xi is the solved data");
+        debug_assert!(cert.is_optimal(), "dro_core: not proven optimal ({:?}): {cert:?}", cert.failures());
     }
+    Ok(sol)
 }
 
 fn validate(xi: &[f64], eps: f64, groups: &Groups<'_>, loss: &Loss, opts: &Options) -> Result<(f64, f64)> {
@@ -158,6 +165,23 @@ fn validate(xi: &[f64], eps: f64, groups: &Groups<'_>, loss: &Loss, opts: &Optio
         return Err(DroError::arg(
             "xi",
             format!("xi[{i}] = {} lies outside the support [{lo}, {hi}]", xi[i]),
+        ));
+    }
+    // Refuse, rather than return inf or NaN, data whose sums overflow f64:
+    // the solver adds n losses, n transports and n terms ℓ(c) − λ|c − ξ|, each
+    // bounded by `bound` (a factor 4 leaves room for the partial sums).
+    let (abs_loss, abs_slope) = loss.bounds(lo, hi);
+    let width = hi - lo;
+    let bound = 4.0 * xi.len() as f64 * (abs_loss + abs_slope * width + width);
+    if !bound.is_finite() {
+        let arg = if opts.support.is_some() || loss.natural_support().is_some() { "support" } else { "xi" };
+        return Err(DroError::arg(
+            arg,
+            format!(
+                "values this large overflow float64 sums (support [{lo}, {hi}], |loss| up to {abs_loss:e}, \
+                 |slope| up to {abs_slope:e}, {} samples): divide xi, the support and the loss by a common scale",
+                xi.len()
+            ),
         ));
     }
     Ok((lo, hi))
@@ -365,7 +389,11 @@ fn scatter(perm: &[usize], v: &mut Vec<f64>, w: usize) {
 }
 
 fn solve_group(x: &[f64], out: Out<'_>, ctx: &Ctx<'_>, parallel: bool) -> GroupStats {
-    let budget = x.len() as f64 * ctx.eps;
+    // n·ε overflows only for ε beyond any transport (> 1e300): then nothing binds
+    let budget = match x.len() as f64 * ctx.eps {
+        b if b.is_finite() => b,
+        _ => f64::MAX,
+    };
     let parallel = parallel && x.len() > CHUNK;
     let mut outs = out.split_sizes(x.chunks(CHUNK).map(<[f64]>::len));
 

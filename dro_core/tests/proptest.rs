@@ -363,3 +363,183 @@ fn large_inputs_are_identical_at_any_thread_count() {
         }
     }
 }
+
+// --- issue 8: samples on a decimal grid, the support's bounds among them, heavy ties ---
+
+/// The issue-8 instance: one group of 100 samples on the grid {0, 0.1, …, 1}
+/// (two of them exactly at the support's lower bound 0), ε = 0.1. The old
+/// selection answered "everything fits": every sample sent to 0, transport
+/// 0.544 per sample against a budget of 0.1, λ* = 0 and a zero dual gap.
+const ISSUE_8: &str = "74554476382172X7242X09572482915672749779X1649385X79473169844548276X982X87818187571392073345981196932";
+
+fn grid_sample(c: char) -> f64 {
+    if c == 'X' {
+        1.0
+    } else {
+        c.to_digit(10).unwrap() as f64 / 10.0
+    }
+}
+
+#[test]
+fn issue_8_instance_is_feasible_and_proven() {
+    let xi: Vec<f64> = ISSUE_8.chars().map(grid_sample).collect();
+    let loss = Loss::neg_log(6).unwrap();
+    let s = solve(&xi, 0.1, Groups::Global, &loss, &Options::default()).unwrap();
+    let cert = s.certificate(&xi, &loss).unwrap();
+    assert!(cert.is_optimal(), "{:?}: {cert:?}", cert.failures());
+    assert!(s.budget_used[0] <= 0.1 + 1e-12, "transport {}", s.budget_used[0]);
+    assert!(s.lam[0] > 0.0, "the budget binds: λ* must be positive");
+    // the same values in the 1,000-sample layout of the report (G = 100)
+    let mut big: Vec<f64> = (0..900).map(|i| ((i * 7) % 11) as f64 / 10.0).collect();
+    big.splice(300..300, xi.iter().copied());
+    let s = solve(&big, 0.1, Groups::Chunks(100), &loss, &Options::default()).unwrap();
+    assert!(s.certificate(&big, &loss).unwrap().is_optimal());
+}
+
+/// A certificate catches what a zero dual gap does not: the issue-8 answer
+/// (every sample at 0, λ = 0) has a zero gap and fails primal feasibility.
+#[test]
+fn certificate_rejects_the_issue_8_answer() {
+    let xi: Vec<f64> = ISSUE_8.chars().map(grid_sample).collect();
+    let loss = Loss::neg_log(6).unwrap();
+    let mut s = solve(&xi, 0.1, Groups::Global, &loss, &Options::default()).unwrap();
+    let n = xi.len();
+    for i in 0..n {
+        s.loc[2 * i] = 0.0;
+        s.loc[2 * i + 1] = 0.0;
+        s.mass[2 * i] = 1.0;
+        s.mass[2 * i + 1] = 0.0;
+        s.shift[2 * i] = xi[i];
+        s.shift[2 * i + 1] = xi[i];
+    }
+    let v = loss.eval(0.0);
+    s.lam[0] = 0.0;
+    s.group_values[0] = v;
+    s.value = v;
+    s.group_dual_values[0] = v;
+    s.dual_value = v;
+    s.budget_used[0] = xi.iter().sum::<f64>() / n as f64;
+    assert!(s.dual_gap() < 1e-12, "the bad answer's own gap is zero");
+    let cert = s.certificate(&xi, &loss).unwrap();
+    assert!(!cert.is_optimal());
+    assert!(cert.failures().contains(&"budget_excess"), "{:?}", cert.failures());
+}
+
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed.wrapping_mul(2862933555777941757).wrapping_add(3037000493);
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        p.swap(i, ((state >> 33) % (i as u64 + 1)) as usize);
+    }
+    p
+}
+
+/// Samples on a decimal grid of the support (ends included), few distinct
+/// values, ε on a decimal grid: the family of issue 8, with the paper's loss
+/// and margin-space losses.
+fn grid_problems() -> impl Strategy<Value = (Loss, Vec<f64>, f64, Option<usize>, u64)> {
+    (
+        prop_oneof![
+            (1usize..9).prop_map(|k| Loss::neg_log(k).unwrap()),
+            (2usize..7, 1u8..6).prop_map(|(k, m)| Loss::softplus(k, -(m as f64), m as f64).unwrap()),
+        ],
+        prop::collection::vec(0u32..=10, 1..160),
+        1u32..12,
+        prop_oneof![Just(None), (5usize..60).prop_map(Some)],
+        any::<u64>(),
+        (any::<bool>(), 0.0f64..1.0),
+    )
+        .prop_map(|(loss, grid, e, g, seed, (exact, frac))| {
+            let (lo, hi) = loss.natural_support().unwrap();
+            let xi: Vec<f64> = grid.iter().map(|&k| if k == 10 { hi } else { lo + (hi - lo) * k as f64 / 10.0 }).collect();
+            let eps = if exact {
+                // a budget that the j nearest-to-lo samples' full moves spend exactly,
+                // written as a user would type it (a decimal): the selection's partial
+                // sums then land on the budget itself, up to one rounding
+                let mut k: Vec<u32> = grid.clone();
+                k.sort();
+                let j = ((k.len() as f64) * frac) as usize;
+                let tenths: u32 = k[..j].iter().sum();
+                (hi - lo) * tenths as f64 / 10.0 / k.len() as f64
+            } else {
+                (hi - lo) * e as f64 / 40.0
+            };
+            (loss, xi, eps, g, seed)
+        })
+}
+
+fn groups_of(g: Option<usize>) -> Groups<'static> {
+    g.map_or(Groups::Global, Groups::Chunks)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    /// Every answer on the grid family is proven, in any order of the samples
+    /// inside their groups, and the values do not depend on that order.
+    #[test]
+    fn grid_instances_are_proven_in_any_order((loss, xi, eps, g, seed) in grid_problems()) {
+        let s = solve(&xi, eps, groups_of(g), &loss, &Options::default()).unwrap();
+        let cert = s.certificate(&xi, &loss).unwrap();
+        prop_assert!(cert.is_optimal(), "{:?}: {:?}", cert.failures(), cert);
+        // permute inside each group (chunks keep their members)
+        let size = g.unwrap_or(xi.len());
+        let mut perm: Vec<usize> = Vec::with_capacity(xi.len());
+        for (c, start) in (0..xi.len()).step_by(size).enumerate() {
+            let m = size.min(xi.len() - start);
+            perm.extend(shuffled(m, seed ^ c as u64).into_iter().map(|k| start + k));
+        }
+        let xp: Vec<f64> = perm.iter().map(|&i| xi[i]).collect();
+        let sp = solve(&xp, eps, groups_of(g), &loss, &Options::default()).unwrap();
+        let cert = sp.certificate(&xp, &loss).unwrap();
+        prop_assert!(cert.is_optimal(), "permuted: {:?}: {:?}", cert.failures(), cert);
+        let tol = 1e-12 * s.value.abs().max(1.0);
+        prop_assert!((s.value - sp.value).abs() <= tol, "{} vs {}", s.value, sp.value);
+        for k in 0..s.group_values.len() {
+            prop_assert!((s.group_values[k] - sp.group_values[k]).abs() <= tol);
+            prop_assert!((s.budget_used[k] - sp.budget_used[k]).abs() <= 1e-12 * eps.max(1.0));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Permuting the samples inside their groups permutes the answer: the
+    /// values and λ* stay, and every sample keeps its atoms — except samples
+    /// whose edge lies exactly at the threshold slope λ*, which share what
+    /// is left of the budget in sample order (so the order decides which of
+    /// them moves; the totals do not change). With the paper's loss each
+    /// sample has one edge, to the support's lower end, of slope
+    /// (ℓ(0) − ℓ(ξ))/ξ, and every sample of the first tangent piece has the
+    /// same slope k: such ties are the rule, not the exception.
+    #[test]
+    fn permuting_a_group_permutes_its_atoms(
+        xs in prop::collection::vec(prop_oneof![0.0f64..1.0, (0u32..=10).prop_map(|k| k as f64 / 10.0)], 1..60),
+        k in 1usize..9,
+        eps in 0.0f64..0.6,
+        seed in any::<u64>(),
+    ) {
+        let loss = Loss::neg_log(k).unwrap();
+        let s = solve(&xs, eps, Groups::Global, &loss, &Options::default()).unwrap();
+        let perm = shuffled(xs.len(), seed);
+        let xp: Vec<f64> = perm.iter().map(|&i| xs[i]).collect();
+        let sp = solve(&xp, eps, Groups::Global, &loss, &Options::default()).unwrap();
+        prop_assert!(sp.certificate(&xp, &loss).unwrap().is_optimal());
+        prop_assert!((s.value - sp.value).abs() <= 1e-12 * s.value.abs().max(1.0));
+        prop_assert!((s.lam[0] - sp.lam[0]).abs() <= 1e-12 * s.lam[0].max(1.0));
+        let lam = s.lam[0];
+        for (p, &i) in perm.iter().enumerate() {
+            let a = [s.loc[2 * i], s.loc[2 * i + 1], s.mass[2 * i], s.mass[2 * i + 1]];
+            let b = [sp.loc[2 * p], sp.loc[2 * p + 1], sp.mass[2 * p], sp.mass[2 * p + 1]];
+            if (0..4).all(|j| (a[j] - b[j]).abs() <= 1e-9) {
+                continue;
+            }
+            let x = xs[i];
+            let edge = (loss.eval(0.0) - loss.eval(x)) / x;
+            prop_assert!(x > 0.0 && (edge - lam).abs() <= 1e-9 * lam.max(1.0),
+                "sample {} (xi {}) moved differently ({:?} vs {:?}) with its edge {} off lambda* {}", i, x, a, b, edge, lam);
+        }
+    }
+}
