@@ -119,3 +119,251 @@ def test_vllm_backend_needs_vllm():
         assert use_vllm("auto") is False
         with pytest.raises(ValueError, match="generation_backend: 'vllm' needs"):
             use_vllm("vllm")
+
+
+# -- selective log-softmax, truncation, devices (issue 9) --
+
+def test_selective_log_softmax_equals_the_full_log_softmax():
+    from ssapo.annotate import selective_log_softmax
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, generator=g) * 4
+    index = torch.randint(0, 50, (3, 7), generator=g)
+    naive = torch.log_softmax(logits.double(), -1).gather(-1, index[..., None]).squeeze(-1)
+    for chunk in (None, 1, 4, 21, 1000):
+        got = selective_log_softmax(logits, index, chunk)
+        assert got.dtype == torch.float32 and got.shape == index.shape
+        torch.testing.assert_close(got.double(), naive, rtol=0, atol=1e-5)
+    assert torch.equal(selective_log_softmax(logits, index, 1), selective_log_softmax(logits, index, None))
+    half = selective_log_softmax(logits.bfloat16(), index, 5)  # bf16 logits: log-softmax still in float32
+    naive16 = torch.log_softmax(logits.bfloat16().double(), -1).gather(-1, index[..., None]).squeeze(-1)
+    torch.testing.assert_close(half.double(), naive16, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="^index: "):
+        selective_log_softmax(logits, index[:, :3])
+    with pytest.raises(ValueError, match="^chunk_size: "):
+        selective_log_softmax(logits, index, 0)
+
+
+def test_scoring_chunks_do_not_change_the_sums(tiny):
+    from ssapo import annotate as A
+
+    model, tok = tiny
+    eos = tok.eos_token_id
+    prompts = [[{"role": "user", "content": "a b"}], "c d e ", [{"role": "user", "content": "e"}]]
+    responses = [[5, 6, 7, eos], "a b", [{"role": "assistant", "content": "d d c"}]]
+    base = A.sequence_logps(model, tok, prompts, responses, chunk_tokens=None)
+    for chunk in (1, 2, 5):
+        torch.testing.assert_close(A.sequence_logps(model, tok, prompts, responses, chunk_tokens=chunk), base,
+                                   rtol=0, atol=1e-5)
+    one = torch.cat([A.sequence_logps(model, tok, [p], [r], batch_size=1) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(one, base, rtol=0, atol=1e-5)
+    seqs = A.tokenize_for_scoring(tok, prompts, responses)
+    width = max(len(q) for q, _ in seqs)
+    ids = torch.tensor([q + [tok.pad_token_id] * (width - len(q)) for q, _ in seqs])
+    mask = torch.tensor([[0] * (len(q) - c) + [1] * c + [-1] * (width - len(q)) for q, c in seqs])  # -1: padding
+    with torch.no_grad():  # the reference: the full (batch, T, vocab) log-softmax in float64
+        attn = (mask >= 0).long()
+        lp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.double(), -1)
+        naive = (lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:].clamp(min=0)).sum(-1)
+    torch.testing.assert_close(base, naive, rtol=0, atol=1e-4)
+    assert A._head_split(model) is not None  # the head was applied at the response positions only
+    A._HEAD_SPLIT[model] = False  # the full-forward path gives the same sums
+    try:
+        torch.testing.assert_close(A.sequence_logps(model, tok, prompts, responses, chunk_tokens=2), base,
+                                   rtol=0, atol=1e-5)
+    finally:
+        del A._HEAD_SPLIT[model]
+
+
+@pytest.mark.parametrize("chat_rows", [True, False])
+def test_a_long_pair_is_truncated_as_the_trainer_truncates(tiny, tmp_path, chat_rows):
+    """The scored tokens of an over-long pair are exactly the completion tokens
+    trl's DPOTrainer trains on (its tokenisation + DataCollatorForPreference at
+    the same max_length), and the sums equal the full log-softmax over them."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from ssapo import annotate as A
+
+    model, tok = tiny
+    if chat_rows:
+        row = {"prompt": [{"role": "user", "content": "a b c d e a b"}],
+               "chosen": [{"role": "assistant", "content": "c d e a b c d e a"}],
+               "rejected": [{"role": "assistant", "content": "e"}]}
+    else:
+        row = {"prompt": "a b c d e a b ", "chosen": "c d e a b c d e a", "rejected": "e"}
+    max_length = 13
+    args = DPOConfig(output_dir=str(tmp_path), max_length=max_length, report_to="none", use_cpu=True, bf16=False,
+                     per_device_train_batch_size=1, disable_tqdm=True)
+    trainer = DPOTrainer(model, ref_model=tiny_llama(tok, hidden_size=32, num_layers=1, seed=0), args=args,
+                         train_dataset=Dataset.from_list([row]), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    assert int(attn[0].sum()) == max_length  # the chosen sequence was cut by the trainer
+    seqs = A.tokenize_for_scoring(tok, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], max_length)
+    for b, (q, c) in enumerate(seqs):
+        n = int(attn[b].sum())
+        assert q == ids[b, :n].tolist()
+        assert c == int(comp[b].sum()) and comp[b, n - c: n].tolist() == [1] * c
+    got = A.sequence_logps(model, tok, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], max_length=max_length,
+                           chunk_tokens=3)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.double(), -1)
+    want = (lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * comp[:, 1:]).sum(-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    untruncated = A.sequence_logps(model, tok, [row["prompt"]], [row["chosen"]])
+    assert abs(float(untruncated[0]) - float(got[0])) > 1e-3  # the cut mattered
+    cfg = type("Cfg", (), {"max_length": max_length})()
+    torch.testing.assert_close(A.sequence_logps(model, tok, [row["prompt"]], [row["chosen"]], cfg=cfg), got[:1])
+
+
+def test_annotation_truncates_to_max_length_and_counts_overlong_prompts(tiny):
+    model, tok = tiny
+    other = tiny_llama(tok, hidden_size=32, num_layers=1, seed=3).eval()
+    long_prompt = [{"role": "user", "content": "a b c d e a b c"}]  # 10 tokens with the template
+    short = [{"role": "user", "content": "a"}]
+    eos = tok.eos_token_id
+    resp = [[[5, 6, eos], [7, eos]], [[5, 6, eos], [7, eos]]]
+    rows, st = annotate_rows(model, other, tok, [long_prompt, short], n=2, responses=resp, max_length=10,
+                             progress=False, batch_size=2)
+    assert st["overlong_prompts"] == 1 and st["dropped_all_tied"] == 1  # nothing left to score: r ≡ 0, no pair
+    assert [r["index"] for r in rows] == [1]
+    rows12, st12 = annotate_rows(model, other, tok, [long_prompt, short], n=2, responses=resp, max_length=12,
+                                 progress=False, batch_size=2)
+    assert st12["overlong_prompts"] == 0 and len(rows12) == 2
+    from ssapo.annotate import sequence_logps
+
+    cut = sequence_logps(model, tok, [long_prompt], [[5, 6, eos]], max_length=11)  # one response token left
+    one = sequence_logps(model, tok, [long_prompt], [[5]])
+    torch.testing.assert_close(cut, one, rtol=0, atol=1e-6)
+
+
+def test_scoring_device(monkeypatch):
+    from ssapo.annotate import scoring_device
+    from ssapo.config import load_config
+
+    assert scoring_device(load_config("tiny", overrides={"use_cpu": True})) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert scoring_device() == torch.device("cuda", 2)
+    assert scoring_device(load_config("tiny", overrides={"use_cpu": True})) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert scoring_device(load_config("mistral-7b")) == torch.device("cuda", 0)
+
+
+# -- the vLLM path, against a stand-in engine (the real one needs a GPU) --
+
+class _FakeVLLM:
+    """vllm's LLM / SamplingParams / parallel_state as far as annotate uses them;
+    records what it was asked."""
+
+    def __init__(self, eot):
+        import types
+
+        self.events, self.llm_kwargs, self.params = [], None, None
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                self.__dict__.update(kw)
+
+        class Core:
+            def shutdown(self):
+                fake.events.append("shutdown")
+
+        class LLM:
+            def __init__(self, **kw):
+                fake.llm_kwargs = kw
+                fake.events.append("engine")
+                self.llm_engine = types.SimpleNamespace(engine_core=Core())
+
+            def generate(self, prompts, params, use_tqdm=True):
+                fake.params = params
+                fake.events.append("generate")
+                outs = []
+                for p, sp in zip(prompts, params):
+                    cs = [types.SimpleNamespace(index=j, token_ids=[6 + (sp.seed + j) % 3, eot], finish_reason="stop",
+                                                stop_reason=None, cumulative_logprob=-1.0) for j in range(sp.n)]
+                    outs.append(types.SimpleNamespace(outputs=cs[::-1]))  # out of order: sorted by index
+                return outs
+
+        ps = types.ModuleType("vllm.distributed.parallel_state")
+        ps.destroy_model_parallel = lambda: fake.events.append("destroy_model_parallel")
+        ps.destroy_distributed_environment = lambda: fake.events.append("destroy_distributed_environment")
+        self.modules = {"vllm": types.ModuleType("vllm"), "vllm.distributed": types.ModuleType("vllm.distributed"),
+                        "vllm.distributed.parallel_state": ps}
+        self.modules["vllm"].LLM, self.modules["vllm"].SamplingParams = LLM, SamplingParams
+
+
+def test_vllm_path_seeds_each_prompt_stops_on_the_model_tokens_and_frees_the_engine(tiny, monkeypatch, tmp_path):
+    import sys
+
+    from ssapo import annotate as A
+
+    model, tok = tiny
+    eot = tok.convert_tokens_to_ids("<assistant>")  # stands in for <|eot_id|>: a second stop id of the model
+    policy = tiny_llama(tok, hidden_size=32, num_layers=1, seed=0).eval()
+    policy.generation_config.eos_token_id = [tok.eos_token_id, eot]
+    fake = _FakeVLLM(eot)
+    for k, m in fake.modules.items():
+        monkeypatch.setitem(sys.modules, k, m)
+    assert A.use_vllm("vllm") is True
+
+    def scorer(prompts, responses):
+        fake.events.append("score")
+        return [float(r[0]) for r in responses]
+
+    moved = []
+    monkeypatch.setattr(A, "_place", lambda m, d: moved.append((len(fake.events), m, str(d))))
+
+    prompts = [[{"role": "user", "content": w}] for w in ["a", "b c", "d", "e"]]
+    rows, st = annotate_rows(policy, model, tok, prompts, n=3, backend="vllm", seed=5, policy_path=str(tmp_path),
+                             scorer=scorer, max_length=64, progress=False, batch_size=2)
+    assert st["backend"] == "vllm"
+    seeds = [p.seed for p in fake.params]
+    assert seeds == [A.prompt_seed(5, i) for i in range(4)] and len(set(seeds)) == 4  # one seed per prompt
+    assert all(p.stop_token_ids == [tok.eos_token_id, eot] for p in fake.params)  # the model's list, not tok's eos
+    assert fake.llm_kwargs["max_model_len"] == 64 and fake.llm_kwargs["seed"] == 5
+    # one engine, shut down (and its distributed state destroyed) before any scoring
+    assert fake.events[:5] == ["engine", "generate", "shutdown", "destroy_model_parallel",
+                               "destroy_distributed_environment"]
+    assert fake.events.count("engine") == 1 and set(fake.events[5:]) == {"score"}
+    # the scoring models leave the GPU before the engine starts and come to the scoring device after it stopped
+    assert moved == [(0, policy, "cpu"), (0, model, "cpu"), (5, policy, str(A.scoring_device())),
+                     (5, model, str(A.scoring_device()))]
+    assert st["truncated_responses"] == 0  # every response ended on a stop id of the model
+    assert len(rows) == sum(1 for i in range(4) if len({(A.prompt_seed(5, i) + j) % 3 for j in range(3)}) > 1)
+    with pytest.raises(ValueError, match="^generation_backend: vLLM annotates on one process"):
+        annotate_rows(policy, model, tok, prompts, n=3, backend="vllm", policy_path=str(tmp_path), world=2,
+                      progress=False)
+    with pytest.raises(ValueError, match="^policy_path: "):
+        annotate_rows(policy, model, tok, prompts, n=3, backend="vllm", progress=False)
+
+
+def test_vllm_scores_match_the_transformers_path(tmp_path):
+    """The responses vLLM samples get, from vLLM's own log-probs, the Σ log π
+    that the transformers scoring path computes for them (same prompt
+    rendering, same stop tokens, same model)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pytest.skip("vllm is not installed (pip install ssapo[vllm] on a GPU machine)")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a GPU")
+    from ssapo.annotate import generate_vllm, sequence_logps
+    from ssapo.tiny import save_pretrained
+
+    tok = build_tokenizer(WORDS)
+    model = tiny_llama(tok, hidden_size=64, num_layers=2, seed=0)
+    path = save_pretrained(model, tok, tmp_path / "m")
+    prompts = [[{"role": "user", "content": w}] for w in ["a b", "c", "d e a", "b"]]
+    res, lps = generate_vllm(str(path), tok, prompts, 2, 1.0, 1.0, 8, seed=1, dtype="float32",
+                             gpu_memory_utilization=0.3, tensor_parallel_size=1, return_logprobs=True,
+                             progress=False)
+    model = model.to("cuda").eval()
+    flat_p = [p for p, rs in zip(prompts, res) for _ in rs]
+    flat_r = [r for rs in res for r in rs]
+    ours = sequence_logps(model, tok, flat_p, flat_r)
+    theirs = torch.tensor([v for vs in lps for v in vs], dtype=torch.float64)
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
