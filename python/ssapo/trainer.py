@@ -708,7 +708,9 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
       that `stage3_gather_16bit_weights_on_model_save` gathers.
     - README.md: trl's model card naming SSAPO, its paper (arXiv 2502.18099) and
       citation, tags `trl`, `dpo`, `ssapo`; `model_name` defaults to the name of `path`.
-    - `push_to_hub` (default `trainer.args.push_to_hub`): the writer uploads
+    - Raises ValueError when the engine wrote no weights (ZeRO-3 without
+      `stage3_gather_16bit_weights_on_model_save`, FSDP with a sharded state dict).
+    - `push_to_hub` (default `trainer.args.push_to_hub`): process 0 uploads
       `path` to `args.hub_model_id` (default: the name of `path`) with
       `args.hub_token`, `args.hub_private_repo`, `args.hub_revision`.
     """
@@ -725,6 +727,7 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
     unwrapped = acc.unwrap_model(trainer.model)
     if writer:
         try:
+            _check_weights_written(tmp)
             if merge_adapter and is_peft_model(unwrapped):
                 _merge_saved_adapter(unwrapped, tmp, base_model, trust_remote_code)
             name = model_name or os.path.basename(path)
@@ -739,7 +742,7 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
             raise
     acc.wait_for_everyone()
     if push_to_hub if push_to_hub is not None else args.push_to_hub:
-        if writer:
+        if args.process_index == 0:
             from huggingface_hub import create_repo, upload_folder
 
             repo_id = args.hub_model_id or os.path.basename(path)
@@ -748,6 +751,16 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
                           revision=args.hub_revision, commit_message=f"SSAPO: {os.path.basename(path)}")
         acc.wait_for_everyone()
     return path
+
+
+def _check_weights_written(tmp: str) -> None:
+    names = set(os.listdir(tmp))
+    if not names & {"model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"}:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(
+            "trainer: save_model wrote no safetensors weights (under DeepSpeed ZeRO-3 set "
+            "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config; under FSDP set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config)")
 
 
 def _merge_saved_adapter(peft_model, tmp: str, base_model: Optional[str], trust_remote_code: bool) -> None:
