@@ -237,27 +237,3 @@ def test_train_builds_the_config_from_flags_and_free_keys():
     cfg = build_config(args, extra)
     assert (cfg.eps, cfg.round_sizes, cfg.k, cfg.use_peft, cfg.method, cfg.output_dir, cfg.trust_remote_code,
             cfg.seed, cfg.beta) == (0.05, [1, 2], 5, True, "iterative-dpo", "/tmp/x", True, 3, 0.05)
-
-
-def test_train_relaunches_under_accelerate(tmp_path, monkeypatch):
-    import ssapo.commands.train as train
-    from ssapo.cli import build_parser
-
-    calls = []
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv(train.LAUNCHED_ENV, raising=False)
-    monkeypatch.setattr(train.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
-    args, extra = build_parser().parse_known_args(
-        ["train", "--model", "mistral-7b", "--accelerate-config", "fsdp", "--num-processes", "4",
-         "--output-dir", str(tmp_path / "run"), "--eps", "0.05", "--resume"])
-    assert train.run(args, extra) == 0
-    (cmd, env), = calls
-    i = cmd.index("--config_file")
-    assert cmd[i + 1] == ACCELERATE_CONFIGS["fsdp"] and cmd[cmd.index("--num_processes") + 1] == "4"
-    assert cmd[cmd.index("-m", i) + 1:cmd.index("-m", i) + 3] == ["ssapo.cli", "train"] and "--resume" in cmd
-    assert env[train.LAUNCHED_ENV] == "1"
-    # the processes read exactly the config validated here
-    launched = RunConfig.from_yaml(cmd[cmd.index("--config") + 1])
-    assert launched.eps == 0.05 and launched.accelerate_config == "fsdp"
-    args2, extra2 = build_parser().parse_known_args(cmd[cmd.index("train"):])
-    assert train.build_config(args2, extra2) == launched

@@ -1,6 +1,8 @@
 """The loop end to end on the tiny task: every file, parameters moving, the
-ε = 0 control, resume after a kill, baselines, the re-solve hook, and (slow) a
-2-process run whose follower input and output equal one process's."""
+ε = 0 control, resume after a kill, baselines, the re-solve hook; the driver
+(each step its own launch: the plan, the command, a failed launch); and the
+user's `ssapo train --num-processes 2` (accelerate, gloo, CPU) over the whole
+loop for every method."""
 
 import json
 import os
@@ -13,14 +15,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ssapo.config import load_config
+from ssapo.config import RunConfig, load_config
 from ssapo.io import read_jsonl
 from ssapo.loop import run
 
 SMALL = {"task_size": "test", "seed_size": "32", "round_sizes": "32 32", "num_rounds": "2", "batch_size": "8",
          "per_device_train_batch_size": "8", "max_new_tokens": "6", "seed_epochs": "1"}
-STEPS = ["seed", "round_1/annotate", "round_1/follow", "round_1/lead", "round_2/annotate", "round_2/follow",
-         "round_2/lead"]
+STEPS = ["seed", "seed/eval", "round_1/annotate", "round_1/follow", "round_1/lead", "round_1/eval",
+         "round_2/annotate", "round_2/follow", "round_2/lead", "round_2/eval"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def same_weights(a, b):
 def test_two_rounds_write_everything(reference_run):
     out, _ = reference_run
     state = json.load(open(os.path.join(out, "state.json")))
-    assert state["done"] == STEPS and state["last"] == "round_2/lead"
+    assert state["done"] == STEPS and state["last"] == "round_2/eval"
     assert os.path.exists(os.path.join(out, "config.yaml"))
     assert os.path.exists(os.path.join(out, "seed", "model", "model.safetensors"))
     seed_m = json.load(open(os.path.join(out, "seed", "metrics.json")))
@@ -170,7 +172,7 @@ def test_lora_stage_trains_and_saves_a_merged_model(tmp_path, task_dir):
 def test_baselines_run_in_the_same_loop(tmp_path, task_dir, method):
     out = run(cfg(tmp_path / method, task_dir, method=method, num_rounds="1", round_sizes="32", spa_window="8"))
     if method == "dpo":
-        assert json.load(open(out / "state.json"))["done"] == ["seed"] and not (out / "round_1").exists()
+        assert json.load(open(out / "state.json"))["done"] == ["seed", "seed/eval"] and not (out / "round_1").exists()
         return
     m = json.load(open(out / "round_1" / "metrics.json"))
     assert "follower" not in m and m["leader"]["loss"] == ("spa" if method == "spa" else "dpo")
@@ -195,7 +197,8 @@ def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch, role):
              "rejected": [{"role": "assistant", "content": "w2"}], "margin": 0.0} for _ in margins]
     monkeypatch.setattr(loop, "pair_margins", lambda *a, **k: (torch.tensor(margins, dtype=torch.float64), None))
     boot = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": float(m)} for m in (1.0, 5.0, 2.0)]
-    monkeypatch.setattr(annotate, "annotate", lambda *a, **k: (annotate.to_dataset(boot), {"pairs": 3}))
+    monkeypatch.setattr(annotate, "annotate_rows", lambda *a, **k: ([{**b, "index": i} for i, b in enumerate(boot)],
+                                                                   {"pairs": 3}))
     c = cfg(tmp_path, task_dir, sera_gamma_role=role, sera_gamma="0.3")
     sel, st = loop.sera_round(c, rows, task["sft_model"], task["sft_model"], task["sft_model"], seed=0)
     assert [r["margin"] for r in sel[:7]] == [0.0] * 7 and st["kept"] == 7
@@ -206,27 +209,193 @@ def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch, role):
     assert st["bootstrapped"] == n_boot and len(sel) == 7 + n_boot
 
 
-@pytest.mark.slow
+# -- the driver: each step its own launch ------------------------------------------------------------
+
+
+def _launcher(tmp_path, engine="ddp", n=4, extra=()):
+    from ssapo.config import accelerate_config_path
+    from ssapo.stage import Launcher
+
+    return Launcher(str(tmp_path), n, accelerate_config_path(engine), list(extra), echo=False)
+
+
+def test_launcher_runs_each_step_where_it_belongs(tmp_path):
+    import yaml
+
+    from ssapo.loop import steps_of
+
+    c = load_config("llama3-8b", overrides={"generation_backend": "transformers", "num_rounds": "2"})
+    steps = steps_of(c)
+    assert steps == STEPS
+    # zero3: the training steps alone under the engine; annotation and evaluation as plain data-parallel
+    # processes (the engine's config without its DeepSpeed part); the follower in the driver
+    z = _launcher(tmp_path, "zero3")
+    plan = z.plan(c, steps)
+    assert not os.path.exists(z.data_config)  # written when a launch needs it, not before the run is checked
+    z.write_configs()
+    data = yaml.safe_load(open(z.data_config))
+    assert data["distributed_type"] == "MULTI_GPU" and not any(k.startswith("deepspeed") for k in data)
+    assert data["mixed_precision"] == "bf16" and z.data_config.startswith(str(tmp_path))
+    assert [(g, how and (os.path.basename(how[0]), how[1])) for g, how in plan] == [
+        (["seed"], ("zero3.yaml", 4)), (["seed/eval", "round_1/annotate"], ("data_parallel.yaml", 4)),
+        (["round_1/follow"], None), (["round_1/lead"], ("zero3.yaml", 4)),
+        (["round_1/eval", "round_2/annotate"], ("data_parallel.yaml", 4)), (["round_2/follow"], None),
+        (["round_2/lead"], ("zero3.yaml", 4)), (["round_2/eval"], ("data_parallel.yaml", 4))]
+    # ddp: data-parallel is the engine itself, so a round's eval joins the next lead's launch
+    d = _launcher(tmp_path, "ddp")
+    assert d.data_config == d.engine_config
+    assert [g for g, _ in d.plan(c, steps)] == [["seed", "seed/eval", "round_1/annotate"], ["round_1/follow"],
+                                               ["round_1/lead", "round_1/eval", "round_2/annotate"],
+                                               ["round_2/follow"], ["round_2/lead", "round_2/eval"]]
+    assert [g for g, _ in d.plan(load_config("tiny", overrides={"method": "sera", "num_rounds": "1"}),
+                                 steps_of(load_config("tiny", overrides={"method": "sera", "num_rounds": "1"})))] == [
+        ["seed", "seed/eval", "round_1/annotate", "round_1/sera", "round_1/lead", "round_1/eval"]]
+    # the command: accelerate launch of ssapo.stage, the steps, a free port on one machine, mixed precision
+    cmd = z.command(["round_1/lead"], (z.engine_config, 4), "bf16")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--config_file") + 1] == z.engine_config
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    assert int(cmd[cmd.index("--main_process_port") + 1]) > 0
+    assert cmd[cmd.index("-m", 3):] == ["-m", "ssapo.stage", "--run-dir", str(tmp_path), "--step", "round_1/lead"]
+    # several machines: accelerate's own flags passed through, no port of our own
+    m = _launcher(tmp_path, "fsdp", 16, ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1",
+                                         "--main_process_port", "29500"])
+    m.write_configs()
+    cmd = m.command(["seed"], (m.engine_config, 16))
+    assert cmd[cmd.index("--main_process_ip") + 1] == "10.0.0.1" and cmd.count("--main_process_port") == 1
+    assert yaml.safe_load(open(m.data_config))["distributed_type"] == "MULTI_GPU"
+    # vLLM annotates in one plain process (its own tensor parallelism), without accelerate
+    v = load_config("llama3-8b", overrides={"generation_backend": "vllm"})
+    import ssapo.annotate as annotate
+
+    orig = annotate.use_vllm
+    try:
+        annotate.use_vllm = lambda backend: backend == "vllm"
+        assert z.how(v, "round_1/annotate") == ("", 1) and z.how(v, "round_1/lead") == (z.engine_config, 4)
+    finally:
+        annotate.use_vllm = orig
+    assert z.command(["round_1/annotate"], ("", 1))[1:3] == ["-m", "ssapo.stage"]
+
+
+def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
+    import ssapo.commands.train as train
+    from ssapo.cli import build_parser
+    from ssapo.config import accelerate_config_path
+
+    def launcher(argv):
+        args, extra = build_parser().parse_known_args(["train", "--output-dir", str(tmp_path / "r"), *argv])
+        return train.launcher_of(args, train.build_config(args, extra))
+
+    monkeypatch.setattr(train, "_visible_gpus", lambda: 8)
+    z = launcher(["--model", "llama3-8b"])  # the recipe: accelerate_config zero3, every visible GPU
+    assert z.num_processes == 8 and z.engine_config == accelerate_config_path("zero3")
+    f = launcher(["--model", "llama3-8b", "--accelerate-config", "fsdp", "--num-processes", "4"])
+    assert f.num_processes == 4 and f.engine_config == accelerate_config_path("fsdp")
+    assert launcher(["--model", "llama3-8b", "--num-processes", "1"]) is None  # one process: every step in-process
+    assert launcher(["--model", "tiny"]) is None  # use_cpu: one process whatever the GPUs
+    n = launcher(["--model", "llama3-8b", "--num-machines", "2", "--machine-rank", "1", "--main-process-ip", "10.0.0.1"])
+    assert n.num_processes == 16 and n.machine_rank == 1
+    assert n.accelerate_args == ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1"]
+    monkeypatch.setattr(train, "_visible_gpus", lambda: 0)
+    assert launcher(["--model", "llama3-8b"]) is None  # no GPU: one process
+    # bad flags: exit 2 and a line naming the flag
+    for argv, flag in ((["--num-processes", "0"], "--num-processes"), (["--num-machines", "2"], "--main-process-ip"),
+                       (["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "x"], "--machine-rank")):
+        r = subprocess.run([sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--output-dir",
+                            str(tmp_path / "bad"), *argv], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and r.stderr.startswith(f"ssapo train: error: {flag}:"), r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypatch, capsys):
+    import ssapo.commands.train as train
+    from ssapo.cli import build_parser
+    from ssapo.stage import Launcher
+
+    # a launch that dies as a rank would (an exception, exit 1): the driver ends with one line
+    monkeypatch.setattr(Launcher, "command", lambda self, steps, how, mp=None: [
+        sys.executable, "-c", "raise FileNotFoundError('cache-0.arrow')"])
+    monkeypatch.delenv(train.LAUNCHED_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--num-processes", "2", "--output-dir", str(out),
+            *[f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir}.items()]]
+    args, extra = build_parser().parse_known_args(argv)
+    assert train.run(args, extra) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    log = out / "logs" / "seed+seed_eval+round_1_annotate.log"
+    assert err[-1] == (f"ssapo train: error: step seed failed (exit 1; FileNotFoundError: cache-0.arrow); "
+                       f"log: {log}")
+    assert "FileNotFoundError" in log.read_text() and not any("loop.py" in e for e in err)
+    assert not (out / "state.json").exists()  # nothing recorded; --resume starts at the seed
+    assert (out / "data" / "split.json").exists() and (out / "config.yaml").exists()
+
+
+MP = {"task_size": "test", "seed_size": "16", "round_sizes": "16 16", "num_rounds": "2", "batch_size": "8",
+      "per_device_train_batch_size": "4", "max_new_tokens": "4", "seed_epochs": "1", "generation_batch_size": "8",
+      "spa_window": "8", "ddp_timeout": "1234"}
+
+
 @pytest.mark.multiprocess
-def test_two_processes_share_one_follower(tmp_path, task_dir):
-    """`accelerate launch --num_processes 2` on CPU (gloo): annotation is shared
-    out by prompt chunks and gathered, the follower runs once on the main
-    process over all pairs; the annotations and the follower's input and
-    output equal a one-process run's."""
-    over = {"num_rounds": "1", "round_sizes": "32", "per_device_train_batch_size": "4", "generation_batch_size": "8"}
-    one = run(cfg(tmp_path / "one", task_dir, **over))
-    out = tmp_path / "two"
-    args = [f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir, **over}.items()]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "ssapo.cli", "train", "--model", "tiny", "--output-dir", str(out), *args]
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "state.json").read_text())["done"][-1] == "round_1/lead"
-    assert (out / "round_1" / "annotations.jsonl").read_text() == (one / "round_1" / "annotations.jsonl").read_text()
-    za, zb = np.load(out / "round_1" / "follower.npz"), np.load(one / "round_1" / "follower.npz")
-    for key in ("margins", "xi", "loc", "shift", "mass", "weights", "lam", "budget_used"):
-        np.testing.assert_array_equal(za[key], zb[key])
-    m2 = json.load(open(out / "round_1" / "metrics.json"))
-    assert m2["leader"]["steps"] == json.load(open(one / "round_1" / "metrics.json"))["leader"]["steps"]
-    assert m2["leader"]["param_displacement"] > 0
+@pytest.mark.parametrize("method", ["ssapo", "iterative-dpo", "spa", "sera", "dpo"])
+def test_two_processes_run_the_whole_loop_through_the_command(tmp_path, task_dir, method):
+    """`ssapo train --model tiny --num-processes 2` as a user types it (CPU, gloo): the driver launches
+    each step under accelerate (the recipe's ddp engine), the follower runs in the driver; seed → 2 rounds.
+    Every step is recorded, every model is saved, the metrics are complete, both leader ranks trained on
+    the same bytes (their hashes equal the hash of the run's own files) and ddp_timeout reached the
+    process group."""
+    from ssapo import follower
+    from ssapo.loop import rows_hash, steps_of
+
+    out = tmp_path / method
+    over = {**MP, "task_dir": task_dir, "method": method}
+    cmd = [sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--num-processes", "2", "--output-dir",
+           str(out), *[f"--{k}={v}" for k, v in over.items()]]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "SSAPO_ACCELERATE_LAUNCHED")}
+    r = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    c = RunConfig.from_yaml(str(out / "config.yaml"))
+    assert c.method == method and c.ddp_timeout == 1234
+    steps = steps_of(c)
+    assert json.loads((out / "state.json").read_text())["done"] == steps
+    assert r.stderr.count("accelerate.commands.launch") == (3 if method == "ssapo" else 1)  # ddp: follower splits
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    assert len(logs) == r.stderr.count("accelerate.commands.launch")
+
+    def check_leader(ld, rows):
+        assert ld["processes"] == 2 and ld["steps"] >= 1 and ld["param_displacement"] > 0
+        assert len(ld["data_hashes"]) == 2 and set(ld["data_hashes"]) == {rows_hash(rows)}, "ranks saw other atoms"
+        assert ld["process_group_timeout_s"] == 1234
+
+    seed = json.loads((out / "seed" / "metrics.json").read_text())
+    check_leader(seed["leader"], read_jsonl(out / "data" / "seed.jsonl"))
+    assert 0 <= seed["eval"]["heldout_reward_accuracy"] <= 1 and seed["split"]["seed"] == 16
+    models = [out / "seed" / "model"] + [out / f"round_{t}" / "model" for t in (1, 2) if method != "dpo"]
+    for m in models:
+        assert (m / "model.safetensors").exists() and (m / "tokenizer.json").exists()
+        assert "SSAPO" in (m / "README.md").read_text()  # the model card, saved through the trainer
+        assert weights(m)  # readable safetensors
+    for a, b in zip(models, models[1:]):
+        assert not same_weights(a, b)
+    if method == "dpo":
+        assert not (out / "round_1").exists()
+        return
+    for t in (1, 2):
+        rd = out / f"round_{t}"
+        m = json.loads((rd / "metrics.json").read_text())
+        ann = read_jsonl(rd / "annotations.jsonl")
+        assert m["annotation"]["pairs"] == len(ann) > 0 and m["annotation"]["prompts"] == 16
+        rows = ann
+        if method == "ssapo":
+            z = follower.load(rd / "follower.npz")
+            assert m["follower"]["n"] == len(ann) and abs(m["follower"]["dual_gap"]) < 1e-9
+            rows = follower.attach(ann, z)
+        if method == "sera":
+            rows = read_jsonl(rd / "sera.jsonl")
+            assert m["sera"]["kept"] == round(0.7 * m["sera"]["pairs_in"]) and len(rows) == m["leader"]["pairs"]
+        check_leader(m["leader"], rows)
+        assert m["leader"]["loss"] == {"ssapo": "shift_prob", "spa": "spa"}.get(method, "dpo")
+        assert 0 <= m["eval"]["heldout_reward_accuracy"] <= 1 and (rd / "summary.md").exists()
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith(".")]
+    assert not leftovers and not (out / "round_1" / "trainer").exists()

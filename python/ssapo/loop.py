@@ -5,23 +5,49 @@
     out = run(load_config("tiny", overrides={"output_dir": "runs/tiny"}))      # -> Path
     run(load_config("tiny", overrides={"output_dir": "runs/tiny"}), resume=True)
 
-Steps, in order, each recorded in DIR/state.json once its outputs are written:
-`seed` (DPO from π_init on the labelled seed → π_0 in seed/model), then for
-t = 1..T: `round_t/annotate` (π_{t−1} samples `num_samples` responses per prompt
-of round t, scored by log π_{t−1} − log π_ref with π_ref = π_init, or π_0 with
-annotation_reference = 'seed' from round 2 on: in round 1 the policy is π_0 itself,
-so round 1 always uses π_init), `round_t/follow` (ssapo only), `round_t/sera`
-(sera only) and `round_t/lead` (the leader trains from π_{t−1} on this round's
-pairs only, reference π_{t−1}, or π_init with round_reference = 'init'; then the
-checkpoint, the held-out reward accuracy and the round report).
+Steps, in order (`steps_of(cfg)`), each recorded in DIR/state.json once its
+outputs are written:
+- `seed`: DPO from π_init on the labelled seed → π_0 in seed/model;
+- `seed/eval`: π_0's held-out reward accuracy (seed/metrics.json);
+- for t = 1..T:
+  `round_t/annotate` (π_{t−1} samples `num_samples` responses per prompt of
+  round t, scored by log π_{t−1} − log π_ref with π_ref = π_init, or π_0 with
+  annotation_reference = 'seed' from round 2 on: in round 1 the policy is π_0
+  itself, so round 1 always uses π_init), `round_t/follow` (ssapo only),
+  `round_t/sera` (sera only), `round_t/lead` (the leader trains from π_{t−1} on
+  this round's pairs only, reference π_{t−1}, or π_init with round_reference =
+  'init'; the checkpoint in round_t/model) and `round_t/eval` (held-out reward
+  accuracy, the round's report).
+
+Steps talk to each other through files only: DIR/config.yaml (the run's
+RunConfig), DIR/data/ (the seed pairs, each round's prompts and the held-out
+pairs, written once by `prepare`), annotations.jsonl, follower.npz, sera.jsonl,
+the model directories and metrics.json. So each step can run in its own
+processes:
+
+- `run(cfg)` (one process, and `ssapo train` without --num-processes) runs every
+  step in the calling process, one after the other;
+- `run(cfg, launcher=...)` (`ssapo train --num-processes N`, see
+  `ssapo.stage`) is a driver: it prepares the run, then starts each step as
+  its own `accelerate launch ... -m ssapo.stage --run-dir DIR --step S`:
+  training steps (seed, lead) under the recipe's engine (ddp / zero3 / fsdp),
+  the others (annotation, SeRA's passes, evaluation) as plain data-parallel
+  processes, each loading whole models on its own device; the follower
+  (milliseconds, numpy) runs in the driver itself. Consecutive steps that
+  need the same launch share one (under the ddp engine, e.g. a round's
+  eval and the next round's annotation); under zero3/fsdp a training step
+  is always alone in its launch, so no engine state reaches another step.
+- inside an existing launch (every rank runs `run`), the ranks run every
+  step together (`State` on accelerate's PartialState).
 
 Every file is written to a temp name in its directory and renamed; a
-checkpoint directory is written to a temp directory and renamed
-(`ssapo.tiny.save_pretrained`). `resume=True` skips the steps recorded in
-state.json, so a killed run continues where it stopped and loses nothing that
-was written; the resumed run's outputs equal an uninterrupted run's (every
-step is seeded from (seed, round), never from what ran before it in the
-process). Rounds chain from the checkpoint actually written
+checkpoint directory is written to a temp directory and renamed. State.json
+is written by one process at a time: the driver between launches, the main
+rank of a launch inside it. `resume=True` skips the steps recorded in
+state.json, so a killed run continues where it stopped and loses nothing
+that was written; the resumed run's outputs equal an uninterrupted run's
+(every step is seeded from (seed, round), never from what ran before it in
+the process). Rounds chain from the checkpoint actually written
 (round_<t−1>/model), never from a name guessed in advance.
 
 Methods (`method`):
@@ -34,18 +60,20 @@ Methods (`method`):
   λ_t = spa_lambdas[t−1] (the last value repeats).
 - `sera`: see `sera_round` (REFERENCE.md §2b; our choices are marked there).
 
-Processes (`accelerate launch --num_processes N`): annotation is shared out by
-prompt chunks (each chunk has its own sampling seed, so the samples do not
-depend on N) and gathered on the main process, which writes
-annotations.jsonl; the follower runs once, on the main process, over every
-pair (groups in the stable prompt order), and writes follower.npz; every
-process then reads both files and attaches the atoms to the dataset before
-training. So the follower's input and output do not depend on N. SeRA's
-selection and bootstrap and the held-out evaluation run on the main process.
+Processes: annotation is shared out by prompt chunks (each chunk has its own
+sampling seed, so the samples do not depend on N) and gathered on the main
+process, which writes annotations.jsonl; the follower runs once over every
+pair (groups in the stable prompt order) and writes follower.npz; every
+training process reads both files and attaches the atoms to its dataset,
+which it reads from an Arrow file in the stage's work directory (so every
+rank trains on the same bytes; each rank's hash of them is in the leader's
+metrics, `data_hashes`). SeRA's margin pass and bootstrap, and the held-out
+evaluation, are shared out by chunks as well.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,25 +85,41 @@ from ssapo.config import RunConfig
 from ssapo.io import atomic_write, read_jsonl, write_json, write_jsonl
 
 # fields that may change between a run and its resumption (they do not change results)
-RESUME_MAY_DIFFER = {"output_dir", "report_to", "logging_steps", "accelerate_config", "save_total_limit"}
+RESUME_MAY_DIFFER = {"output_dir", "report_to", "logging_steps", "accelerate_config", "save_total_limit", "save_steps",
+                     "ddp_timeout"}
 HELDOUT_PAIRS = 256  # held-out labelled pairs for the reward accuracy of each stage
+KEEP_COLUMNS = ("prompt", "chosen", "rejected", "shift", "mass", "weight")  # what the leader trains on
+
+
+class Solo:
+    """The processes of a one-process run (the driver): rank 0 of 1."""
+
+    is_main_process = True
+    process_index = 0
+    num_processes = 1
+    device = None
+
+    def wait_for_everyone(self) -> None:
+        pass
 
 
 class State:
     """DIR/state.json: {"done": [steps completed, in order], "last": the last
-    one}. Under several processes only the main one writes; `mark` is also the
-    barrier after a step."""
+    one}. Only the main process of `procs` (accelerate's PartialState inside a
+    launch; `Solo()` by default) writes; `mark` is also the barrier after a step."""
 
-    def __init__(self, out: str, resume: bool):
-        from accelerate import PartialState
-
-        self.procs = PartialState()
+    def __init__(self, out: str, resume: bool, procs=None):
+        self.procs = procs if procs is not None else Solo()
         self.path = os.path.join(out, "state.json")
         self.done: List[str] = []
         if os.path.exists(self.path):
             if not resume:
                 raise ValueError(f"output_dir: {out} already holds a run (state.json); pass --resume "
                                  "(resume=True) to continue it, or choose another directory")
+            self.reload()
+
+    def reload(self) -> None:
+        if os.path.exists(self.path):
             with open(self.path) as f:
                 self.done = list(json.load(f)["done"])
 
@@ -91,6 +135,10 @@ class State:
     def world(self) -> int:
         return self.procs.num_processes
 
+    @property
+    def device(self):
+        return getattr(self.procs, "device", None)
+
     def wait(self) -> None:
         self.procs.wait_for_everyone()
 
@@ -98,10 +146,70 @@ class State:
         return step in self.done
 
     def mark(self, step: str) -> None:
-        self.done.append(step)
+        if step not in self.done:
+            self.done.append(step)
         if self.main:
             write_json(self.path, {"done": self.done, "last": step})
         self.wait()
+
+
+def steps_of(cfg: RunConfig) -> List[str]:
+    """Every step of a run of `cfg`, in order."""
+    steps = ["seed", "seed/eval"]
+    if cfg.method == "dpo":
+        return steps
+    for t in range(1, cfg.num_rounds + 1):
+        steps.append(f"round_{t}/annotate")
+        if cfg.method == "ssapo":
+            steps.append(f"round_{t}/follow")
+        if cfg.method == "sera":
+            steps.append(f"round_{t}/sera")
+        steps += [f"round_{t}/lead", f"round_{t}/eval"]
+    return steps
+
+
+def step_kind(step: str) -> str:
+    """'train' (the recipe's engine), 'follow' (the driver, no torch) or 'data' (data-parallel, whole models)."""
+    name = step.split("/")[-1]
+    if name in ("seed", "lead"):
+        return "train"
+    if name == "follow":
+        return "follow"
+    return "data"
+
+
+def rows_hash(rows: List[dict]) -> str:
+    """sha256 of the rows' training columns (KEEP_COLUMNS), in order: what a leader rank trained on."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps({k: r[k] for k in KEEP_COLUMNS if r.get(k) is not None}, sort_keys=True,
+                            separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _exchange(state: State, d: str, name: str, obj: Any) -> List[Any]:
+    """Every process's `obj` (JSON), in rank order, on every process (through files in `d`)."""
+    if state.world == 1:
+        return [obj]
+    write_json(os.path.join(d, f".{name}.rank_{state.rank}.json"), obj)
+    state.wait()
+    parts = []
+    for r in range(state.world):
+        with open(os.path.join(d, f".{name}.rank_{r}.json")) as f:
+            parts.append(json.load(f))
+    state.wait()
+    if state.main:
+        for r in range(state.world):
+            os.remove(os.path.join(d, f".{name}.rank_{r}.json"))
+    return parts
+
+
+def _chunked(n: int, bs: int, state: Optional[State]) -> List[range]:
+    """This process's share of n items, as chunks of `bs` consecutive items
+    (chunk c to process c mod world), so each chunk is one batch at any process count."""
+    world, rank = (state.world, state.rank) if state is not None else (1, 0)
+    return [range(c * bs, min((c + 1) * bs, n)) for c in range(rank, (n + bs - 1) // bs, world)]
 
 
 def check_resumable(cfg: RunConfig, out: str) -> None:
@@ -145,21 +253,16 @@ def _tokenizer(cfg: RunConfig, path: str):
 
 
 def _load(path: str, cfg: RunConfig, device=None, train: bool = False):
-    """(model, tokenizer) from a checkpoint (safetensors). `train` with
-    load_in_4bit: the 4-bit base for a LoRA adapter (bitsandbytes, GPU)."""
+    """(model, tokenizer) from a checkpoint (safetensors). `train`: the policy
+    a leader trains, through ssapo.trainer.load_policy (fp32 master weights;
+    with load_in_4bit the 4-bit base for a LoRA adapter); otherwise a model
+    that only scores or generates (bfloat16 with bf16)."""
+    if train:
+        from ssapo.trainer import load_policy
+
+        return load_policy(path, cfg, train=True), _tokenizer(cfg, path)
     from ssapo.tiny import load
 
-    if train and cfg.load_in_4bit:
-        import torch
-        from accelerate import PartialState
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
-                                                     device_map={"": PartialState().local_process_index},
-                                                     trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
-        return model, _tokenizer(cfg, path)
     model, tok = load(path, trust_remote_code=cfg.trust_remote_code, dtype="bfloat16" if cfg.bf16 else None)
     if cfg.tokenizer:
         tok = _tokenizer(cfg, path)
@@ -228,42 +331,96 @@ class _TableCollator:
         return self.inner(out)
 
 
+def shared_dataset(rows: List[dict], path: str, procs=None):
+    """`rows` as a `datasets.Dataset` backed by an Arrow file in directory
+    `path`, the same file on every process. trl's DPOTrainer (with
+    precompute_ref_log_probs) caches the reference log-probs next to the
+    dataset's own file under a fingerprint broadcast from the main process,
+    which the main process writes and the others then read: with an in-memory
+    dataset that cache goes to a per-process random temp directory and the
+    other ranks read a file never written (FileNotFoundError on cache-*.arrow).
+    The main process writes the file (temp dir, then rename) and the others
+    wait for it; caching must be on, so it is switched on."""
+    import datasets
+    from datasets import Dataset, load_from_disk
+
+    procs = procs if procs is not None else Solo()
+    if not datasets.is_caching_enabled():
+        datasets.enable_caching()
+    if procs.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        Dataset.from_list(rows).save_to_disk(tmp)
+        os.replace(tmp, path)
+    procs.wait_for_everyone()
+    return load_from_disk(path)
+
+
+def _gather_strings(procs, value: str) -> List[str]:
+    """`value` of every process, in rank order."""
+    if procs.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([value]))
+
+
+def process_group_timeout() -> Optional[float]:
+    """Seconds the default process group's collectives wait (None: no group, or not readable)."""
+    try:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return None
+        device = torch.device("cuda" if "nccl" in str(dist.get_backend()) else "cpu")
+        return float(dist.group.WORLD._get_backend(device).options._timeout.total_seconds())
+    except Exception:  # a backend without readable options (mpi, ucc): nothing to report
+        return None
+
+
 def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: List[dict], lr: float, epochs: float,
                 leader_loss: str, save_to: str, work_dir: str, spa_lambda: float = 0.5,
                 resolve: Optional[Callable] = None) -> Dict[str, Any]:
     """Trains `policy` on `rows` against `reference` (None or the policy's own
     path: the policy's start, with peft the adapter-disabled model) with
     SSAPOTrainer and writes the checkpoint to `save_to` (safetensors,
-    atomically; a LoRA adapter is merged first). `resolve(trainer, rows)`
-    (ssapo with resolve_every) returns a follower.Resolver for the round.
-    Returns trainer.leader_stats plus steps and pairs."""
-    from datasets import Dataset
-
-    from ssapo.tiny import save_pretrained
-    from ssapo.trainer import SSAPOConfig, SSAPOTrainer
-
+    atomically; a LoRA adapter is merged first). Every process reads the
+    rows from one Arrow file in `work_dir` (`shared_dataset`); `data_hashes`
+    in the result is each rank's `rows_hash` of what it read. With
+    cfg.save_steps the trainer checkpoints into `work_dir` every save_steps
+    optimizer steps and a rerun resumes from the last checkpoint there.
+    `resolve(trainer, rows)` (ssapo with resolve_every) returns a
+    follower.Resolver for the round. Returns trainer.leader_stats plus
+    steps, pairs and data_hashes."""
     from accelerate import PartialState
+
+    from ssapo.trainer import SSAPOConfig, SSAPOTrainer, last_checkpoint, save_trained
 
     procs = PartialState()
     model, tok = _load(policy, cfg, train=True)
     ref_model = _load(reference, cfg)[0] if reference and reference != policy else None
-    keep = ["prompt", "chosen", "rejected"] + [c for c in ("shift", "mass", "weight") if c in rows[0]]
+    keep = [c for c in KEEP_COLUMNS if c in rows[0]]
     data = [{k: r[k] for k in keep} for r in rows]
     if resolve is not None:
         for i, d in enumerate(data):
             d["pair_index"] = i
-    ds = Dataset.from_list(data)
+    ds = shared_dataset(data, os.path.join(work_dir, "dataset"), procs)
+    hashes = _gather_strings(procs, rows_hash(ds.to_list()))
+    checkpoint = last_checkpoint(work_dir) if cfg.save_steps > 0 else None
     args = SSAPOConfig(
         output_dir=work_dir, learning_rate=lr, num_train_epochs=epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.accumulation_steps(procs.num_processes),
         lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, beta=cfg.beta, seed=cfg.seed,
         data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, report_to=cfg.report_to,
-        logging_steps=cfg.logging_steps, save_strategy="no", save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500, save_total_limit=cfg.save_total_limit,
         max_length=cfg.max_length, leader_loss=leader_loss, clamp_min=cfg.clamp_min,
         gradient_checkpointing=cfg.gradient_checkpointing, precompute_ref_log_probs=True, disable_tqdm=False,
         spa_alpha=cfg.spa_alpha, spa_lambda=spa_lambda, spa_quantile=cfg.spa_quantile, spa_window=cfg.spa_window,
-        spa_warmup_ratio=cfg.spa_warmup_ratio,
+        spa_warmup_ratio=cfg.spa_warmup_ratio, ddp_timeout=cfg.ddp_timeout,
     )
     peft_config = None
     if cfg.use_peft:
@@ -278,46 +435,32 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
     cls = _atom_trainer_class() if resolve is not None else SSAPOTrainer
     trainer = cls(model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
                   peft_config=peft_config)
+    if procs.num_processes > 1 and not hasattr(trainer.accelerator, "broadcast"):
+        # SSAPOTrainer.train broadcasts with `accelerator.broadcast`, which accelerate's Accelerator does not have
+        # (ssapo.trainer's to fix); until then, accelerate's own broadcast of a tensor from the main process
+        from accelerate.utils import broadcast
+
+        trainer.accelerator.broadcast = lambda tensor, from_process=0: broadcast(tensor, from_process)
     resolver = None
     if resolve is not None:
         resolver = resolve(trainer, rows)
         trainer.data_collator = _TableCollator(trainer.data_collator, resolver.table)
         trainer.add_callback(resolver.callback())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint) if checkpoint else trainer.train()
     stats, steps = dict(trainer.leader_stats), trainer.state.global_step
     if resolver is not None:
         stats["resolves"] = resolver.history
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    if cfg.use_peft and cfg.load_in_4bit:
-        trained = _merge_4bit(trained, policy, cfg, work_dir, procs.is_main_process)
-    elif cfg.use_peft:
-        trained = trained.merge_and_unload()
-    if procs.is_main_process:
-        save_pretrained(trained, tok, save_to)
+    # through the trainer on every rank: gathers ZeRO-3 / FSDP weights, merges a LoRA adapter into the full
+    # base (policy), writes the tokenizer and a model card; atomically
+    save_trained(trainer, save_to, base_model=policy if cfg.use_peft else None,
+                 trust_remote_code=cfg.trust_remote_code)
     procs.wait_for_everyone()
-    del trainer, model, ref_model, trained
+    del trainer, model, ref_model, ds
     if procs.is_main_process:
-        shutil.rmtree(work_dir, ignore_errors=True)  # save_strategy "no": nothing of value there
+        shutil.rmtree(work_dir, ignore_errors=True)  # the dataset and the stage's checkpoints: the model is saved
     _free()
-    return {**stats, "steps": steps, "pairs": len(rows)}
-
-
-def _merge_4bit(peft_model, base_path: str, cfg: RunConfig, work_dir: str, main: bool):
-    """A LoRA adapter trained on a 4-bit base, merged into the bfloat16 base
-    (merging into 4-bit weights would round them)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter = os.path.join(work_dir, "adapter")
-    if main:
-        peft_model.save_pretrained(adapter)
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16, use_safetensors=True,
-                                                trust_remote_code=cfg.trust_remote_code)
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    return {**stats, "steps": steps, "pairs": len(rows), "data_hashes": hashes, "processes": procs.num_processes,
+            "process_group_timeout_s": process_group_timeout()}
 
 
 def _free() -> None:
@@ -350,28 +493,53 @@ def gold_stats(task: Optional[dict], rows: List[dict]) -> Dict[str, float]:
     return {"gold_accuracy": right / n, "gold_tie_fraction": tie / n, "gold_accuracy_untied": right / max(n - tie, 1)}
 
 
-def heldout_accuracy(cfg: RunConfig, model_path: str, init_path: str, rows: List[dict]) -> Dict[str, float]:
+def _margins(model, reference, tok, rows: List[dict], bs: int, state: Optional[State], d: str, name: str) -> List[float]:
+    """pair_margins of every row, shared out by chunks of `bs` over the
+    processes of `state` (each chunk one batch, so the values do not depend on
+    the process count); every process gets all of them, in row order."""
+    mine = {}
+    for c in _chunked(len(rows), bs, state):
+        if len(c):
+            mine[str(c.start)] = pair_margins(model, reference, tok, [rows[i] for i in c], bs)[0].tolist()
+    parts = _exchange(state, d, name, mine) if state is not None else [mine]
+    merged = {int(k): v for p in parts for k, v in p.items()}
+    return [m for k in sorted(merged) for m in merged[k]]
+
+
+def heldout_accuracy(cfg: RunConfig, model_path: str, init_path: str, rows: List[dict],
+                     state: Optional[State] = None, work_dir: Optional[str] = None) -> Dict[str, float]:
     """Reward accuracy on held-out labelled pairs: the fraction whose implicit
     reward log π/π_init ranks the labelled chosen above the rejected (ties
-    count as wrong, and are counted)."""
+    count as wrong, and are counted). Shared out over the processes of
+    `state` (exchanging through `work_dir`); the same result on every one."""
     if not rows:
         return {}
-    import torch
+    import numpy as np
 
     t0 = time.time()
-    device = "cuda" if torch.cuda.is_available() and not cfg.use_cpu else "cpu"
+    device = _device(cfg, state)
     model, tok = _load(model_path, cfg, device)
     init_model, _ = _load(init_path, cfg, device)
-    m, _ = pair_margins(model, init_model, tok, rows, batch_size=max(8, cfg.generation_batch_size))
+    m = np.asarray(_margins(model, init_model, tok, rows, max(8, cfg.generation_batch_size), state,
+                            work_dir or os.path.dirname(model_path), "heldout"))
     del model, init_model
     _free()
-    m = m.numpy()
     return {"heldout_reward_accuracy": float((m > 0).mean()), "heldout_ties": int((m == 0).sum()),
             "heldout_pairs": len(rows), "heldout_margin_mean": float(m.mean()), "seconds": time.time() - t0}
 
 
+def _device(cfg: RunConfig, state: Optional[State]):
+    """Where this process's whole models go: its own accelerator device (or the CPU)."""
+    import torch
+
+    if cfg.use_cpu or not torch.cuda.is_available():
+        return "cpu"
+    dev = state.device if state is not None else None
+    return dev if dev is not None else "cuda"
+
+
 def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: Optional[str], init_path: str,
-               seed: int, device=None):
+               seed: int, device=None, state: Optional[State] = None, work_dir: Optional[str] = None):
     """SeRA's round (REFERENCE.md §2b [CHOICE] spec; SeRA's Algorithm 1 is
     unpublished, so each unknown is a named option):
     1. pool: this round's self-annotated pairs (`sera_pool` = 'round'), or the
@@ -389,29 +557,47 @@ def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: 
        share of the training set; 'threshold': a bootstrapped pair is kept only
        if β·margin > γ;
     5. the caller trains DPO (reference π_{t−1}) on kept ∪ bootstrapped.
-    Returns (training rows, stats)."""
+    The margin passes and the bootstrap are shared out by chunks over the
+    processes of `state` (exchanging through `work_dir`; vLLM bootstraps on the
+    main process alone). Returns (training rows, stats), the same on every process."""
     import random
 
     from ssapo import annotate
 
+    d = work_dir or os.path.dirname(os.path.abspath(policy_path))
+    if device is None and state is not None:
+        device = _device(cfg, state)
     policy, tok = _load(policy_path, cfg, device)
     init_model, _ = _load(init_path, cfg, device)
     bs = max(8, cfg.generation_batch_size)
-    m = pair_margins(policy, init_model, tok, rows, bs)[0].tolist() if rows else []
+    m = _margins(policy, init_model, tok, rows, bs, state, d, "sera_margins") if rows else []
     if cfg.sera_gamma_role == "ensemble" and before_path is not None and cfg.sera_gamma > 0:
         before, _ = _load(before_path, cfg, device)
-        mb = pair_margins(before, init_model, tok, rows, bs)[0].tolist()
+        mb = _margins(before, init_model, tok, rows, bs, state, d, "sera_before")
         del before
         m = [(1 - cfg.sera_gamma) * a + cfg.sera_gamma * b for a, b in zip(m, mb)]
     elif cfg.sera_gamma_role == "ensemble" and cfg.sera_gamma > 0:
         m = [(1 - cfg.sera_gamma) * a for a in m]
     order = sorted(range(len(rows)), key=lambda i: (-m[i], i))
     kept = [{**rows[i], "irm": m[i]} for i in order[: max(1, round(cfg.sera_keep * len(rows)))]]
-    boot_ds, bstats = annotate.annotate(
-        policy, init_model, tok, [r["prompt"] for r in kept], cfg, n=cfg.sera_num_samples, top_p=cfg.sera_top_p,
-        seed=seed, policy_path=policy_path, progress=False,
-    )
-    boot = boot_ds.to_list()
+    world, rank = (state.world, state.rank) if state is not None else (1, 0)
+    if annotate.use_vllm(cfg.generation_backend):
+        world = 1
+    boot, bstats = [], {}
+    if rank < world:
+        boot, bstats = annotate.annotate_rows(
+            policy, init_model, tok, [r["prompt"] for r in kept], cfg, n=cfg.sera_num_samples, top_p=cfg.sera_top_p,
+            seed=seed, policy_path=policy_path, progress=False, rank=rank, world=world,
+        )
+    if state is not None and state.world > 1:
+        parts = _exchange(state, d, "sera_boot", {"rows": boot, "stats": bstats})
+        boot, bstats = [], {}
+        for part in parts:
+            boot += part["rows"]
+            for k, v in part["stats"].items():
+                bstats[k] = v if isinstance(v, str) else bstats.get(k, 0) + v
+    boot.sort(key=lambda r: r["index"])
+    bstats = annotate.finish_stats(bstats, boot)
     if cfg.sera_gamma_role == "threshold":
         boot = [b for b in boot if cfg.beta * b["margin"] > cfg.sera_gamma]
     if cfg.sera_gamma_role == "mix" and cfg.sera_gamma > 0:
@@ -437,7 +623,7 @@ def _annotate_step(cfg: RunConfig, state: State, rd: str, policy_path: str, ref_
     rows: List[dict] = []
     stats: Dict[str, Any] = {}
     if state.rank < world:
-        device = state.procs.device if not cfg.use_cpu else "cpu"
+        device = _device(cfg, state)
         policy, tok = _load(policy_path, cfg, None if vllm else device)
         ref, _ = _load(ref_path, cfg, None if vllm else device)
         rows, stats = annotate.annotate_rows(policy, ref, tok, prompts, cfg, seed=seed, policy_path=policy_path,
@@ -470,137 +656,256 @@ def _read_metrics(path: str) -> Dict[str, Any]:
     return {}
 
 
-def run(cfg: RunConfig, resume: bool = False) -> Path:
-    """Runs (or, with `resume`, continues) the whole loop; returns the output directory."""
-    from ssapo import annotate, follower, report
-    from ssapo.data import load_preferences, load_prompts, split_seed_and_rounds
+class StepFailed(RuntimeError):
+    """A step's launch ended without completing the step (its log names the cause)."""
 
-    out = os.path.abspath(cfg.output_dir)
-    os.makedirs(out, exist_ok=True)
-    state = State(out, resume)
-    if resume:
-        check_resumable(cfg, out)
-    # the main process writes the config and builds the task (tiny preset); the others then find it
+
+def prepare(cfg: RunConfig, out: str, state: State) -> None:
+    """The run's inputs, once, by the main process: config.yaml, the tiny
+    preset's task, and DIR/data/ (seed.jsonl, round_<t>.jsonl with each round's
+    prompts, heldout.jsonl, split.json with the split's counts, written last),
+    which every step reads instead of splitting the data again."""
     if state.main:
         atomic_write(os.path.join(out, "config.yaml"), lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
-        src = resolve_model(cfg, out)
+        d = os.path.join(out, "data")
+        if not os.path.exists(os.path.join(d, "split.json")):
+            from ssapo.data import load_preferences, load_prompts, split_seed_and_rounds
+
+            src = resolve_model(cfg, out)
+            tok = _tokenizer(cfg, src["init"])
+            prefs = load_preferences(src["preference_data"])
+            pool = load_prompts(src["prompt_data"]) if src["prompt_data"] else None
+            split = split_seed_and_rounds(prefs, cfg.seed_size, cfg.round_sizes[: cfg.num_rounds], cfg.seed, pool,
+                                          tokenizer=tok, max_prompt_length=cfg.max_prompt_length)
+            write_jsonl(os.path.join(d, "seed.jsonl"), [dict(r) for r in split.seed])
+            for t, rnd in enumerate(split.rounds, start=1):
+                write_jsonl(os.path.join(d, f"round_{t}.jsonl"), [{"prompt": p} for p in rnd["prompt"]])
+            test = split.test
+            held = [dict(r) for r in test.select(range(min(HELDOUT_PAIRS, len(test))))] if test is not None else []
+            write_jsonl(os.path.join(d, "heldout.jsonl"), held)
+            write_json(os.path.join(d, "split.json"), split.report)
     state.wait()
+
+
+class Run:
+    """What every step of a run reads: its config, π_init and the data sources
+    (`resolve_model`), and the split written by `prepare`."""
+
+    def __init__(self, cfg: RunConfig, out: str):
+        self.cfg, self.out = cfg, out
+        self.src = resolve_model(cfg, out)
+        self.init = cfg.ref_model or self.src["init"]
+        d = os.path.join(out, "data")
+        self.seed_rows = read_jsonl(os.path.join(d, "seed.jsonl"))
+        self.heldout = read_jsonl(os.path.join(d, "heldout.jsonl"))
+        with open(os.path.join(d, "split.json")) as f:
+            self.split_report = json.load(f)
+
+    def prompts(self, t: int) -> List:
+        return [r["prompt"] for r in read_jsonl(os.path.join(self.out, "data", f"round_{t}.jsonl"))]
+
+    def dir(self, t: int) -> str:
+        return os.path.join(self.out, "seed" if t == 0 else f"round_{t}")
+
+    def model(self, t: int) -> str:
+        """π_t's checkpoint: seed/model for t = 0, else round_<t>/model."""
+        return os.path.join(self.dir(t), "model")
+
+    def metrics_path(self, t: int) -> str:
+        return os.path.join(self.dir(t), "metrics.json")
+
+    def annotation_reference(self, t: int):
+        """(kind, path) of round t's implicit-reward reference."""
+        # π_init, or π_0 from round 2 on: in round 1 the policy is π_0 itself and log π_0 − log π_0 is 0
+        if self.cfg.annotation_reference == "seed" and t > 1:
+            return "seed", self.model(0)
+        return "init", self.init
+
+    def round_rows(self, t: int) -> List[dict]:
+        """Round t's training pairs: the annotations, with the follower's atoms (ssapo), or SeRA's selection."""
+        rd = self.dir(t)
+        if self.cfg.method == "sera":
+            return read_jsonl(os.path.join(rd, "sera.jsonl"))
+        rows = read_jsonl(os.path.join(rd, "annotations.jsonl"))
+        if self.cfg.method == "ssapo":
+            from ssapo import follower
+
+            rows = follower.attach(rows, follower.load(os.path.join(rd, "follower.npz")))
+        return rows
+
+    def leader_loss(self) -> str:
+        return {"ssapo": self.cfg.leader_loss, "spa": "spa"}.get(self.cfg.method, "dpo")
+
+
+def _step_seed(run: Run, state: State, t: int) -> None:
+    cfg = run.cfg
+    t0 = time.time()
+    stats = train_stage(cfg, run.src["init"], run.init, run.seed_rows, cfg.seed_learning_rate, cfg.seed_epochs, "dpo",
+                        run.model(0), os.path.join(run.dir(0), "trainer"))
+    if state.main:
+        write_json(run.metrics_path(0), {"leader": {**stats, "seconds": time.time() - t0}, "split": run.split_report})
+
+
+def _step_eval(run: Run, state: State, t: int) -> None:
+    """Held-out reward accuracy of π_t; for a round, the round's total time and its report."""
+    ev = heldout_accuracy(run.cfg, run.model(t), run.init, run.heldout, state, run.dir(t))
     if not state.main:
-        src = resolve_model(cfg, out)
-    init = cfg.ref_model or src["init"]
-    tok = _tokenizer(cfg, src["init"])
-    prefs = load_preferences(src["preference_data"])
-    pool = load_prompts(src["prompt_data"]) if src["prompt_data"] else None
-    split = split_seed_and_rounds(prefs, cfg.seed_size, cfg.round_sizes[: cfg.num_rounds], cfg.seed, pool,
-                                  tokenizer=tok, max_prompt_length=cfg.max_prompt_length)
-    heldout = list(split.test.select(range(min(HELDOUT_PAIRS, len(split.test))))) if split.test is not None else []
-    accuracy: List[Optional[float]] = []  # held-out reward accuracy of π_0, π_1, ...
+        return
+    metrics = _read_metrics(run.metrics_path(t))
+    metrics["eval"] = ev
+    metrics["seconds"] = sum(v.get("seconds", 0.0) for v in metrics.values() if isinstance(v, dict))
+    write_json(run.metrics_path(t), metrics)
+    if t > 0:
+        from ssapo import report
 
-    # 0. seed: DPO from π_init on the labelled seed → π_0
-    seed_dir = os.path.join(out, "seed")
-    seed_model = os.path.join(seed_dir, "model")
-    if "seed" not in state:
-        t0 = time.time()
-        stats = train_stage(cfg, src["init"], init, list(split.seed), cfg.seed_learning_rate, cfg.seed_epochs, "dpo",
-                            seed_model, os.path.join(seed_dir, "trainer"))
-        if state.main:
-            ev = heldout_accuracy(cfg, seed_model, init, heldout)
-            write_json(os.path.join(seed_dir, "metrics.json"),
-                       {"leader": stats, "split": split.report, "eval": ev, "seconds": time.time() - t0})
-        state.mark("seed")
-    accuracy.append(_read_metrics(os.path.join(seed_dir, "metrics.json")).get("eval", {}).get("heldout_reward_accuracy"))
-    previous = seed_model
-    if cfg.method == "dpo":
+        accuracy = [_read_metrics(run.metrics_path(s)).get("eval", {}).get("heldout_reward_accuracy")
+                    for s in range(t + 1)]
+        report.round_report(run.dir(t), t, metrics, run.round_rows(t), accuracy)
+
+
+def _step_annotate(run: Run, state: State, t: int) -> None:
+    """π_{t−1} annotates round t's prompts (shared out by chunks)."""
+    from ssapo import annotate
+
+    cfg, rd = run.cfg, run.dir(t)
+    os.makedirs(rd, exist_ok=True)
+    t0 = time.time()
+    kind, ref = run.annotation_reference(t)
+    got = _annotate_step(cfg, state, rd, run.model(t - 1), ref, run.prompts(t), cfg.seed + t)
+    if state.main:
+        rows, stats = got
+        if not rows:
+            raise RuntimeError(f"round {t}: every prompt's responses tied; no pairs to train on")
+        stats = annotate.finish_stats(stats, rows)
+        stats.update(gold_stats(run.src["task"], rows))
+        write_jsonl(os.path.join(rd, "annotations.jsonl"), [{k: v for k, v in r.items() if k != "index"} for r in rows])
+        write_json(run.metrics_path(t), {"annotation": {**stats, "reference": kind, "seconds": time.time() - t0}})
+
+
+def _step_follow(run: Run, state: State, t: int) -> None:
+    """The worst case around the self-labels (one process, every pair)."""
+    if not state.main:
+        return
+    from ssapo import follower
+
+    rd = run.dir(t)
+    rows = read_jsonl(os.path.join(rd, "annotations.jsonl"))
+    margins = [r["margin"] for r in rows]
+    cols, diag = follower.follow(margins, run.cfg)
+    follower.save(os.path.join(rd, "follower.npz"), cols, diag, margins)
+    metrics = _read_metrics(run.metrics_path(t))
+    metrics["follower"] = diag
+    write_json(run.metrics_path(t), metrics)
+
+
+def _step_sera(run: Run, state: State, t: int) -> None:
+    cfg, out, rd = run.cfg, run.out, run.dir(t)
+    t0 = time.time()
+    rows = read_jsonl(os.path.join(rd, "annotations.jsonl"))
+    pool_rows = rows
+    if cfg.sera_pool == "cumulative":
+        pool_rows = [dict(r) for r in run.seed_rows] + [
+            r for s in range(1, t) for r in read_jsonl(os.path.join(out, f"round_{s}", "annotations.jsonl"))
+        ] + rows
+    before = None
+    if t > 1:
+        before = run.model(t - 2)
+    sel, stats = sera_round(cfg, pool_rows, run.model(t - 1), before, run.init, seed=cfg.seed + 100 + t, state=state,
+                            work_dir=rd)
+    if state.main:
+        write_jsonl(os.path.join(rd, "sera.jsonl"), sel)
+        gs = gold_stats(run.src["task"], [dict(r) for r in sel])
+        metrics = _read_metrics(run.metrics_path(t))
+        metrics["sera"] = {**stats, **{f"selected_{k}": v for k, v in gs.items()}, "seconds": time.time() - t0}
+        write_json(run.metrics_path(t), metrics)
+
+
+def _step_lead(run: Run, state: State, t: int) -> None:
+    """π_θ starts at π_{t−1}; reference π_{t−1} (or π_init)."""
+    cfg, rd = run.cfg, run.dir(t)
+    t0 = time.time()
+    previous = run.model(t - 1)
+    reference = previous if cfg.round_reference == "previous" else run.init
+    lam = cfg.spa_lambdas[min(t, len(cfg.spa_lambdas)) - 1]
+    leader_loss = run.leader_loss()
+    resolve = None
+    if cfg.method == "ssapo" and cfg.resolve_every > 0:
+        resolve = _resolver_factory(cfg, run.annotation_reference(t)[1], state)
+    stats = train_stage(cfg, previous, reference, run.round_rows(t), cfg.learning_rate, cfg.num_train_epochs_per_round,
+                        leader_loss, run.model(t), os.path.join(rd, "trainer"), spa_lambda=lam, resolve=resolve)
+    if state.main:
+        metrics = _read_metrics(run.metrics_path(t))
+        metrics["leader"] = {**stats, "seconds": time.time() - t0, "loss": leader_loss,
+                             "reference": cfg.round_reference, **({"spa_lambda": lam} if leader_loss == "spa" else {})}
+        write_json(run.metrics_path(t), metrics)
+
+
+_STEPS = {"seed": _step_seed, "eval": _step_eval, "annotate": _step_annotate, "follow": _step_follow,
+          "sera": _step_sera, "lead": _step_lead}
+
+
+def run_step(run: Run, state: State, step: str) -> None:
+    """Runs one step on every process of `state` and records it in state.json."""
+    head, _, name = step.partition("/")
+    if head == "seed":
+        t, name = 0, name or "seed"
+    elif head.startswith("round_") and head[6:].isdigit() and name in _STEPS and name != "seed":
+        t = int(head[6:])
+    else:
+        raise ValueError(f"step: unknown step {step!r} (steps: seed, seed/eval, round_<t>/annotate|follow|sera|lead|eval)")
+    _STEPS[name](run, state, t)
+    state.mark(step)
+
+
+def run_steps(cfg: RunConfig, out: str, steps: List[str], procs=None) -> None:
+    """Runs `steps` of the prepared run in `out` (those not yet in state.json) on
+    the processes of `procs` (accelerate's PartialState inside a launch): what
+    `python -m ssapo.stage` does."""
+    state = State(out, resume=True, procs=procs)
+    known = steps_of(cfg)
+    for s in steps:
+        if s not in known:
+            raise ValueError(f"step: {s!r} is not a step of this run ({', '.join(known)})")
+    run_ctx = Run(cfg, out)
+    for s in steps:
+        if s not in state:
+            run_step(run_ctx, state, s)
+
+
+def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path:
+    """Runs (or, with `resume`, continues) the whole loop; returns the output directory.
+
+    `launcher` (an `ssapo.stage.Launcher`): the driver, each step in its own
+    launch. Without it every step runs here, on the processes of `procs`
+    (default: this process alone; accelerate's PartialState when every rank
+    of an existing launch calls `run`)."""
+    out = os.path.abspath(cfg.output_dir)
+    os.makedirs(out, exist_ok=True)
+    state = State(out, resume, procs)
+    if resume:
+        check_resumable(cfg, out)
+    prepare(cfg, out, state)
+    todo = [s for s in steps_of(cfg) if s not in state]
+    if not todo:
         return Path(out)
-    device = state.procs.device if not cfg.use_cpu else "cpu"
-
-    for t in range(1, cfg.num_rounds + 1):
-        rd = os.path.join(out, f"round_{t}")
-        os.makedirs(rd, exist_ok=True)
-        metrics_path = os.path.join(rd, "metrics.json")
-        metrics = _read_metrics(metrics_path)
-        ann_path = os.path.join(rd, "annotations.jsonl")
-        # a. annotate with π_{t−1}; reward against π_init (or π_0, from round 2 on: in round 1 the
-        #    policy is π_0 itself and log π_0 − log π_0 would score every response 0)
-        ann_kind = "seed" if cfg.annotation_reference == "seed" and t > 1 else "init"
-        ann_ref = seed_model if ann_kind == "seed" else init
-        if f"round_{t}/annotate" not in state:
-            t0 = time.time()
-            got = _annotate_step(cfg, state, rd, previous, ann_ref, list(split.rounds[t - 1]["prompt"]), cfg.seed + t)
-            if state.main:
-                rows, stats = got
-                if not rows:
-                    raise RuntimeError(f"round {t}: every prompt's responses tied; no pairs to train on")
-                stats = annotate.finish_stats(stats, rows)
-                stats.update(gold_stats(src["task"], rows))
-                write_jsonl(ann_path, [{k: v for k, v in r.items() if k != "index"} for r in rows])
-                metrics = {"annotation": {**stats, "reference": ann_kind, "seconds": time.time() - t0}}
-                write_json(metrics_path, metrics)
-            state.mark(f"round_{t}/annotate")
-            metrics = _read_metrics(metrics_path)
-        rows = read_jsonl(ann_path)
-        # b. follow: the worst case around the self-labels (main process, every pair)
-        fol_path = os.path.join(rd, "follower.npz")
-        if cfg.method == "ssapo" and f"round_{t}/follow" not in state:
-            if state.main:
-                margins = [r["margin"] for r in rows]
-                cols, diag = follower.follow(margins, cfg)
-                follower.save(fol_path, cols, diag, margins)
-                metrics["follower"] = diag
-                write_json(metrics_path, metrics)
-            state.mark(f"round_{t}/follow")
-            metrics = _read_metrics(metrics_path)
-        if cfg.method == "ssapo":
-            rows = follower.attach(rows, follower.load(fol_path))
-            leader_loss = cfg.leader_loss
-        elif cfg.method == "spa":
-            leader_loss = "spa"
-        else:
-            leader_loss = "dpo"
-        if cfg.method == "sera":
-            sera_path = os.path.join(rd, "sera.jsonl")
-            if f"round_{t}/sera" not in state:
-                if state.main:
-                    t0 = time.time()
-                    pool_rows = rows
-                    if cfg.sera_pool == "cumulative":
-                        pool_rows = [dict(r) for r in split.seed] + [
-                            r for s in range(1, t) for r in read_jsonl(os.path.join(out, f"round_{s}", "annotations.jsonl"))
-                        ] + rows
-                    before = None
-                    if t > 1:
-                        before = seed_model if t == 2 else os.path.join(out, f"round_{t - 2}", "model")
-                    sel, stats = sera_round(cfg, pool_rows, previous, before, init, seed=cfg.seed + 100 + t,
-                                            device=device)
-                    write_jsonl(sera_path, sel)
-                    gs = gold_stats(src["task"], [dict(r) for r in sel])
-                    metrics["sera"] = {**stats, **{f"selected_{k}": v for k, v in gs.items()},
-                                       "seconds": time.time() - t0}
-                    write_json(metrics_path, metrics)
-                state.mark(f"round_{t}/sera")
-                metrics = _read_metrics(metrics_path)
-            rows = read_jsonl(sera_path)
-        # c. lead: π_θ starts at π_{t−1}; reference π_{t−1} (or π_init)
-        model_dir = os.path.join(rd, "model")
-        if f"round_{t}/lead" not in state:
-            t0 = time.time()
-            reference = previous if cfg.round_reference == "previous" else init
-            lam = cfg.spa_lambdas[min(t, len(cfg.spa_lambdas)) - 1]
-            resolve = None
-            if cfg.method == "ssapo" and cfg.resolve_every > 0:
-                resolve = _resolver_factory(cfg, ann_ref, state)
-            stats = train_stage(cfg, previous, reference, rows, cfg.learning_rate, cfg.num_train_epochs_per_round,
-                                leader_loss, model_dir, os.path.join(rd, "trainer"), spa_lambda=lam, resolve=resolve)
-            if state.main:
-                metrics["leader"] = {**stats, "seconds": time.time() - t0, "loss": leader_loss,
-                                     "reference": cfg.round_reference, **({"spa_lambda": lam} if leader_loss == "spa" else {})}
-                metrics["eval"] = heldout_accuracy(cfg, model_dir, init, heldout)
-                metrics["seconds"] = sum(v.get("seconds", 0.0) for v in metrics.values() if isinstance(v, dict))
-                write_json(metrics_path, metrics)
-                report.round_report(rd, t, metrics, rows, accuracy + [metrics["eval"].get("heldout_reward_accuracy")])
-            state.mark(f"round_{t}/lead")
-        accuracy.append(_read_metrics(metrics_path).get("eval", {}).get("heldout_reward_accuracy"))
-        previous = model_dir
+    if launcher is None:
+        run_ctx = Run(cfg, out)
+        for s in todo:
+            run_step(run_ctx, state, s)
+        return Path(out)
+    run_ctx = None
+    for steps, how in launcher.plan(cfg, todo):
+        if how is None:  # the follower: here, in the driver
+            run_ctx = run_ctx or Run(cfg, out)
+            for s in steps:
+                launcher.in_driver(lambda s=s: run_step(run_ctx, state, s), s, state)
+            continue
+        launcher.launch(steps, how)
+        state.reload()
+        missing = [s for s in steps if s not in state]
+        if missing:
+            raise StepFailed(f"step {missing[0]}: its launch ended without recording it in {state.path}; "
+                             f"see {launcher.last_log}")
     return Path(out)
 
 

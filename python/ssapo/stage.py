@@ -1,0 +1,280 @@
+"""One step of a run, in its own processes, and the launcher that starts them.
+
+    python -m ssapo.stage --run-dir DIR --step round_2/lead [--step ...]
+    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 \\
+        -m ssapo.stage --run-dir DIR --step round_2/lead
+
+The stage reads the run's DIR/config.yaml and what earlier steps wrote, runs
+the steps not yet recorded in DIR/state.json on every process of the launch
+(`ssapo.loop.run_steps`) and records each one there (its main process). It
+creates accelerate's process state first, with the run's `ddp_timeout`, so
+every collective of the step (and the trainer, which reuses that state)
+waits at most that long.
+
+`Launcher` is what `ssapo train --num-processes N` drives a run with
+(`ssapo.loop.run(cfg, launcher=...)`): training steps (seed, lead) under the
+recipe's accelerate config (ddp / zero3 / fsdp); the other steps (annotation,
+SeRA's passes, evaluation) as plain data-parallel processes, each with whole
+models on its own device (the engine's config with its DeepSpeed / FSDP part
+removed, written to DIR/launch/data_parallel.yaml), or one process when vLLM
+generates; the follower in the driver itself. Consecutive steps that need
+the same launch run in one. Each launch's output goes to
+DIR/logs/<steps>.log (and to the driver's stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # set in every process a launcher starts
+ENGINES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # distributed types whose state must not reach a data step
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ssapo.stage", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="the run directory (holds config.yaml, data/, state.json)")
+    p.add_argument("--step", action="append", required=True, help="a step (repeatable), e.g. seed, round_1/lead")
+    args = p.parse_args(argv)
+    from datetime import timedelta
+
+    from ssapo.config import RunConfig
+
+    out = os.path.abspath(args.run_dir)
+    path = os.path.join(out, "config.yaml")
+    if not os.path.exists(path):
+        print(f"ssapo.stage: error: --run-dir: no config.yaml in {out} (prepare the run with ssapo train)",
+              file=sys.stderr)
+        return 2
+    cfg = RunConfig.from_yaml(path)
+    from accelerate import PartialState
+
+    # first: the process group, with the run's timeout (the trainer reuses this state)
+    procs = PartialState(cpu=cfg.use_cpu, timeout=timedelta(seconds=cfg.ddp_timeout))
+    from ssapo.loop import run_steps
+
+    run_steps(cfg, out, list(args.step), procs)
+    procs.wait_for_everyone()
+    if procs.is_main_process:
+        print(f"ssapo.stage: done: {', '.join(args.step)}", file=sys.stderr)
+    if hasattr(procs, "destroy_process_group"):
+        procs.destroy_process_group()
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+class Launcher:
+    """Starts the steps of a run as `accelerate launch` processes (see the module docstring).
+
+    `num_processes` per machine... as accelerate counts it: the total over
+    machines; `engine_config`: the training steps' accelerate config file;
+    `accelerate_args`: more `accelerate launch` flags, passed as they are
+    (--num_machines, --machine_rank, --main_process_ip, --main_process_port,
+    ...). `machine_rank` > 0 (multi-node): this driver joins the launches of
+    the driver on machine 0 and waits for the steps only machine 0 runs
+    (follower, one-process launches), reading the shared run directory."""
+
+    def __init__(self, out: str, num_processes: int, engine_config: str, accelerate_args: Sequence[str] = (),
+                 machine_rank: int = 0, num_machines: int = 1, echo: bool = True, poll_s: float = 2.0,
+                 timeout_s: float = 10800.0):
+        self.out = out
+        self.num_processes = int(num_processes)
+        self.engine_config = os.path.abspath(engine_config)
+        self.accelerate_args = list(accelerate_args)
+        self.machine_rank, self.num_machines = int(machine_rank), int(num_machines)
+        self.echo, self.poll_s, self.timeout_s = echo, poll_s, timeout_s
+        self.last_log: Optional[str] = None
+        engine = _read_yaml(self.engine_config)
+        self.engine_type = str(engine.get("distributed_type", "MULTI_GPU"))
+        self.data_config = self.engine_config
+        self._data_text: Optional[str] = None
+        if self.engine_type in ENGINES:
+            import yaml
+
+            # the engine's accelerate config without its DeepSpeed / FSDP part: plain data-parallel processes
+            conf = {k: v for k, v in engine.items() if not k.startswith(("deepspeed", "fsdp", "megatron"))}
+            conf["distributed_type"] = "MULTI_CPU" if conf.get("use_cpu") else "MULTI_GPU"
+            self.data_config = os.path.join(self.out, "launch", "data_parallel.yaml")
+            self._data_text = ("# written by ssapo train: the data-parallel steps' accelerate config (from "
+                               f"{self.engine_config}, without its engine)\n" + yaml.safe_dump(conf, sort_keys=False))
+
+    def write_configs(self) -> None:
+        """Writes DIR/launch/data_parallel.yaml (when the engine is not plain ddp), atomically."""
+        if self._data_text is not None:
+            from ssapo.io import atomic_write
+
+            text = self._data_text
+            atomic_write(self.data_config, lambda tmp: open(tmp, "w").write(text))
+
+    # -- planning ---------------------------------------------------------------------------------
+    def how(self, cfg, step: str) -> Optional[Tuple[str, int]]:
+        """(accelerate config, processes) of a step; None: the driver runs it (the follower)."""
+        from ssapo.loop import step_kind
+
+        kind = step_kind(step)
+        if kind == "follow":
+            return None
+        if kind == "train":
+            return self.engine_config, self.num_processes
+        name = step.split("/")[-1]
+        if name in ("annotate", "sera"):
+            from ssapo.annotate import use_vllm
+
+            if use_vllm(cfg.generation_backend):
+                return "", 1  # one vLLM engine (its own tensor parallelism), no accelerate
+        return self.data_config, self.num_processes
+
+    def plan(self, cfg, steps: List[str]) -> List[Tuple[List[str], Optional[Tuple[str, int]]]]:
+        """`steps` in groups of consecutive steps with the same launch."""
+        groups: List[Tuple[List[str], Optional[Tuple[str, int]]]] = []
+        for s in steps:
+            how = self.how(cfg, s)
+            if groups and how is not None and groups[-1][1] == how:
+                groups[-1][0].append(s)
+            else:
+                groups.append(([s], how))
+        return groups
+
+    # -- running ----------------------------------------------------------------------------------
+    def command(self, steps: List[str], how: Tuple[str, int], cfg_mixed_precision: Optional[str] = None) -> List[str]:
+        conf, n = how
+        stage = ["-m", "ssapo.stage", "--run-dir", self.out] + [a for s in steps for a in ("--step", s)]
+        if not conf:  # one plain process
+            return [sys.executable] + stage
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", conf, "--num_processes", str(n)]
+        if cfg_mixed_precision:
+            cmd += ["--mixed_precision", cfg_mixed_precision]
+        extra = list(self.accelerate_args)
+        if self.num_machines == 1 and not any(a.startswith("--main_process_port") for a in extra):
+            extra += ["--main_process_port", str(free_port())]  # concurrent runs on one machine do not collide
+        return cmd + extra + stage
+
+    def log_path(self, steps: List[str]) -> str:
+        name = "+".join(s.replace("/", "_") for s in steps)
+        if len(name) > 120:
+            name = f"{steps[0].replace('/', '_')}+{len(steps) - 1}_more"
+        return os.path.join(self.out, "logs", f"{name}.log")
+
+    def launch(self, steps: List[str], how: Tuple[str, int]) -> None:
+        """Runs one launch of `steps` to its end; raises StepFailed when it fails."""
+        from ssapo.config import RunConfig
+        from ssapo.loop import StepFailed
+
+        log = self.log_path(steps)
+        self.last_log = log
+        if self.machine_rank > 0 and not how[0]:  # one-process launches run on machine 0 only
+            return self._wait_for(steps)
+        cfg = RunConfig.from_yaml(os.path.join(self.out, "config.yaml"))
+        self.write_configs()
+        cmd = self.command(steps, how, "bf16" if cfg.bf16 else "no")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        self._say(f"ssapo train: {', '.join(steps)}: {how[1]} process(es): {' '.join(cmd)}")
+        t0 = time.time()
+        env = {**os.environ, LAUNCHED_ENV: "1"}
+        with open(log, "a") as f:
+            f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            f.flush()
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 errors="replace", bufsize=1)
+            try:
+                assert p.stdout is not None
+                for line in p.stdout:
+                    f.write(line)
+                    f.flush()
+                    if self.echo:
+                        sys.stderr.write(line)
+                rc = p.wait()
+            except BaseException:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                raise
+        if rc != 0:
+            raise StepFailed(f"step {self._first_pending(steps)} failed (exit {rc}{_cause(log)}); log: {log}")
+        self._say(f"ssapo train: {', '.join(steps)}: done in {time.time() - t0:.0f} s")
+
+    def in_driver(self, fn: Callable[[], None], step: str, state) -> None:
+        """A step the driver runs itself (the follower); on machines > 0 wait for machine 0's."""
+        if self.machine_rank > 0:
+            return self._wait_for([step])
+        t0 = time.time()
+        fn()
+        self._say(f"ssapo train: {step}: done in {time.time() - t0:.2f} s (in the driver)")
+
+    def _first_pending(self, steps: List[str]) -> str:
+        import json
+
+        try:
+            with open(os.path.join(self.out, "state.json")) as f:
+                done = set(json.load(f)["done"])
+        except (OSError, ValueError, KeyError):
+            done = set()
+        return next((s for s in steps if s not in done), steps[-1])
+
+    def _wait_for(self, steps: List[str]) -> None:
+        from ssapo.loop import StepFailed
+
+        deadline = time.time() + self.timeout_s
+        while self._pending(steps):
+            if time.time() > deadline:
+                raise StepFailed(f"step {self._first_pending(steps)}: machine 0 did not record it within "
+                                 f"{self.timeout_s:.0f} s (ddp_timeout)")
+            time.sleep(self.poll_s)
+
+    def _pending(self, steps: List[str]) -> bool:
+        import json
+
+        try:
+            with open(os.path.join(self.out, "state.json")) as f:
+                done = set(json.load(f)["done"])
+        except (OSError, ValueError, KeyError):
+            return True
+        return any(s not in done for s in steps)
+
+    def _say(self, msg: str) -> None:
+        if self.echo:
+            print(msg, file=sys.stderr, flush=True)
+
+
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Interrupt)|torch\.\w+\.\w+Error)\b.*")
+
+
+def _cause(log: str) -> str:
+    """'; <the last exception line of the log>' when there is one."""
+    try:
+        with open(log, errors="replace") as f:
+            lines = f.readlines()[-400:]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        m = _ERROR_LINE.match(line)
+        if m and "ChildFailedError" not in line:
+            text = line.strip()
+            return f"; {text[:300]}"
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
