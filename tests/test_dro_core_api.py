@@ -52,6 +52,17 @@ X = np.array([0.6, 0.7, 0.9])
         (dict(threads=-2), r"^threads: must be >= 1"),
         (dict(threads=1.5), r"^threads: must be an int"),
         (dict(loss="neg_log"), r"^loss: must be a dro_core.Loss"),
+        # issue 8: a bool or a float is neither a group size nor labels
+        (dict(groups=True), r"^groups: must be None \(one ball\), an int G .* got bool True"),
+        (dict(groups=np.bool_(False)), r"^groups: must be None \(one ball\), an int G .* got bool"),
+        (dict(groups=2.5), r"^groups: must be None \(one ball\), an int G .* got float 2.5"),
+        # issue 8: sums that overflow float64 are refused, not returned as inf
+        (dict(xi=[1e308, -1e308], loss=Loss.max_affine([1.0, -1.0], [0.0, 0.0])), r"^xi: values this large overflow"),
+        (dict(xi=[1e307, 2e307], loss=Loss.max_affine([1.0, -1.0], [0.0, 0.0])), r"^xi: values this large overflow"),
+        (
+            dict(xi=[0.0, 1.0], loss=Loss.max_affine([1.0], [0.0]), support=(-1e308, 1e308)),
+            r"^support: values this large overflow",
+        ),
     ],
 )
 def test_bad_solve_input(kwargs, match):
@@ -85,6 +96,17 @@ def test_bad_solve_input(kwargs, match):
         (lambda: Loss.max_affine([1.0], [float("-inf")]), r"^intercepts: must be finite, but element 0"),
         (lambda: Loss.interpolate([0.0, 1.0], [0.0]), r"^y: must have the length of x"),
         (lambda: Loss.interpolate([0.0, 1.0], [0.0, float("inf")]), r"^y: must be finite, but element 1"),
+        # issue 8: wrong types are ValueErrors naming the argument too (were TypeErrors)
+        (lambda: Loss.neg_log(2.5), r"^k: must be an int, got float 2.5"),
+        (lambda: Loss.neg_log("6"), r"^k: must be an int, got str"),
+        (lambda: Loss.neg_log(True), r"^k: must be an int, got bool"),
+        (lambda: Loss.softplus(3.0, -1, 1), r"^k: must be an int, got float"),
+        (lambda: Loss.softplus(3, "a", 1), r"^lo: must be a real number, got str"),
+        (lambda: Loss.softplus(3, -1, None), r"^hi: must be a real number, got NoneType"),
+        (lambda: Loss.max_affine(1.0, [0.0]), r"^slopes: must be a sequence of real numbers, got float"),
+        (lambda: Loss.max_affine([1.0, "x"], [0.0, 0.0]), r"^slopes\[1\]: must be a real number, got str"),
+        (lambda: Loss.interpolate("ab", [0.0, 1.0]), r"^x: must be a sequence of real numbers, got str"),
+        (lambda: Loss.interpolate([0.0, 1.0], [0.0, None]), r"^y\[1\]: must be a real number, got NoneType"),
     ],
 )
 def test_bad_loss_input(make, match):
@@ -160,3 +182,20 @@ def test_errors_come_before_any_work():
         x = np.full(1_000_000, 0.5)
         x[-1] = np.nan
         dro_core.solve(x, 0.01)
+
+
+def test_accepted_loss_argument_forms():
+    assert repr(Loss.neg_log()) == repr(Loss.neg_log(6)) == "Loss.neg_log(k=6)"
+    assert repr(Loss.neg_log(np.int64(4))) == "Loss.neg_log(k=4)"
+    a = Loss.max_affine(np.array([-1.0, 1.0]), (0, 0))
+    b = Loss.max_affine([-1.0, 1.0], [0.0, 0.0])
+    z = np.array([-2.0, 0.5, 3.0])
+    assert np.array_equal(a(z), b(z))
+    assert Loss.softplus(np.int32(3), np.float32(-1.0), 2).natural_support == (-1.0, 2.0)
+
+
+def test_large_but_safe_inputs_solve_finitely():
+    # well below the overflow limit: finite values and a proof
+    xi = np.array([1e150, -3e150, 2e150])
+    r = dro_core.solve(xi, 1e149, loss=Loss.max_affine([1.0, -1.0], [0.0, 0.0]))
+    assert np.isfinite(r.value) and r.certificate().ok

@@ -17,9 +17,9 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._dro_core import CHUNK, Loss, Solution, __version__, _solve
+from ._dro_core import CHUNK, Certificate, Loss, Solution, __version__, _solve
 
-__all__ = ["solve", "Loss", "Solution", "CHUNK", "__version__"]
+__all__ = ["solve", "Loss", "Solution", "Certificate", "CHUNK", "__version__"]
 
 
 def _as_1d_float(name: str, a: Any) -> np.ndarray:
@@ -71,8 +71,11 @@ def solve(
             bit-identical whatever the count.
 
     Returns:
-        A `Solution`. Raises ValueError, naming the argument and the first bad
-        index, before any work is done.
+        A `Solution`; `solution.certificate().ok` proves it optimal (primal and
+        dual feasibility and equal objectives, recomputed from the atoms).
+        Raises ValueError, naming the argument and the first bad index, before
+        any work is done; data so large that float64 sums would overflow
+        (|xi| near 1e308) is refused, not scaled.
     """
     x = _as_1d_float("xi", xi)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
@@ -81,7 +84,14 @@ def solve(
     labels: Optional[np.ndarray] = None
     if groups is None:
         pass
-    elif isinstance(groups, (numbers.Integral, np.integer)) and not isinstance(groups, bool):
+    elif isinstance(groups, (bool, np.bool_)) or (
+        isinstance(groups, numbers.Number) and not isinstance(groups, (numbers.Integral, np.integer))
+    ):
+        raise ValueError(
+            "groups: must be None (one ball), an int G (chunks of G samples) or a 1-D integer array of "
+            f"labels, got {type(groups).__name__} {groups!r}"
+        )
+    elif isinstance(groups, (numbers.Integral, np.integer)):
         group_size = int(groups)
     else:
         labels = _as_labels(groups, x.shape[0])

@@ -14,7 +14,7 @@ from typing import Any, Final, Optional, Sequence, Tuple, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["solve", "Loss", "Solution", "CHUNK", "__version__"]
+__all__ = ["solve", "Loss", "Solution", "Certificate", "CHUNK", "__version__"]
 
 __version__: Final[str]
 """The version of the compiled core (the crate's version)."""
@@ -35,9 +35,9 @@ class Loss:
     """
 
     @staticmethod
-    def neg_log(k: int = 6) -> "Loss":
+    def neg_log(k: Optional[int] = None) -> "Loss":
         """The paper's default: -log xi replaced by its k tangents at j/k,
-        j = 1..k; xi is a preference probability; natural support [0, 1]."""
+        j = 1..k (k = 6 when None); xi is a preference probability; natural support [0, 1]."""
     @staticmethod
     def softplus(k: int, lo: float, hi: float) -> "Loss":
         """softplus(-z), the DPO loss of a margin z, replaced by k tangents spread
@@ -127,6 +127,62 @@ class Solution:
     @property
     def eps(self) -> float:
         """The radius used."""
+    def certificate(self, rel: float = 1e-9) -> "Certificate":
+        """The optimality proof, recomputed from the atoms, the data and the
+        loss: primal feasibility (transport <= eps in every group, atoms inside
+        the support, masses >= 0 summing to 1), dual feasibility (lam >= 0) and
+        equal primal and dual values, at relative tolerance `rel`.
+        `assert sol.certificate().ok` checks it in one line."""
+
+@final
+class Certificate:
+    """The proof that a Solution is optimal; each measure is 0 for a perfect
+    answer and `ok` holds them to their tolerances. A zero dual gap alone is
+    no proof: the dual value at some lam can equal the value of an infeasible
+    primal; feasibility is what makes the equality a proof (weak duality)."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether primal feasibility, dual feasibility and equal objectives all hold."""
+    @property
+    def failures(self) -> list[str]:
+        """The names of the failing checks (empty when ok)."""
+    @property
+    def budget_excess(self) -> float:
+        """max over groups of (mean transport - eps)+, recomputed from the atoms."""
+    @property
+    def support_violation(self) -> float:
+        """Largest distance of an atom outside the support."""
+    @property
+    def negative_mass(self) -> float:
+        """The most negative mass, as a positive number."""
+    @property
+    def mass_sum_error(self) -> float:
+        """max_i |sum_j mass_ij - 1|."""
+    @property
+    def negative_lam(self) -> float:
+        """max over groups of (-lam)+."""
+    @property
+    def gap(self) -> float:
+        """max over groups of |primal - dual|, both recomputed."""
+    @property
+    def slackness(self) -> float:
+        """max over groups of lam * (eps - transport)+ (complementary slackness)."""
+    @property
+    def value_mismatch(self) -> float:
+        """max over groups of |reported value - recomputed primal value|."""
+    @property
+    def budget_mismatch(self) -> float:
+        """max over groups of |reported budget_used - recomputed transport|."""
+    @property
+    def tol_value(self) -> float:
+        """Tolerance of the value checks (rel * the largest |loss| met)."""
+    @property
+    def tol_transport(self) -> float:
+        """Tolerance of the transport and support checks (rel * max(1, |lo|, |hi|))."""
+    @property
+    def tol_mass(self) -> float:
+        """Tolerance of the mass checks (rel)."""
 
 def solve(
     xi: Any,

@@ -11,6 +11,7 @@ mod solve;
 fn _dro_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<loss::PyLoss>()?;
     m.add_class::<solve::PySolution>()?;
+    m.add_class::<solve::PyCertificate>()?;
     m.add_function(wrap_pyfunction!(solve::_solve, m)?)?;
     m.add("CHUNK", dro_core::CHUNK)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

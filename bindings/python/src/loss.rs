@@ -3,7 +3,7 @@
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 
-use crate::error::{positive, to_py};
+use crate::error::{float_arg, floats_arg, int_arg, positive, to_py};
 
 /// A continuous piecewise-linear loss. Build one with `Loss.neg_log`,
 /// `Loss.softplus`, `Loss.max_affine` or `Loss.interpolate`.
@@ -17,28 +17,34 @@ pub struct PyLoss {
 impl PyLoss {
     /// The paper's default: tangents of -log at j/k, j = 1..k; support [0, 1].
     #[staticmethod]
-    #[pyo3(signature = (k = 6))]
-    fn neg_log(k: i64) -> PyResult<Self> {
-        let k = positive("k", k)?;
+    #[pyo3(signature = (k = None))]
+    fn neg_log(k: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let k = match k {
+            None => 6,
+            Some(k) => positive("k", int_arg("k", k)?)?,
+        };
         Ok(PyLoss { inner: dro_core::Loss::neg_log(k).map_err(to_py)? })
     }
 
     /// softplus(-z) (the DPO loss of a margin) by k tangents spread over [lo, hi].
     #[staticmethod]
-    fn softplus(k: i64, lo: f64, hi: f64) -> PyResult<Self> {
-        let k = positive("k", k)?;
+    fn softplus(k: &Bound<'_, PyAny>, lo: &Bound<'_, PyAny>, hi: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let k = positive("k", int_arg("k", k)?)?;
+        let (lo, hi) = (float_arg("lo", lo)?, float_arg("hi", hi)?);
         Ok(PyLoss { inner: dro_core::Loss::softplus(k, lo, hi).map_err(to_py)? })
     }
 
     /// max_k slopes[k] * z + intercepts[k] (convex).
     #[staticmethod]
-    fn max_affine(slopes: Vec<f64>, intercepts: Vec<f64>) -> PyResult<Self> {
+    fn max_affine(slopes: &Bound<'_, PyAny>, intercepts: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let (slopes, intercepts) = (floats_arg("slopes", slopes)?, floats_arg("intercepts", intercepts)?);
         Ok(PyLoss { inner: dro_core::Loss::max_affine(slopes, intercepts).map_err(to_py)? })
     }
 
     /// Linear interpolation through (x[j], y[j]), extended linearly beyond the ends.
     #[staticmethod]
-    fn interpolate(x: Vec<f64>, y: Vec<f64>) -> PyResult<Self> {
+    fn interpolate(x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let (x, y) = (floats_arg("x", x)?, floats_arg("y", y)?);
         Ok(PyLoss { inner: dro_core::Loss::interpolate(x, y).map_err(to_py)? })
     }
 

@@ -61,6 +61,107 @@ pub struct PySolution {
     /// The radius used.
     #[pyo3(get)]
     eps: f64,
+    /// What the certificate is recomputed from: the data and the loss solved.
+    xi: Py<PyArray1<f64>>,
+    loss: dro_core::Loss,
+}
+
+/// The proof that a `Solution` is optimal, recomputed from its atoms and the
+/// data (see `Solution.certificate`). Each measure is 0 for a perfect answer.
+#[pyclass(frozen, name = "Certificate", module = "dro_core")]
+pub struct PyCertificate {
+    inner: dro_core::Certificate,
+}
+
+#[pymethods]
+impl PyCertificate {
+    /// Whether every check holds within its tolerance: primal feasible, dual
+    /// feasible, equal objectives. `assert sol.certificate().ok`.
+    #[getter]
+    fn ok(&self) -> bool {
+        self.inner.is_optimal()
+    }
+    /// The names of the failing checks (empty when `ok`).
+    #[getter]
+    fn failures(&self) -> Vec<&'static str> {
+        self.inner.failures()
+    }
+    /// max over groups of (mean transport - eps)+, recomputed from the atoms.
+    #[getter]
+    fn budget_excess(&self) -> f64 {
+        self.inner.budget_excess
+    }
+    /// Largest distance of an atom outside the support.
+    #[getter]
+    fn support_violation(&self) -> f64 {
+        self.inner.support_violation
+    }
+    /// The most negative mass, as a positive number.
+    #[getter]
+    fn negative_mass(&self) -> f64 {
+        self.inner.negative_mass
+    }
+    /// max_i |sum_j mass_ij - 1|.
+    #[getter]
+    fn mass_sum_error(&self) -> f64 {
+        self.inner.mass_sum_error
+    }
+    /// max over groups of (-lam)+.
+    #[getter]
+    fn negative_lam(&self) -> f64 {
+        self.inner.negative_lam
+    }
+    /// max over groups of |primal - dual|, both recomputed.
+    #[getter]
+    fn gap(&self) -> f64 {
+        self.inner.gap
+    }
+    /// max over groups of lam * (eps - transport)+ (complementary slackness).
+    #[getter]
+    fn slackness(&self) -> f64 {
+        self.inner.slackness
+    }
+    /// max over groups of |reported value - recomputed primal value|.
+    #[getter]
+    fn value_mismatch(&self) -> f64 {
+        self.inner.value_mismatch
+    }
+    /// max over groups of |reported budget_used - recomputed transport|.
+    #[getter]
+    fn budget_mismatch(&self) -> f64 {
+        self.inner.budget_mismatch
+    }
+    /// Tolerance of the value checks (rel * the largest |loss| met).
+    #[getter]
+    fn tol_value(&self) -> f64 {
+        self.inner.tol_value
+    }
+    /// Tolerance of the transport and support checks (rel * max(1, |lo|, |hi|)).
+    #[getter]
+    fn tol_transport(&self) -> f64 {
+        self.inner.tol_transport
+    }
+    /// Tolerance of the mass checks (rel).
+    #[getter]
+    fn tol_mass(&self) -> f64 {
+        self.inner.tol_mass
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.inner;
+        format!(
+            "Certificate(ok={}, budget_excess={:.3e}, support_violation={:.3e}, negative_mass={:.3e}, \
+             mass_sum_error={:.3e}, negative_lam={:.3e}, gap={:.3e}, slackness={:.3e})",
+            if c.is_optimal() { "True" } else { "False" },
+            c.budget_excess,
+            c.support_violation,
+            c.negative_mass,
+            c.mass_sum_error,
+            c.negative_lam,
+            c.gap,
+            c.slackness
+        )
+    }
 }
 
 #[pymethods]
@@ -69,6 +170,19 @@ impl PySolution {
     #[getter]
     fn dual_gap(&self) -> f64 {
         (self.value - self.dual_value).abs()
+    }
+
+    /// The optimality proof, recomputed from the atoms, the data and the loss:
+    /// primal feasibility (transport <= eps in every group, atoms inside the
+    /// support, masses >= 0 summing to 1), dual feasibility (lam >= 0) and
+    /// equal primal and dual values, at relative tolerance `rel`.
+    #[pyo3(signature = (rel = 1e-9))]
+    fn certificate(&self, py: Python<'_>, rel: f64) -> PyResult<PyCertificate> {
+        let sol = self.to_core(py)?;
+        let xi = self.xi.bind(py).readonly();
+        let x = xi.as_slice().map_err(|_| PyValueError::new_err("xi: not contiguous"))?;
+        let inner = sol.certificate_with(x, &self.loss, rel).map_err(to_py)?;
+        Ok(PyCertificate { inner })
     }
 
     fn __repr__(&self) -> String {
@@ -80,6 +194,36 @@ impl PySolution {
             Python::attach(|py| self.lam.bind(py).len().unwrap_or(0)),
             self.eps
         )
+    }
+}
+
+impl PySolution {
+    /// The core solution these arrays hold (for the certificate).
+    fn to_core(&self, py: Python<'_>) -> PyResult<dro_core::Solution> {
+        let v1 = |a: &Py<PyArray1<f64>>| -> PyResult<Vec<f64>> { Ok(a.bind(py).readonly().as_slice()?.to_vec()) };
+        let v2 = |a: &Py<PyArray2<f64>>| -> PyResult<Vec<f64>> { Ok(a.bind(py).readonly().as_slice()?.to_vec()) };
+        let vu = |a: &Py<PyArray1<i64>>| -> PyResult<Vec<usize>> {
+            Ok(a.bind(py).readonly().as_slice()?.iter().map(|&g| g as usize).collect())
+        };
+        Ok(dro_core::Solution {
+            value: self.value,
+            empirical_value: self.empirical_value,
+            dual_value: self.dual_value,
+            group_values: v1(&self.group_values)?,
+            group_empirical_values: v1(&self.group_empirical_values)?,
+            group_dual_values: v1(&self.group_dual_values)?,
+            lam: v1(&self.lam)?,
+            budget_used: v1(&self.budget_used)?,
+            group_sizes: vu(&self.group_sizes)?,
+            group_labels: self.group_labels.bind(py).readonly().as_slice()?.to_vec(),
+            group_index: vu(&self.group_index)?,
+            loc: v2(&self.loc)?,
+            mass: v2(&self.mass)?,
+            shift: v2(&self.shift)?,
+            weights: v1(&self.weights)?,
+            support: self.support,
+            eps: self.eps,
+        })
     }
 }
 
@@ -137,6 +281,7 @@ pub fn _solve(
     let opts = dro_core::Options { support, threads };
     // the heavy part runs without the GIL
     let sol = py.detach(|| dro_core::solve(x, eps, groups, &loss, &opts)).map_err(to_py)?;
+    let xi_kept = xi.as_unbound().clone_ref(py);
     Ok(PySolution {
         value: sol.value,
         empirical_value: sol.empirical_value,
@@ -155,5 +300,7 @@ pub fn _solve(
         weights: arr1(py, sol.weights),
         support: sol.support,
         eps: sol.eps,
+        xi: xi_kept,
+        loss,
     })
 }
