@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,14 +34,14 @@ BASE = [
 STEPS = 7  # 8 pairs in batches of 2: 4 steps an epoch, so the run crosses an epoch boundary
 
 
-def _rows():
+def _rows(base=BASE * 2):
     from datasets import Dataset
 
     atoms = [{"shift": [0.0, 0.6], "mass": [0.25, 0.75]}, {"shift": [0.0, 0.1], "mass": [0.5, 0.5]}]
-    return Dataset.from_list([{**r, **atoms[i % 2]} for i, r in enumerate(BASE * 2)])
+    return Dataset.from_list([{**r, **atoms[i % 2]} for i, r in enumerate(base)])
 
 
-def _trainer(out, callbacks=()):
+def _trainer(out, callbacks=(), seed=0, rows=None):
     """The same trainer every time: tiny Llama from seed 0 with attention
     dropout (so the RNG matters), shift_prob atoms (so the leader's counters do)."""
     from ssapo.tiny import build_tokenizer, tiny_llama
@@ -50,7 +49,7 @@ def _trainer(out, callbacks=()):
 
     torch.set_num_threads(1)
     tok = build_tokenizer(WORDS)
-    model = tiny_llama(tok, hidden_size=64, num_layers=2, seed=0)
+    model = tiny_llama(tok, hidden_size=64, num_layers=2, seed=seed)
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1
     args = SSAPOConfig(
@@ -59,7 +58,8 @@ def _trainer(out, callbacks=()):
         beta=0.1, seed=0, data_seed=0, disable_tqdm=True, leader_loss="shift_prob", warmup_steps=1,
         lr_scheduler_type="linear", precompute_ref_log_probs=True,
     )
-    return SSAPOTrainer(model, args=args, train_dataset=_rows(), processing_class=tok, callbacks=list(callbacks))
+    return SSAPOTrainer(model, args=args, train_dataset=rows if rows is not None else _rows(), processing_class=tok,
+                        callbacks=list(callbacks))
 
 
 def _params(tr):
@@ -136,6 +136,21 @@ def test_incomplete_checkpoints_are_not_resumed_from(tmp_path):
         tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     with pytest.raises(ValueError, match=r"^resume_from_checkpoint: no complete checkpoint in "):
         tr.train(resume_from_checkpoint=True)
+
+
+def test_resuming_another_run_is_refused(tmp_path):
+    from ssapo.trainer import last_checkpoint
+
+    first = _trainer(tmp_path)
+    first.args.max_steps = 2
+    first.train()
+    ckpt = last_checkpoint(tmp_path)
+    assert ckpt == str(tmp_path / "checkpoint-2")
+    # another start model (as when a resumed trainer is built from the checkpoint's weights): another reference
+    with pytest.raises(ValueError, match=r"^resume_from_checkpoint: .*another reference model's weights"):
+        _trainer(tmp_path, seed=1).train(resume_from_checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"^resume_from_checkpoint: .*another train_dataset"):
+        _trainer(tmp_path, rows=_rows(BASE[::-1] * 2)).train(resume_from_checkpoint=ckpt)
 
 
 def worker(work: str) -> None:

@@ -234,7 +234,8 @@ def test_fp32_master_weights_step_as_fp32_at_lr_5e7(tmp_path):
 def test_16bit_trainable_weights_are_refused(tmp_path):
     tok = build_tokenizer(WORDS)
     model = tiny_llama(tok).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"^model: \d+ trainable parameter\(s\) are torch.bfloat16.*load_policy_kwargs"):
+    with pytest.raises(ValueError,
+                       match=r"^model: \d+ trainable parameter\(s\) are torch.bfloat16.*load_policy_kwargs"):
         SSAPOTrainer(model, args=config(SSAPOConfig, tmp_path, leader_loss="dpo", bf16=True), train_dataset=rows(),
                      processing_class=tok)
 

@@ -421,6 +421,8 @@ class SSAPOTrainer(DPOTrainer):
         # random name in a per-process temp directory (the other ranks read a file never written). Put the
         # cache in output_dir/ref_logps/ under the fingerprint: shared by the ranks, and the same file (the
         # same values) when a killed run resumes.
+        if name == "train":
+            self._train_rows_fingerprint = getattr(dataset, "_fingerprint", None)
         if not getattr(dataset, "cache_files", None):
             cache_dir = os.path.join(self.args.output_dir, "ref_logps")
             os.makedirs(cache_dir, exist_ok=True)
@@ -461,7 +463,12 @@ class SSAPOTrainer(DPOTrainer):
     def _leader_state(self) -> dict:
         return {"clamped": self._clamped, "atoms": self._atoms, "flagged": self._flagged, "seen": self._seen,
                 "grad_norms": list(self._grad_norms), "step_losses": [float(x) for x in self._step_losses],
-                "confidence": self.confidence.values, "global_step": self.state.global_step}
+                "confidence": self.confidence.values, "global_step": self.state.global_step,
+                "reference_hash": self._precompute_model_hash, "train_fingerprint": self._train_fingerprint()}
+
+    def _train_fingerprint(self) -> Optional[str]:
+        # the prepared (tokenized) rows, before trl adds the reference columns; datasets' content fingerprint
+        return getattr(self, "_train_rows_fingerprint", None) or getattr(self.train_dataset, "_fingerprint", None)
 
     def _load_leader_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, LEADER_STATE.format(self.args.process_index))
@@ -471,6 +478,14 @@ class SSAPOTrainer(DPOTrainer):
             return
         with open(path) as f:
             st = json.load(f)
+        # the resumed trainer must be the interrupted one: same start model (hence reference), same data
+        for key, now, what in (("reference_hash", self._precompute_model_hash, "reference model's weights"),
+                               ("train_fingerprint", self._train_fingerprint(), "train_dataset")):
+            if st.get(key) is not None and now is not None and st[key] != now:
+                raise ValueError(
+                    f"resume_from_checkpoint: {checkpoint} was written by a run with another {what}; build the "
+                    "resumed trainer exactly as the interrupted one (the start model, not the checkpoint's weights, "
+                    "which train() loads; the same rows and atoms)")
         self._clamped, self._atoms, self._flagged, self._seen = st["clamped"], st["atoms"], st["flagged"], st["seen"]
         self._grad_norms = [float(g) for g in st["grad_norms"]]
         self._step_losses = [torch.tensor(x, dtype=torch.float32, device=self.accelerator.device)
