@@ -41,6 +41,19 @@ def _rows(base=BASE * 2):
     return Dataset.from_list([{**r, **atoms[i % 2]} for i, r in enumerate(base)])
 
 
+class _StepLog:
+    """State outside model and optimizer that changes every step (as a re-solved atom table)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def state_dict(self):
+        return {"steps": torch.tensor(self.steps, dtype=torch.int64)}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"].tolist()
+
+
 def _trainer(out, callbacks=(), seed=0, rows=None):
     """The same trainer every time: tiny Llama from seed 0 with attention
     dropout (so the RNG matters), shift_prob atoms (so the leader's counters do)."""
@@ -58,8 +71,19 @@ def _trainer(out, callbacks=(), seed=0, rows=None):
         beta=0.1, seed=0, data_seed=0, disable_tqdm=True, leader_loss="shift_prob", warmup_steps=1,
         lr_scheduler_type="linear", precompute_ref_log_probs=True,
     )
-    return SSAPOTrainer(model, args=args, train_dataset=rows if rows is not None else _rows(), processing_class=tok,
-                        callbacks=list(callbacks))
+    from transformers import TrainerCallback
+
+    log = _StepLog()
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            log.steps.append(state.global_step)
+
+    tr = SSAPOTrainer(model, args=args, train_dataset=rows if rows is not None else _rows(), processing_class=tok,
+                      callbacks=[Record(), *callbacks])
+    tr.add_checkpoint_state("steplog", log)
+    tr.step_log = log
+    return tr
 
 
 def _params(tr):
@@ -79,6 +103,7 @@ def _same_run(resumed, whole):
     assert resumed.state.global_step == whole.state.global_step == STEPS
     for key in ("loss_history", "grad_norms", "clamped_atoms", "atoms", "max_grad_norm"):
         assert resumed.leader_stats[key] == whole.leader_stats[key], key
+    assert resumed.step_log.steps == whole.step_log.steps == list(range(1, STEPS + 1))  # add_checkpoint_state
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         assert resumed.train_dataset[col] == whole.train_dataset[col]
 
@@ -136,6 +161,10 @@ def test_incomplete_checkpoints_are_not_resumed_from(tmp_path):
         tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     with pytest.raises(ValueError, match=r"^resume_from_checkpoint: no complete checkpoint in "):
         tr.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"^name: "):
+        tr.add_checkpoint_state("a/b", _StepLog())
+    with pytest.raises(ValueError, match=r"^obj: needs state_dict\(\) and load_state_dict"):
+        tr.add_checkpoint_state("x", object())
 
 
 def test_resuming_another_run_is_refused(tmp_path):

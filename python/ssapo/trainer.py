@@ -74,7 +74,7 @@ from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
 from ssapo import losses
-from ssapo.io import write_json
+from ssapo.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,20 @@ class SSAPOTrainer(DPOTrainer):
         self.confidence = losses.ConfidenceWindow(self.args.spa_window, self.args.spa_quantile, gather=gather)
         self._reset_stats()
         self.leader_stats: dict[str, Any] = {}
+        self._checkpoint_states: dict[str, Any] = {}
+
+    def add_checkpoint_state(self, name: str, obj) -> None:
+        """Keeps `obj`'s state in every checkpoint: `obj.state_dict()` (tensors,
+        lists, dicts, numbers, strings) is written by every rank as
+        `ssapo_state_<name>_<rank>.pt`, and `train(resume_from_checkpoint=...)`
+        calls `obj.load_state_dict(state)` before training continues. For state
+        that changes during a round outside the model and optimizer (e.g. the
+        follower's atom table that a mid-round re-solve replaces)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+            raise ValueError(f"name: letters, digits, '_', '.', '-' only, got {name!r}")
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise ValueError(f"obj: needs state_dict() and load_state_dict(state), got {type(obj).__name__}")
+        self._checkpoint_states[name] = obj
 
     def _check_master_weights(self):
         """Plain AdamW (one process or DDP) updates the parameters in their own
@@ -453,6 +467,10 @@ class SSAPOTrainer(DPOTrainer):
             self.args.save_total_limit = limit
         os.makedirs(folder, exist_ok=True)
         write_json(os.path.join(folder, LEADER_STATE.format(self.args.process_index)), self._leader_state())
+        for name, obj in self._checkpoint_states.items():
+            state = obj.state_dict()
+            atomic_write(os.path.join(folder, f"ssapo_state_{name}_{self.args.process_index}.pt"),
+                         lambda tmp, state=state: torch.save(state, tmp))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             write_json(marker, {"global_step": self.state.global_step, "num_processes": self.args.world_size})
@@ -491,6 +509,12 @@ class SSAPOTrainer(DPOTrainer):
         self._step_losses = [torch.tensor(x, dtype=torch.float32, device=self.accelerator.device)
                              for x in st["step_losses"]]
         self.confidence._values = [float(v) for v in st["confidence"]]
+        for name, obj in self._checkpoint_states.items():
+            state_path = os.path.join(checkpoint, f"ssapo_state_{name}_{self.args.process_index}.pt")
+            if not os.path.exists(state_path):
+                raise ValueError(f"resume_from_checkpoint: {checkpoint} has no state {name!r} for process "
+                                 f"{self.args.process_index} (add_checkpoint_state({name!r}, ...) was not used there)")
+            obj.load_state_dict(torch.load(state_path, weights_only=True))
 
     def _reset_stats(self):
         self._clamped = self._atoms = self._flagged = self._seen = 0
