@@ -45,10 +45,7 @@ pub(crate) fn first_non_finite(v: &[f64]) -> Option<usize> {
 
 pub(crate) fn check_finite(arg: &'static str, v: &[f64]) -> Result<()> {
     match first_non_finite(v) {
-        Some(i) => Err(DroError::arg(
-            arg,
-            format!("must be finite, but element {i} is {}", v[i]),
-        )),
+        Some(i) => Err(DroError::arg(arg, format!("must be finite, but element {i} is {}", v[i]))),
         None => Ok(()),
     }
 }

@@ -77,11 +77,7 @@ impl Loss {
             (0..k).map(|j| lo + (hi - lo) * j as f64 / (k - 1) as f64).collect()
         };
         let slopes: Vec<f64> = points.iter().map(|&z| -sigmoid(-z)).collect();
-        let intercepts = points
-            .iter()
-            .zip(&slopes)
-            .map(|(&z, &a)| softplus_neg(z) - a * z)
-            .collect();
+        let intercepts = points.iter().zip(&slopes).map(|(&z, &a)| softplus_neg(z) - a * z).collect();
         Ok(Loss {
             shape: Shape::MaxAffine { slopes, intercepts },
             support: Some((lo, hi)),
@@ -104,11 +100,7 @@ impl Loss {
         check_finite("slopes", &slopes)?;
         check_finite("intercepts", &intercepts)?;
         let k = slopes.len();
-        Ok(Loss {
-            shape: Shape::MaxAffine { slopes, intercepts },
-            support: None,
-            name: format!("max_affine(k={k})"),
-        })
+        Ok(Loss { shape: Shape::MaxAffine { slopes, intercepts }, support: None, name: format!("max_affine(k={k})") })
     }
 
     /// Any continuous piecewise-linear loss: linear interpolation through the
@@ -160,11 +152,9 @@ impl Loss {
     #[inline]
     pub fn eval(&self, z: f64) -> f64 {
         match &self.shape {
-            Shape::MaxAffine { slopes, intercepts } => slopes
-                .iter()
-                .zip(intercepts)
-                .map(|(a, b)| a * z + b)
-                .fold(f64::NEG_INFINITY, f64::max),
+            Shape::MaxAffine { slopes, intercepts } => {
+                slopes.iter().zip(intercepts).map(|(a, b)| a * z + b).fold(f64::NEG_INFINITY, f64::max)
+            }
             Shape::Interpolate { x, y } => {
                 let j = segment(x, z);
                 y[j] + (y[j + 1] - y[j]) / (x[j + 1] - x[j]) * (z - x[j])

@@ -162,10 +162,7 @@ fn validate(xi: &[f64], eps: f64, groups: &Groups<'_>, loss: &Loss, opts: &Optio
         return Err(DroError::arg("support", format!("lo must be <= hi, got ({lo}, {hi})")));
     }
     if let Some(i) = xi.iter().position(|&x| x < lo || x > hi) {
-        return Err(DroError::arg(
-            "xi",
-            format!("xi[{i}] = {} lies outside the support [{lo}, {hi}]", xi[i]),
-        ));
+        return Err(DroError::arg("xi", format!("xi[{i}] = {} lies outside the support [{lo}, {hi}]", xi[i])));
     }
     // Refuse, rather than return inf or NaN, data whose sums overflow f64:
     // the solver adds n losses, n transports and n terms ℓ(c) − λ|c − ξ|, each
@@ -199,6 +196,9 @@ struct GroupStats {
 
 type U = MaybeUninit<f64>;
 
+/// One chunk's samples, its outputs and its slot of the pooled edge buffer.
+type ChunkWork<'a, 'b> = ((&'a [f64], &'a mut Out<'b>), &'a mut [(f64, f64)]);
+
 /// An output buffer that every sample's chunk writes exactly once, so it is
 /// never zero-filled first (that fill was a third of a grouped solve).
 fn uninit_vec(len: usize) -> Vec<U> {
@@ -231,10 +231,7 @@ impl<'a> Out<'a> {
         let (m0, m1) = self.mass.split_at_mut(2 * n);
         let (s0, s1) = self.shift.split_at_mut(2 * n);
         let (w0, w1) = self.weights.split_at_mut(n);
-        (
-            Out { loc: l0, mass: m0, shift: s0, weights: w0 },
-            Out { loc: l1, mass: m1, shift: s1, weights: w1 },
-        )
+        (Out { loc: l0, mass: m0, shift: s0, weights: w0 }, Out { loc: l1, mass: m1, shift: s1, weights: w1 })
     }
 
     /// Splits `v` into consecutive pieces of the given sizes.
@@ -353,8 +350,7 @@ fn solve_valid(xi: &[f64], eps: f64, groups: Groups<'_>, loss: &Loss, support: (
     let nf = n as f64;
     let group_values: Vec<f64> = stats.iter().zip(&sizes).map(|(s, &m)| s.value_sum / m as f64).collect();
     let group_empirical_values = stats.iter().zip(&sizes).map(|(s, &m)| s.emp_sum / m as f64).collect();
-    let group_dual_values =
-        stats.iter().zip(&sizes).map(|(s, &m)| s.lam * eps + s.dual_sum / m as f64).collect();
+    let group_dual_values = stats.iter().zip(&sizes).map(|(s, &m)| s.lam * eps + s.dual_sum / m as f64).collect();
     let value = stats.iter().map(|s| s.value_sum).sum::<f64>() / nf;
     let empirical_value = stats.iter().map(|s| s.emp_sum).sum::<f64>() / nf;
     let dual_value = stats.iter().zip(&sizes).map(|(s, &m)| m as f64 * s.lam * eps + s.dual_sum).sum::<f64>() / nf;
@@ -405,7 +401,7 @@ fn solve_group(x: &[f64], out: Out<'_>, ctx: &Ctx<'_>, parallel: bool) -> GroupS
     // are packed in order.
     let max_edges = ctx.cands.len().max(1);
     let mut edges: Vec<(f64, f64)> = vec![(0.0, 0.0); x.len() * max_edges];
-    let collect_edges = |((xc, oc), slot): ((&[f64], &mut Out<'_>), &mut [(f64, f64)])| {
+    let collect_edges = |((xc, oc), slot): ChunkWork<'_, '_>| {
         let mut h = Vec::new();
         let mut k = 0;
         for (i, &xi) in xc.iter().enumerate() {

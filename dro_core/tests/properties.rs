@@ -9,8 +9,11 @@ fn losses() -> impl Strategy<Value = Loss> {
     prop_oneof![
         (1usize..10).prop_map(|k| Loss::neg_log(k).unwrap()),
         (1usize..8, 0.5f64..8.0).prop_map(|(k, m)| Loss::softplus(k, -m, m).unwrap()),
-        prop::collection::vec((-5.0f64..5.0, -2.0f64..2.0), 1..8)
-            .prop_map(|p| Loss::max_affine(p.iter().map(|x| x.0).collect(), p.iter().map(|x| x.1).collect()).unwrap()),
+        prop::collection::vec((-5.0f64..5.0, -2.0f64..2.0), 1..8).prop_map(|p| Loss::max_affine(
+            p.iter().map(|x| x.0).collect(),
+            p.iter().map(|x| x.1).collect()
+        )
+        .unwrap()),
         prop::collection::vec(-2.0f64..2.0, 2..8).prop_map(|y| {
             let x: Vec<f64> = (0..y.len()).map(|j| j as f64 - 3.0).collect();
             Loss::interpolate(x, y).unwrap()

@@ -35,11 +35,13 @@ fn losses() -> impl Strategy<Value = L> {
             }
         }),
         // any continuous piecewise-linear function (mostly non-convex)
-        (prop::collection::btree_set(-60i32..60, 2..10), prop::collection::vec(-3.0f64..3.0, 10)).prop_map(|(xs, ys)| {
-            let x: Vec<f64> = xs.into_iter().map(|v| v as f64 / 20.0).collect();
-            let y = ys[..x.len()].to_vec();
-            L { loss: Loss::interpolate(x.clone(), y).unwrap(), knots: x }
-        }),
+        (prop::collection::btree_set(-60i32..60, 2..10), prop::collection::vec(-3.0f64..3.0, 10)).prop_map(
+            |(xs, ys)| {
+                let x: Vec<f64> = xs.into_iter().map(|v| v as f64 / 20.0).collect();
+                let y = ys[..x.len()].to_vec();
+                L { loss: Loss::interpolate(x.clone(), y).unwrap(), knots: x }
+            }
+        ),
     ]
 }
 
@@ -370,7 +372,8 @@ fn large_inputs_are_identical_at_any_thread_count() {
 /// (two of them exactly at the support's lower bound 0), ε = 0.1. The old
 /// selection answered "everything fits": every sample sent to 0, transport
 /// 0.544 per sample against a budget of 0.1, λ* = 0 and a zero dual gap.
-const ISSUE_8: &str = "74554476382172X7242X09572482915672749779X1649385X79473169844548276X982X87818187571392073345981196932";
+const ISSUE_8: &str =
+    "74554476382172X7242X09572482915672749779X1649385X79473169844548276X982X87818187571392073345981196932";
 
 fn grid_sample(c: char) -> f64 {
     if c == 'X' {
@@ -404,13 +407,13 @@ fn certificate_rejects_the_issue_8_answer() {
     let loss = Loss::neg_log(6).unwrap();
     let mut s = solve(&xi, 0.1, Groups::Global, &loss, &Options::default()).unwrap();
     let n = xi.len();
-    for i in 0..n {
+    for (i, &x) in xi.iter().enumerate() {
         s.loc[2 * i] = 0.0;
         s.loc[2 * i + 1] = 0.0;
         s.mass[2 * i] = 1.0;
         s.mass[2 * i + 1] = 0.0;
-        s.shift[2 * i] = xi[i];
-        s.shift[2 * i + 1] = xi[i];
+        s.shift[2 * i] = x;
+        s.shift[2 * i + 1] = x;
     }
     let v = loss.eval(0.0);
     s.lam[0] = 0.0;
@@ -452,7 +455,8 @@ fn grid_problems() -> impl Strategy<Value = (Loss, Vec<f64>, f64, Option<usize>,
     )
         .prop_map(|(loss, grid, e, g, seed, (exact, frac))| {
             let (lo, hi) = loss.natural_support().unwrap();
-            let xi: Vec<f64> = grid.iter().map(|&k| if k == 10 { hi } else { lo + (hi - lo) * k as f64 / 10.0 }).collect();
+            let xi: Vec<f64> =
+                grid.iter().map(|&k| if k == 10 { hi } else { lo + (hi - lo) * k as f64 / 10.0 }).collect();
             let eps = if exact {
                 // a budget that the j nearest-to-lo samples' full moves spend exactly,
                 // written as a user would type it (a decimal): the selection's partial

@@ -33,12 +33,19 @@ pub fn int_arg(arg: &str, v: &Bound<'_, PyAny>) -> PyResult<i64> {
     if v.is_instance_of::<PyBool>() || !(v.is_instance_of::<PyInt>() || v.hasattr("__index__")?) {
         return Err(PyValueError::new_err(format!("{arg}: must be an int, got {} {}", type_name(v), v.repr()?)));
     }
-    v.extract::<i64>().map_err(|_| PyValueError::new_err(format!("{arg}: must fit in 64 bits, got {}", v.repr().map(|r| r.to_string()).unwrap_or_default())))
+    v.extract::<i64>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{arg}: must fit in 64 bits, got {}",
+            v.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })
 }
 
 /// A real-number argument (int or float, not a bool or a string).
 pub fn float_arg(arg: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if v.is_instance_of::<PyBool>() || !(v.is_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>() || v.hasattr("__float__")?) {
+    if v.is_instance_of::<PyBool>()
+        || !(v.is_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>() || v.hasattr("__float__")?)
+    {
         return Err(PyValueError::new_err(format!("{arg}: must be a real number, got {}", type_name(v))));
     }
     v.extract::<f64>().map_err(|_| PyValueError::new_err(format!("{arg}: must be a real number, got {}", type_name(v))))
@@ -49,9 +56,9 @@ pub fn floats_arg(arg: &str, v: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
     if v.is_instance_of::<pyo3::types::PyString>() {
         return Err(PyValueError::new_err(format!("{arg}: must be a sequence of real numbers, got str")));
     }
-    let it = v
-        .try_iter()
-        .map_err(|_| PyValueError::new_err(format!("{arg}: must be a sequence of real numbers, got {}", type_name(v))))?;
+    let it = v.try_iter().map_err(|_| {
+        PyValueError::new_err(format!("{arg}: must be a sequence of real numbers, got {}", type_name(v)))
+    })?;
     let mut out = Vec::new();
     for (i, item) in it.enumerate() {
         let item = item?;

@@ -81,4 +81,3 @@ impl PyLoss {
         format!("Loss.{}", self.inner.name())
     }
 }
-

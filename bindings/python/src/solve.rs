@@ -257,13 +257,10 @@ pub fn _solve(
     support: Option<(f64, f64)>,
     threads: Option<i64>,
 ) -> PyResult<PySolution> {
-    let x = xi
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("xi: must be a contiguous 1-D float64 array"))?;
+    let x = xi.as_slice().map_err(|_| PyValueError::new_err("xi: must be a contiguous 1-D float64 array"))?;
     let labels_slice = match &labels {
         Some(l) => Some(
-            l.as_slice()
-                .map_err(|_| PyValueError::new_err("groups: labels must be a contiguous 1-D int64 array"))?,
+            l.as_slice().map_err(|_| PyValueError::new_err("groups: labels must be a contiguous 1-D int64 array"))?,
         ),
         None => None,
     };
