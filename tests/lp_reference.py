@@ -128,10 +128,12 @@ def random_instance(rng):
         if rng.random() < 0.3:
             grid[rng.integers(n, size=max(1, n // 10))] = 0  # on the lower bound
         xi = np.where(grid == steps, hi, lo + (hi - lo) * grid / steps)
-        if rng.random() < 0.5:  # a budget spent exactly by whole moves toward lo
-            kk = np.sort(grid)
-            j = int(rng.integers(0, n + 1))
-            eps = (hi - lo) * (int(kk[:j].sum()) / steps) / n
+        if rng.random() < 0.5:
+            # a budget spent exactly by the whole moves toward lo of every sample up to a grid
+            # value (the issue-8 shape: the edges above λ* use the budget up to the last bit,
+            # so the selection's partial sums land on it, up to one rounding)
+            v = int(rng.integers(1, steps + 1))
+            eps = (hi - lo) * (int(grid[grid <= v].sum()) / steps) / n
         else:
             eps = (hi - lo) * int(rng.integers(0, 41)) / 100
         return dict(xi=xi, eps=float(eps), kind=kind, params=params, support=None, f=_np_max_affine(a, b),

@@ -491,3 +491,29 @@ def test_randomized_against_highs(block):
         for p in check_instance(inst, rng):
             bad.append((block, t, p))
     assert not bad, bad[:5]
+
+
+def test_budgets_spent_exactly_on_a_decimal_grid_in_many_orders():
+    """The issue-8 shape in bulk: samples on a grid of step 1/10 or 1/20 (zeros on
+    the bound among them), ε such that the whole moves toward 0 of every sample up
+    to a grid value spend the budget exactly, 4 orders each; every answer must
+    carry a valid certificate, and the orders agree on the value. The old
+    selection fails about 0.5 % of these solves (measured: 64 and 100 of 12,000)."""
+    rng = np.random.default_rng(88)
+    a, b = neg_log_pieces(6)
+    for t in range(2000):
+        steps = 10 if t % 2 else 20
+        n = int(rng.integers(10, 121))
+        grid = rng.integers(0, steps + 1, n)
+        xi = grid / steps
+        v = int(rng.integers(1, steps))
+        eps = int(grid[grid <= v].sum()) / steps / n
+        values = []
+        for _ in range(4):
+            r = dro_core.solve(xi[rng.permutation(n)], eps)
+            c = r.certificate()
+            assert c.ok, (t, list(xi), eps, c.failures, c)
+            values.append(r.value)
+        assert max(values) - min(values) <= 1e-12 * max(1.0, abs(values[0])), (t, values)
+        if t % 100 == 0:  # and the value is the LP's
+            assert close(values[0], ek_lp(xi, eps, a, b, 0.0, 1.0)), t
