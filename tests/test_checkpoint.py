@@ -4,9 +4,13 @@ middle of writing a checkpoint) and resumed from `last_checkpoint` ends with
 the same weights, to the bit, as an uninterrupted run (optimizer, scheduler,
 RNG with dropout on, data order across an epoch boundary, leader_stats, the
 precomputed reference log-probs); incomplete checkpoints are never resumed
-from; and `ddp_timeout` reaches the process group of a two-process launch.
+from; two gloo processes (torchrun, CPU) share one reference log-prob cache
+(trl's in-memory cache name made rank 1 read a file never written), write
+per-rank checkpoint parts, save through `save_trained`, and fail together when
+the writer fails; and `ddp_timeout` reaches the process group.
 
-This file is also the killed worker: `python tests/test_checkpoint.py WORK_DIR`.
+This file is also the launched worker: `python tests/test_checkpoint.py WORK_DIR`
+(killed), `... timeout OUT 1`, `... ddp OUT` (under torch.distributed.run).
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def _same_run(resumed, whole):
         assert resumed.leader_stats[key] == whole.leader_stats[key], key
     assert resumed.step_log.steps == whole.step_log.steps == list(range(1, STEPS + 1))  # add_checkpoint_state
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
-        assert resumed.train_dataset[col] == whole.train_dataset[col]
+        assert list(resumed.train_dataset[col]) == list(whole.train_dataset[col])
 
 
 class _Stop(Exception):
@@ -131,7 +135,7 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path, uninter
     assert not all(torch.equal(p, q) for p, q in zip(_params(first).values(), _params(uninterrupted).values()))
     # the weights the resumed trainer starts from are the start model's: the checkpoint's are loaded in train()
     resumed = _trainer(tmp_path)
-    assert resumed.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
+    assert list(resumed.train_dataset["ref_chosen_logps"]) == list(first.train_dataset["ref_chosen_logps"])
     resumed.train(resume_from_checkpoint=ckpt)
     _same_run(resumed, uninterrupted)
     caches = [f for f in os.listdir(tmp_path / "ref_logps") if f.startswith("train-")]
@@ -256,8 +260,66 @@ def test_ddp_timeout_reaches_the_process_group(tmp_path):
     assert all(s["timeout"] == 1234 and s["num_processes"] == 2 and s["world_size"] == 2 for s in seen)
 
 
+def ddp_worker(out: str) -> None:
+    """One of two gloo processes: train with checkpoints, save_trained, report."""
+    import torch.distributed as dist
+
+    from ssapo.trainer import save_trained
+
+    tr = _trainer(os.path.join(out, "work"))
+    tr.args.max_steps = 4
+    tr.train()
+    final = save_trained(tr, os.path.join(out, "final"))
+    rank = tr.args.process_index
+    if rank == 0:  # the writer fails (no weights written): every rank raises, none waits at a barrier
+        tr.save_model = lambda output_dir, _internal_call=False: tr.processing_class.save_pretrained(output_dir)
+    try:
+        save_trained(tr, os.path.join(out, "failed"))
+        failure = None
+    except (ValueError, RuntimeError) as e:
+        failure = f"{type(e).__name__}: {e}"
+    report = {
+        "failure": failure,
+        "num_processes": tr.accelerator.num_processes, "final_exists": os.path.isdir(final),
+        "ref_chosen": list(tr.train_dataset["ref_chosen_logps"]),
+        "params": {n: p.detach().double().sum().item() for n, p in tr.model.named_parameters()},
+        "loss_history": tr.leader_stats["loss_history"],
+    }
+    with open(os.path.join(out, f"ddp{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+
+
+def test_two_processes_share_the_reference_cache_checkpoint_and_save(tmp_path):
+    from safetensors.torch import load_file
+
+    from ssapo.trainer import LEADER_STATE, last_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), os.path.abspath(__file__), "ddp", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+    # before the fix rank 1 raised FileNotFoundError on a cache-*.arrow in its own temp directory
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.load(open(tmp_path / f"ddp{r}.json")) for r in (0, 1))
+    assert r0["num_processes"] == r1["num_processes"] == 2 and r0["final_exists"] and r1["final_exists"]
+    assert r0["ref_chosen"] == r1["ref_chosen"] and len(r0["ref_chosen"]) == 8
+    assert r0["params"] == r1["params"] and r0["loss_history"] == r1["loss_history"] and len(r0["loss_history"]) == 4
+    ckpt = last_checkpoint(tmp_path / "work")
+    assert ckpt == str(tmp_path / "work" / "checkpoint-4")
+    assert all((tmp_path / "work" / "checkpoint-4" / LEADER_STATE.format(r)).exists() for r in (0, 1))
+    assert json.load(open(os.path.join(ckpt, "ssapo_checkpoint.json")))["num_processes"] == 2
+    saved = load_file(tmp_path / "final" / "model.safetensors")
+    assert {k: v.double().sum().item() for k, v in saved.items()} == {k: r0["params"][k] for k in saved}
+    assert [f for f in os.listdir(tmp_path) if "tmp" in f or "old" in f or f == "failed"] == []
+    assert r0["failure"].startswith("ValueError: trainer: save_model wrote no safetensors weights")
+    assert r1["failure"].startswith("RuntimeError: save_trained: the main process failed to save ")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "timeout":
         timeout_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "ddp":
+        ddp_worker(sys.argv[2])
     else:
         worker(sys.argv[1])

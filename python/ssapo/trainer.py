@@ -195,7 +195,7 @@ def _init_cpu_process_group(args) -> None:
     cpu = args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
     if not cpu or not dist.is_available() or dist.is_initialized():
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not {"MASTER_ADDR", "MASTER_PORT", "RANK"} <= set(os.environ):
         return
     if args.ddp_backend not in (None, "gloo"):
         return
@@ -704,7 +704,9 @@ class SSAPOTrainer(DPOTrainer):
             counts = acc.reduce(counts.to(acc.device), reduction="sum").cpu()
             if len(hist):
                 hist = acc.reduce(hist.to(acc.device), reduction="mean")
-            disp = float(acc.broadcast(torch.tensor([disp], dtype=torch.float64, device=acc.device))[0])
+            from accelerate.utils import broadcast
+
+            disp = float(broadcast(torch.tensor([disp], dtype=torch.float64, device=acc.device), from_process=0)[0])
         clamped, atoms, flagged, seen = (int(c) for c in counts.tolist())
         norms = [g for g in self._grad_norms if not math.isnan(g)]
         self.leader_stats = {
@@ -718,9 +720,6 @@ class SSAPOTrainer(DPOTrainer):
             "spa_flagged_fraction": flagged / seen if seen else 0.0,
         }
         return out
-
-
-_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
 
 
 def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, base_model: Optional[str] = None,
@@ -764,21 +763,28 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
     trainer.save_model(tmp, _internal_call=True)  # collective; writes on the writer only; no hub push here
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(trainer.model)
+    error: Optional[BaseException] = None
     if writer:
         try:
             _check_weights_written(tmp)
             if merge_adapter and is_peft_model(unwrapped):
                 _merge_saved_adapter(unwrapped, tmp, base_model, trust_remote_code)
-            name = model_name or os.path.basename(path)
-            card_dir = args.output_dir
-            card = os.path.join(card_dir, "README.md")
-            trainer.create_model_card(model_name=name, dataset_name=dataset_name)
+            card = os.path.join(args.output_dir, "README.md")
+            trainer.create_model_card(model_name=model_name or os.path.basename(path), dataset_name=dataset_name)
             if os.path.exists(card):
                 os.replace(card, os.path.join(tmp, "README.md"))
             _replace_dir(tmp, path)
-        except BaseException:
+        except BaseException as e:  # noqa: BLE001  re-raised below, after the other ranks are told
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            error = e
+    if acc.num_processes > 1:  # the other ranks fail with the writer instead of waiting for it at a barrier
+        from accelerate.utils import broadcast_object_list
+
+        status = broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"], 0)[0]
+        if error is None and status is not None:
+            raise RuntimeError(f"save_trained: the main process failed to save {path}: {status}")
+    if error is not None:
+        raise error
     acc.wait_for_everyone()
     if push_to_hub if push_to_hub is not None else args.push_to_hub:
         if args.process_index == 0:
