@@ -66,6 +66,12 @@ def worker(work: str) -> None:
     trainer = SSAPOTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.train()
     trainer.save_model(os.path.join(work, "saved"))  # every rank: gathers the 16-bit weights to rank 0
+    try:  # the loop's own save path (model card, atomic rename), where this version of ssapo has it
+        from ssapo.trainer import save_trained
+    except ImportError:
+        save_trained = None
+    if save_trained is not None:
+        save_trained(trainer, os.path.join(work, "saved_trained"))
     report = {
         "num_processes": state.num_processes, "process_index": state.process_index,
         "distributed_type": str(state.distributed_type), "accelerator_num_processes": trainer.accelerator.num_processes,
@@ -158,21 +164,28 @@ def test_zero3_two_cpu_processes_train_and_save_full_weights(tmp_path):
         assert r["global_step"] == STEPS and len(r["loss_history"]) == STEPS
     assert reps[0]["loss_history"] == reps[1]["loss_history"]  # the mean over ranks, the same on both
     # the saved model holds the full weights, gathered from both partitions, and they moved
-    files = [f for f in os.listdir(os.path.join(work, "saved")) if f.endswith(".safetensors")]
-    assert files, os.listdir(os.path.join(work, "saved"))
-    saved = {}
-    for f in files:
-        saved.update(load_file(os.path.join(work, "saved", f)))
-    expected = {k for k in init if k != "lm_head.weight"}  # tied to the embeddings
-    assert expected <= set(saved), sorted(expected - set(saved))
-    for k in expected:
-        assert saved[k].shape == init[k].shape and saved[k].numel() > 0, (k, saved[k].shape, init[k].shape)
-        assert torch.isfinite(saved[k]).all(), k
-    moved = [k for k in expected if not torch.equal(saved[k].float(), init[k].float())]
-    assert len(moved) >= len(expected) // 2, f"only {len(moved)} of {len(expected)} tensors moved"
-    # and it loads as an ordinary model again
     from transformers import AutoModelForCausalLM
 
-    back = AutoModelForCausalLM.from_pretrained(os.path.join(work, "saved"))
-    assert sum(p.numel() for p in back.parameters()) == sum(v.numel() for k, v in init.items() if k != "lm_head.weight")
+    outs = ["saved"] + (["saved_trained"] if os.path.isdir(os.path.join(work, "saved_trained")) else [])
+    for out in outs:
+        d = os.path.join(work, out)
+        files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+        assert files, (out, os.listdir(d))
+        saved = {}
+        for f in files:
+            saved.update(load_file(os.path.join(d, f)))
+        expected = {k for k in init if k != "lm_head.weight"}  # tied to the embeddings
+        assert expected <= set(saved), (out, sorted(expected - set(saved)))
+        for k in expected:
+            assert saved[k].shape == init[k].shape and saved[k].numel() > 0, (out, k, saved[k].shape, init[k].shape)
+            assert torch.isfinite(saved[k]).all(), (out, k)
+        moved = [k for k in expected if not torch.equal(saved[k].float(), init[k].float())]
+        assert len(moved) >= len(expected) // 2, f"{out}: only {len(moved)} of {len(expected)} tensors moved"
+        # and it loads as an ordinary model again
+        back = AutoModelForCausalLM.from_pretrained(d)
+        assert sum(p.numel() for p in back.parameters()) == sum(v.numel() for k, v in init.items()
+                                                                if k != "lm_head.weight")
+    if "saved_trained" in outs:  # trl's model card naming SSAPO
+        card = open(os.path.join(work, "saved_trained", "README.md")).read()
+        assert "SSAPO" in card and "2502.18099" in card
     shutil.rmtree(os.path.join(work, "train"), ignore_errors=True)
