@@ -50,6 +50,19 @@ Precision, checkpoints and saving (the functions a leader stage uses):
   adapter merged into the full-precision base, a model card naming SSAPO and its
   paper, written to a temp directory and renamed into place; `push_to_hub`
   when asked.
+
+A leader stage, run the same way by every process of an `accelerate launch`:
+
+    model = load_policy(policy_path, cfg, train=True)                  # float32
+    ref = load_policy(ref_path, cfg, train=False) if ref_path else None  # bf16 with cfg.bf16
+    args = SSAPOConfig(output_dir=work_dir, bf16=cfg.bf16, save_strategy="steps", save_steps=200,
+                       save_total_limit=2, ddp_timeout=4 * 3600, ...)
+    trainer = SSAPOTrainer(model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))    # None: from the start
+    save_trained(trainer, save_to)                                     # every rank; then work_dir may go
+
+Keep `work_dir` until `save_trained` returns (the checkpoints and the reference
+log-prob cache live there) and on a filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -226,7 +239,14 @@ class SSAPOConfig(DPOConfig):
     """trl's `DPOConfig` plus the leader's loss (`leader_loss`, `clamp_min`) and
     SPA's switches (`spa_*`). trl's own loss options (`loss_type`,
     `label_smoothing`, `ld_alpha`, `f_divergence_type`, `use_weighting`) must
-    stay at their defaults: the loss is chosen by `leader_loss`."""
+    stay at their defaults: the loss is chosen by `leader_loss`.
+
+    `ddp_timeout` is TrainingArguments' own (seconds, default 1800): the process
+    group's timeout for every collective, on GPUs (transformers passes it) and
+    with `use_cpu` under a launcher (set here: transformers leaves gloo at
+    torch's default). Set it above the longest phase one rank may wait through.
+    One process per GPU: `SSAPOTrainer` refuses several GPUs visible to one
+    process that no launcher started (trl has no `nn.DataParallel`)."""
 
     leader_loss: str = field(
         default="shift_prob",
