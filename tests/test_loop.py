@@ -305,6 +305,18 @@ def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 2 and r.stderr.startswith(f"ssapo train: error: {flag}:"), r.stderr
         assert "Traceback" not in r.stderr
+    # inside a launch it never launches again: every step runs in the launched processes
+    import ssapo.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "run", lambda cfg, resume=False, launcher=None, procs=None:
+                        calls.append((launcher, procs)) or tmp_path)
+    monkeypatch.setenv(train.LAUNCHED_ENV, "1")
+    args, extra = build_parser().parse_known_args(["train", "--model", "tiny", "--num-processes", "2",
+                                                   "--output-dir", str(tmp_path / "in")])
+    assert train.run(args, extra) == 0 and calls == [(None, None)]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # ... and refuses to run every step under ZeRO-3
+    assert train.run(args, extra) == 2 and len(calls) == 1
 
 
 def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypatch, capsys):
@@ -337,9 +349,29 @@ MP = {"task_size": "test", "seed_size": "16", "round_sizes": "16 16", "num_round
       "spa_window": "8", "ddp_timeout": "1234"}
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, task_dir):
+    """`ssapo train --model tiny --num-processes 2 --method M ...` (once per method): (run dir, result)."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp("mp") / method
+            over = {**MP, "task_dir": task_dir, "method": method}
+            cmd = [sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--num-processes", "2",
+                   "--output-dir", str(out), *[f"--{k}={v}" for k, v in over.items()]]
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "SSAPO_ACCELERATE_LAUNCHED")}
+            runs[method] = out, subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                                               text=True, timeout=900)
+        return runs[method]
+
+    return get
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("method", ["ssapo", "iterative-dpo", "spa", "sera", "dpo"])
-def test_two_processes_run_the_whole_loop_through_the_command(tmp_path, task_dir, method):
+def test_two_processes_run_the_whole_loop_through_the_command(two_process_run, method):
     """`ssapo train --model tiny --num-processes 2` as a user types it (CPU, gloo): the driver launches
     each step under accelerate (the recipe's ddp engine), the follower runs in the driver; seed → 2 rounds.
     Every step is recorded, every model is saved, the metrics are complete, both leader ranks trained on
@@ -348,12 +380,7 @@ def test_two_processes_run_the_whole_loop_through_the_command(tmp_path, task_dir
     from ssapo import follower
     from ssapo.loop import rows_hash, steps_of
 
-    out = tmp_path / method
-    over = {**MP, "task_dir": task_dir, "method": method}
-    cmd = [sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--num-processes", "2", "--output-dir",
-           str(out), *[f"--{k}={v}" for k, v in over.items()]]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "SSAPO_ACCELERATE_LAUNCHED")}
-    r = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    out, r = two_process_run(method)
     assert r.returncode == 0, r.stderr[-4000:]
     c = RunConfig.from_yaml(str(out / "config.yaml"))
     assert c.method == method and c.ddp_timeout == 1234
@@ -399,3 +426,19 @@ def test_two_processes_run_the_whole_loop_through_the_command(tmp_path, task_dir
         assert 0 <= m["eval"]["heldout_reward_accuracy"] <= 1 and (rd / "summary.md").exists()
     leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith(".")]
     assert not leftovers and not (out / "round_1" / "trainer").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_annotate_and_follow_as_one(two_process_run, tmp_path, task_dir):
+    """The 2-process run's first round (annotation shared out by chunks, the follower in the driver) equals
+    a one-process run's: the same pairs, rewards and atoms (the seed model is the same to the bit: two
+    micro-batches of 4 on two ranks average as two accumulated micro-batches on one)."""
+    out, r = two_process_run("ssapo")
+    assert r.returncode == 0, r.stderr[-4000:]
+    one = run(load_config("tiny", overrides={**MP, "task_dir": task_dir, "num_rounds": "1", "round_sizes": "16",
+                                             "output_dir": str(tmp_path / "one")}))
+    assert (out / "round_1" / "annotations.jsonl").read_text() == (one / "round_1" / "annotations.jsonl").read_text()
+    za, zb = np.load(out / "round_1" / "follower.npz"), np.load(one / "round_1" / "follower.npz")
+    for key in ("margins", "xi", "loc", "shift", "mass", "weights", "lam", "budget_used"):
+        np.testing.assert_array_equal(za[key], zb[key])

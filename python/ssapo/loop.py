@@ -188,11 +188,22 @@ def rows_hash(rows: List[dict]) -> str:
     return h.hexdigest()
 
 
+def _write_ordered(path: str, obj: Any) -> None:
+    """JSON with the keys in their own order (rows merged from processes are written as one process writes them)."""
+    from ssapo.io import _jsonable
+
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, default=_jsonable)
+
+    atomic_write(path, w)
+
+
 def _exchange(state: State, d: str, name: str, obj: Any) -> List[Any]:
     """Every process's `obj` (JSON), in rank order, on every process (through files in `d`)."""
     if state.world == 1:
         return [obj]
-    write_json(os.path.join(d, f".{name}.rank_{state.rank}.json"), obj)
+    _write_ordered(os.path.join(d, f".{name}.rank_{state.rank}.json"), obj)
     state.wait()
     parts = []
     for r in range(state.world):
@@ -633,7 +644,7 @@ def _annotate_step(cfg: RunConfig, state: State, rd: str, policy_path: str, ref_
     if world == 1:
         return (rows, stats) if state.main else None
     shard_dir = os.path.join(rd, "annotate_shards")
-    write_json(os.path.join(shard_dir, f"rank_{state.rank}.json"), {"rows": rows, "stats": stats})
+    _write_ordered(os.path.join(shard_dir, f"rank_{state.rank}.json"), {"rows": rows, "stats": stats})
     state.wait()
     if not state.main:
         return None
