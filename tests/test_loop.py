@@ -168,6 +168,48 @@ def test_lora_stage_trains_and_saves_a_merged_model(tmp_path, task_dir):
     assert all(np.array_equal(before[k], after[k]) for k in before if "mlp" in k)
 
 
+class _Killed(RuntimeError):
+    pass
+
+
+def test_a_stage_killed_mid_round_resumes_from_its_last_checkpoint(tmp_path, task_dir, monkeypatch):
+    """save_steps: the leader checkpoints into its work directory; a stage killed after a checkpoint and
+    run again continues from it (weights, optimizer, data order) and ends where an uninterrupted stage ends."""
+    import ssapo.trainer as tr
+    from ssapo.bench.task import prepare_task
+    from ssapo.loop import train_stage
+
+    task = prepare_task(task_dir, seed=42, size="test")
+    rows = read_jsonl(task["preferences"])[:16]
+    c = cfg(tmp_path / "x", task_dir, save_steps="1", batch_size="4", per_device_train_batch_size="4")
+
+    def stage(name):
+        return train_stage(c, task["sft_model"], task["sft_model"], rows, 1e-3, 1, "dpo", str(tmp_path / name),
+                           str(tmp_path / f"{name}_work"))
+
+    full = stage("full")
+    orig = tr.SSAPOTrainer._save_checkpoint
+
+    def dying(self, model, trial):
+        orig(self, model, trial)
+        if self.state.global_step == 2:
+            raise _Killed("killed after the checkpoint of step 2")
+
+    monkeypatch.setattr(tr.SSAPOTrainer, "_save_checkpoint", dying)
+    with pytest.raises(_Killed):
+        stage("resumed")
+    monkeypatch.setattr(tr.SSAPOTrainer, "_save_checkpoint", orig)
+    assert tr.last_checkpoint(tmp_path / "resumed_work").endswith("checkpoint-2") and not (tmp_path / "resumed").exists()
+    trained = []
+    step = tr.SSAPOTrainer.training_step
+    monkeypatch.setattr(tr.SSAPOTrainer, "training_step", lambda self, *a, **k: trained.append(1) or step(self, *a, **k))
+    res = stage("resumed")
+    assert len(trained) == 2  # steps 3 and 4 only: it continued from checkpoint-2 (from scratch it would be 4)
+    assert res["steps"] == full["steps"] == 4 and res["loss_history"] == full["loss_history"]
+    assert same_weights(tmp_path / "full", tmp_path / "resumed")
+    assert not (tmp_path / "resumed_work").exists()  # the stage's checkpoints go once its model is saved
+
+
 @pytest.mark.parametrize("method", ["spa", "sera", "dpo"])
 def test_baselines_run_in_the_same_loop(tmp_path, task_dir, method):
     out = run(cfg(tmp_path / method, task_dir, method=method, num_rounds="1", round_sizes="32", spa_window="8"))

@@ -446,12 +446,6 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
     cls = _atom_trainer_class() if resolve is not None else SSAPOTrainer
     trainer = cls(model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
                   peft_config=peft_config)
-    if procs.num_processes > 1 and not hasattr(trainer.accelerator, "broadcast"):
-        # SSAPOTrainer.train broadcasts with `accelerator.broadcast`, which accelerate's Accelerator does not have
-        # (ssapo.trainer's to fix); until then, accelerate's own broadcast of a tensor from the main process
-        from accelerate.utils import broadcast
-
-        trainer.accelerator.broadcast = lambda tensor, from_process=0: broadcast(tensor, from_process)
     resolver = None
     if resolve is not None:
         resolver = resolve(trainer, rows)
