@@ -484,3 +484,47 @@ def test_two_processes_annotate_and_follow_as_one(two_process_run, tmp_path, tas
     za, zb = np.load(out / "round_1" / "follower.npz"), np.load(one / "round_1" / "follower.npz")
     for key in ("margins", "xi", "loc", "shift", "mass", "weights", "lam", "budget_used"):
         np.testing.assert_array_equal(za[key], zb[key])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_driver_runs_the_leader_under_zero3_and_the_rest_data_parallel(tmp_path, task_dir, monkeypatch):
+    """DeepSpeed ZeRO-3 on 2 CPU processes (recipes/accelerate/zero3_cpu.yaml) as the training engine of a
+    driver run, seed → 1 round: seed and lead launch under ZeRO-3, annotation and evaluation as plain
+    data-parallel processes (whole models), the follower in the driver. Both ranks see the real world (two
+    hashes of the same rows), and the saved models are whole (gathered), moved, and loadable."""
+    import importlib.util
+
+    missing = [m for m in ("deepspeed", "ninja") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {' and '.join(missing)} (pip install deepspeed ninja)")
+    from ssapo.config import RECIPES_DIR
+    from ssapo.loop import rows_hash
+    from ssapo.stage import Launcher
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "SSAPO_ACCELERATE_LAUNCHED"):
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "z3"
+    c = load_config("tiny", overrides={**MP, "num_rounds": "1", "round_sizes": "16", "use_cpu": "false",
+                                       "task_dir": task_dir, "output_dir": str(out)})
+    launcher = Launcher(str(out), 2, os.path.join(RECIPES_DIR, "accelerate", "zero3_cpu.yaml"), echo=False)
+    run(c, launcher=launcher)
+    assert json.loads((out / "state.json").read_text())["done"] == [
+        "seed", "seed/eval", "round_1/annotate", "round_1/follow", "round_1/lead", "round_1/eval"]
+    logs = {p.name for p in (out / "logs").iterdir()}
+    assert logs == {"seed.log", "seed_eval+round_1_annotate.log", "round_1_lead.log", "round_1_eval.log"}
+    assert "DeepSpeed" in (out / "logs" / "round_1_lead.log").read_text()
+    m = json.loads((out / "round_1" / "metrics.json").read_text())
+    from ssapo import follower
+
+    rows = follower.attach(read_jsonl(out / "round_1" / "annotations.jsonl"), follower.load(out / "round_1" / "follower.npz"))
+    assert m["leader"]["processes"] == 2 and set(m["leader"]["data_hashes"]) == {rows_hash(rows)}
+    assert len(m["leader"]["data_hashes"]) == 2 and m["leader"]["process_group_timeout_s"] == 1234
+    init = weights(os.path.join(task_dir, "sft"))
+    for a, b in ((init, weights(out / "seed" / "model")), (weights(out / "seed" / "model"),
+                                                           weights(out / "round_1" / "model"))):
+        assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)  # whole, not ZeRO-3's empty partitions
+        assert any(not np.array_equal(a[k], b[k]) for k in a)

@@ -410,8 +410,6 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
     from ssapo.trainer import SSAPOConfig, SSAPOTrainer, last_checkpoint, save_trained
 
     procs = PartialState()
-    model, tok = _load(policy, cfg, train=True)
-    ref_model = _load(reference, cfg)[0] if reference and reference != policy else None
     keep = [c for c in KEEP_COLUMNS if c in rows[0]]
     data = [{k: r[k] for k in keep} for r in rows]
     if resolve is not None:
@@ -420,6 +418,10 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
     ds = shared_dataset(data, os.path.join(work_dir, "dataset"), procs)
     hashes = _gather_strings(procs, rows_hash(ds.to_list()))
     checkpoint = last_checkpoint(work_dir) if cfg.save_steps > 0 else None
+    import torch
+
+    # the arguments first: under DeepSpeed ZeRO-3 they switch on zero.Init, so the models below are loaded
+    # partitioned over the ranks (not whole on each); without a GPU the group is gloo (DeepSpeed on CPU too)
     args = SSAPOConfig(
         output_dir=work_dir, learning_rate=lr, num_train_epochs=epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -432,7 +434,10 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
         gradient_checkpointing=cfg.gradient_checkpointing, precompute_ref_log_probs=True, disable_tqdm=False,
         spa_alpha=cfg.spa_alpha, spa_lambda=spa_lambda, spa_quantile=cfg.spa_quantile, spa_window=cfg.spa_window,
         spa_warmup_ratio=cfg.spa_warmup_ratio, ddp_timeout=cfg.ddp_timeout,
+        ddp_backend="gloo" if procs.num_processes > 1 and not torch.cuda.is_available() else None,
     )
+    model, tok = _load(policy, cfg, train=True)
+    ref_model = _load(reference, cfg)[0] if reference and reference != policy else None
     peft_config = None
     if cfg.use_peft:
         from peft import LoraConfig

@@ -57,8 +57,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = RunConfig.from_yaml(path)
     from accelerate import PartialState
 
-    # first: the process group, with the run's timeout (the trainer reuses this state)
-    procs = PartialState(cpu=cfg.use_cpu, timeout=timedelta(seconds=cfg.ddp_timeout))
+    import torch
+
+    # first: the process group, with the run's timeout (the trainer reuses this state). Without a GPU:
+    # CPU processes on gloo (else accelerate finds no backend and each process thinks it is alone); a
+    # DeepSpeed launch (ZeRO-3 on CPU) must not be told `cpu` (accelerate would skip DeepSpeed), so it is
+    # given the backend instead
+    no_gpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kw = {"backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 and no_gpu and deepspeed else {}
+    procs = PartialState(cpu=cfg.use_cpu or (no_gpu and not deepspeed), timeout=timedelta(seconds=cfg.ddp_timeout),
+                         **kw)
     from ssapo.loop import run_steps
 
     run_steps(cfg, out, list(args.step), procs)
