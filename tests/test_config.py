@@ -70,10 +70,17 @@ def test_recipes_ship_inside_the_package_and_the_top_level_is_a_link():
 
 
 def test_accelerate_configs_ship():
-    assert set(ACCELERATE_CONFIGS) == {"ddp", "zero3", "fsdp"}
+    assert set(ACCELERATE_CONFIGS) == {"ddp", "zero3", "fsdp", "zero3_cpu"}
     kinds = {name: read(path)["distributed_type"] for name, path in ACCELERATE_CONFIGS.items()}
-    assert kinds == {"ddp": "MULTI_GPU", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+    assert kinds == {"ddp": "MULTI_GPU", "zero3": "DEEPSPEED", "fsdp": "FSDP", "zero3_cpu": "DEEPSPEED"}
     assert read(ACCELERATE_CONFIGS["zero3"])["deepspeed_config"]["zero_stage"] == 3
+    # the CPU (gloo) variant CI runs: ZeRO-3 without use_cpu (with it accelerate skips DeepSpeed), fp32
+    cpu = read(ACCELERATE_CONFIGS["zero3_cpu"])
+    assert cpu["deepspeed_config"]["zero_stage"] == 3 and cpu["use_cpu"] is False and cpu["mixed_precision"] == "no"
+    from ssapo.config import accelerate_config_path
+
+    assert accelerate_config_path("zero3_cpu") == ACCELERATE_CONFIGS["zero3_cpu"]
+    assert load_config("tiny", overrides={"accelerate_config": "zero3_cpu"}).accelerate_config == "zero3_cpu"
 
 
 def test_paper_values():

@@ -1,14 +1,20 @@
 """DeepSpeed ZeRO-3 on CPU, two processes (accelerate launch, gloo): SSAPOTrainer
 trains a few steps of a tiny Llama loaded under zero.Init, every process sees the
-real world (2 processes, ranks 0 and 1, DEEPSPEED), and `trainer.save_model`
-writes the full gathered weights (not ZeRO-3's empty partitions), moved from
-the start.
+real world (2 processes, ranks 0 and 1, DEEPSPEED) without the caller setting
+`ddp_backend` (SSAPOConfig picks gloo for DeepSpeed without a GPU), and
+`trainer.save_model` / `ssapo.trainer.save_trained` write the full gathered
+weights (not ZeRO-3's empty partitions), moved from the start.
+
+A second launch trains in bf16 (DeepSpeed's bf16 module weights, fp32 master
+weights in the optimizer) at a learning rate whose update is below bf16
+resolution: `save_trained` writes the fp32 master weights exactly (moved from
+the start, where their bf16 rounding, which `save_model`'s 16-bit gather
+writes, has not), and `save_dtype="bfloat16"` their bf16 rounding.
 
 Runs only where `deepspeed` and `ninja` are installed (skipped with the reason
-otherwise). Needs DS_ACCELERATOR=cpu (set here) and, without a GPU, the backend
-given to accelerate: `SSAPOConfig(ddp_backend="gloo")` (see
-recipes/accelerate/zero3_cpu.yaml). This file is also the launched worker:
-`accelerate launch ... tests/test_zero3_cpu.py WORK_DIR`.
+otherwise). Needs DS_ACCELERATOR=cpu (set here); see
+recipes/accelerate/zero3_cpu.yaml. This file is also the launched worker:
+`accelerate launch ... tests/test_zero3_cpu.py WORK_DIR MODE`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ PAIRS = [
     {"prompt": "d e ", "chosen": "f g", "rejected": "i j"},
 ]
 STEPS = 2
+# the bf16 launch: 2 Adam steps of ~lr each move a weight by <= 2e-6, below half a bf16 ulp of any weight
+# above ~1e-3 in size (the start weights are bf16-representable, so their bf16 rounding is the start)
+TINY_LR = 1e-6
 
 
 def _recipe() -> str:
@@ -37,8 +46,12 @@ def _recipe() -> str:
     return os.path.join(RECIPES_DIR, "accelerate", "zero3_cpu.yaml")
 
 
-def worker(work: str) -> None:
-    """One process of the launch: load, train STEPS steps under ZeRO-3, save, report."""
+def worker(work: str, mode: str = "fp32") -> None:
+    """One process of the launch: load, train STEPS steps under ZeRO-3, save, report.
+    mode "fp32": lr 1e-2, fp32 throughout; "bf16": DeepSpeed's bf16 (module weights and compute), lr TINY_LR.
+    bf16 comes from the launch (`--mixed_precision bf16` -> DeepSpeed's bf16.enabled); transformers refuses
+    `bf16=True` without a GPU unless `use_cpu` (which would switch DeepSpeed off), so it is set after the
+    arguments' checks, as on a GPU (DeepSpeed's config must then agree with it)."""
     import torch
     import torch.distributed as dist
     from accelerate import PartialState
@@ -48,14 +61,15 @@ def worker(work: str) -> None:
     from ssapo.trainer import SSAPOConfig, SSAPOTrainer
 
     torch.set_num_threads(1)
+    bf16 = mode == "bf16"
     args = SSAPOConfig(
         output_dir=os.path.join(work, "train"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-        max_steps=STEPS, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, report_to="none",
-        use_cpu=False, bf16=False, logging_steps=1, save_strategy="no", beta=0.1, seed=0, data_seed=0,
-        disable_tqdm=True, leader_loss="shift_prob", max_length=32,
-        ddp_backend="gloo",  # without a GPU accelerate finds no backend for a DeepSpeed launch
-        ddp_timeout=300,
+        max_steps=STEPS, learning_rate=TINY_LR if bf16 else 1e-2, lr_scheduler_type="constant", warmup_steps=0,
+        report_to="none", use_cpu=False, bf16=False, logging_steps=1, save_strategy="no", beta=0.1, seed=0,
+        data_seed=0, disable_tqdm=True, leader_loss="shift_prob", max_length=32,
+        ddp_timeout=300,  # no ddp_backend: SSAPOConfig picks gloo for DeepSpeed without a GPU
     )
+    args.bf16 = bf16
     state = PartialState()
     tok = AutoTokenizer.from_pretrained(os.path.join(work, "init"))
     # after the DeepSpeed TrainingArguments: from_pretrained builds the model partitioned (zero.Init)
@@ -72,6 +86,18 @@ def worker(work: str) -> None:
         save_trained = None
     if save_trained is not None:
         save_trained(trainer, os.path.join(work, "saved_trained"))
+    if bf16:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        save_trained(trainer, os.path.join(work, "saved_bf16"), save_dtype="bfloat16")
+        # the engine's fp32 master weights, straight from DeepSpeed (every rank: an all-gather per parameter)
+        masters = {}
+        for name, p in trainer.model_wrapped.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            masters[name] = full.detach().cpu().clone()
+        if state.is_main_process:
+            torch.save(masters, os.path.join(work, "masters.pt"))
+    engine = trainer.model_wrapped
     report = {
         "num_processes": state.num_processes, "process_index": state.process_index,
         "distributed_type": str(state.distributed_type), "accelerator_num_processes": trainer.accelerator.num_processes,
@@ -82,29 +108,39 @@ def worker(work: str) -> None:
         "dist_backend": dist.get_backend() if dist.is_initialized() else None,
         "loaded_partitioned": partitioned, "local_numel_after_load": local_numel,
         "loss_history": trainer.leader_stats.get("loss_history"), "global_step": trainer.state.global_step,
+        "ddp_backend": args.ddp_backend, "bf16_enabled": bool(engine.bfloat16_enabled()),
+        "module_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
     }
     with open(os.path.join(work, f"rank{state.process_index}_of_{state.num_processes}.json"), "w") as f:
         json.dump(report, f, indent=1)
 
 
-def build_init(path: str):
-    """The start model, saved (safetensors + tokenizer); returns its state dict."""
+def build_init(path: str, bf16_values: bool = False):
+    """The start model, saved (safetensors + tokenizer, float32); returns its state dict.
+    `bf16_values`: every weight rounded to a bf16 value first (stored in float32)."""
+    import torch
+
     from ssapo.tiny import build_tokenizer, save_pretrained, tiny_llama
 
     tok = build_tokenizer(WORDS)
     model = tiny_llama(tok, hidden_size=64, num_layers=2, seed=0)
+    if bf16_values:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
     save_pretrained(model, tok, path)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def launch(work: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def launch(work: str, mode: str = "fp32", timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1",
            # torch's JIT build runs `ninja` from PATH: the one installed beside this interpreter (a venv's bin)
            "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")]))}
     env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _recipe(), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), os.path.abspath(__file__), work]
+           "--mixed_precision", "bf16" if mode == "bf16" else "no",
+           "--main_process_port", str(_free_port()), os.path.abspath(__file__), work, mode]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -117,7 +153,7 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], *sys.argv[2:3])
     sys.exit(0)
 
 # ---------------------------------------------------------------- the test
@@ -162,6 +198,7 @@ def test_zero3_two_cpu_processes_train_and_save_full_weights(tmp_path):
         # from_pretrained after the DeepSpeed config built the model partitioned (zero.Init)
         assert r["loaded_partitioned"] and r["local_numel_after_load"] == 0, r
         assert r["global_step"] == STEPS and len(r["loss_history"]) == STEPS
+        assert r["ddp_backend"] == "gloo"  # chosen by SSAPOConfig: the worker does not set it
     assert reps[0]["loss_history"] == reps[1]["loss_history"]  # the mean over ranks, the same on both
     # the saved model holds the full weights, gathered from both partitions, and they moved
     from transformers import AutoModelForCausalLM
@@ -189,3 +226,115 @@ def test_zero3_two_cpu_processes_train_and_save_full_weights(tmp_path):
         card = open(os.path.join(work, "saved_trained", "README.md")).read()
         assert "SSAPO" in card and "2502.18099" in card
     shutil.rmtree(os.path.join(work, "train"), ignore_errors=True)
+    saved_config = json.load(open(os.path.join(work, "saved_trained", "config.json")))
+    assert saved_config["dtype"] == "float32"
+
+
+def _load_dir(d: str) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, f)))
+    return out
+
+
+@pytest.mark.timeout(1200)
+def test_zero3_bf16_save_trained_writes_the_fp32_master_weights(tmp_path):
+    """bf16 under ZeRO-3 at a learning rate below bf16 resolution: save_trained writes the engine's fp32
+    master weights exactly; their bf16 rounding (what save_model's 16-bit gather writes) lost the update."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    work = str(tmp_path)
+    init = build_init(os.path.join(work, "init"), bf16_values=True)
+    proc = launch(work, "bf16")
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    reps = [json.load(open(os.path.join(work, f"rank{i}_of_2.json"))) for i in range(2)]
+    for i, r in enumerate(reps):
+        assert (r["num_processes"], r["process_index"], r["dist_world_size"], r["ddp_backend"]) == (2, i, 2, "gloo")
+        # DeepSpeed's bf16 mode: the module holds bf16 weights, the optimizer fp32 masters
+        assert r["bf16_enabled"] and r["module_dtypes"] == ["torch.bfloat16"], r
+        assert r["global_step"] == STEPS
+    masters = torch.load(os.path.join(work, "masters.pt"), weights_only=True)
+    expected = {k for k in init if k != "lm_head.weight"}  # tied to the embeddings
+    assert expected <= set(masters), sorted(expected - set(masters))
+    fp32, bf16_file, gathered16 = (_load_dir(os.path.join(work, d)) for d in ("saved_trained", "saved_bf16", "saved"))
+    moved = lost = total = 0
+    for k in expected:
+        m = masters[k]
+        assert m.dtype == torch.float32 and m.shape == init[k].shape, (k, m.dtype, m.shape)
+        # save_trained: the fp32 master weights, bit for bit
+        assert fp32[k].dtype == torch.float32 and torch.equal(fp32[k], m), k
+        # save_dtype="bfloat16": their bf16 rounding
+        assert bf16_file[k].dtype == torch.bfloat16 and torch.equal(bf16_file[k], m.to(torch.bfloat16)), k
+        # save_model's 16-bit gather: the bf16 module weights, the same rounding
+        assert torch.equal(gathered16[k].to(torch.bfloat16), m.to(torch.bfloat16)), k
+        assert torch.equal(init[k].to(torch.bfloat16).float(), init[k])  # the start is bf16-representable
+        moved += int((m != init[k]).sum())
+        lost += int((m.to(torch.bfloat16).float() == init[k])[m != init[k]].sum())
+        total += m.numel()
+    # the update moved many weights in fp32; a bf16 rounding puts (almost) all of them back at the start
+    assert moved >= 0.2 * total, (moved, total)
+    assert lost >= 0.9 * moved, (lost, moved)
+    for d, dtype in (("saved_trained", "float32"), ("saved_bf16", "bfloat16")):
+        assert json.load(open(os.path.join(work, d, "config.json")))["dtype"] == dtype
+        back = AutoModelForCausalLM.from_pretrained(os.path.join(work, d))  # dtype="auto": the config's
+        assert {str(p.dtype) for p in back.parameters()} == {f"torch.{dtype}"}
+    shutil.rmtree(os.path.join(work, "train"), ignore_errors=True)
+
+
+def test_ssapo_config_picks_gloo_for_deepspeed_without_a_gpu(monkeypatch):
+    """The rule behind the launches above, without one: DeepSpeed launch, no GPU, no backend given -> gloo."""
+    import types
+
+    import torch
+
+    from ssapo.trainer import _cpu_deepspeed_backend
+
+    def args(**kw):
+        return types.SimpleNamespace(**{"ddp_backend": None, "use_cpu": False, "deepspeed": None, **kw})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert _cpu_deepspeed_backend(args()) == "gloo"
+    assert _cpu_deepspeed_backend(args(ddp_backend="ccl")) == "ccl"  # the caller's choice stays
+    assert _cpu_deepspeed_backend(args(use_cpu=True)) is None  # accelerate's CPU path picks its own
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    assert _cpu_deepspeed_backend(args()) is None  # not DeepSpeed: unchanged
+    assert _cpu_deepspeed_backend(args(deepspeed="ds.json")) == "gloo"  # TrainingArguments(deepspeed=...)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _cpu_deepspeed_backend(args()) is None  # a GPU: accelerate's own (nccl)
+
+
+def test_cast_saved_rewrites_weights_index_and_config_dtype(tmp_path):
+    """The non-DeepSpeed path of save_trained(save_dtype=...): the files save_model wrote, recast in place
+    (sharded: the index's total_size follows), config.json's dtype with them; a file already in the dtype
+    is left as it is."""
+    import torch
+
+    from ssapo.tiny import build_tokenizer, tiny_llama
+    from ssapo.trainer import _cast_saved
+
+    model = tiny_llama(build_tokenizer(WORDS), hidden_size=64, num_layers=2, seed=0)
+    d = str(tmp_path / "m")
+    model.save_pretrained(d, max_shard_size="100KB")
+    index = os.path.join(d, "model.safetensors.index.json")
+    assert os.path.exists(index)
+    before = json.load(open(index))["metadata"]["total_size"]
+    _cast_saved(d, torch.bfloat16)
+    saved = _load_dir(d)
+    start = model.state_dict()
+    assert saved and all(v.dtype == torch.bfloat16 for v in saved.values())
+    assert all(torch.equal(saved[k], start[k].to(torch.bfloat16)) for k in saved)
+    assert json.load(open(index))["metadata"]["total_size"] == before // 2
+    assert json.load(open(os.path.join(d, "config.json")))["dtype"] == "bfloat16"
+    mtimes = {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in os.listdir(d) if f.endswith(".safetensors")}
+    _cast_saved(d, torch.bfloat16)  # already bfloat16: nothing rewritten
+    assert mtimes == {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in mtimes}
+    _cast_saved(d, torch.float32)
+    assert {str(v.dtype) for v in _load_dir(d).values()} == {"torch.float32"}
+    assert json.load(open(os.path.join(d, "config.json")))["dtype"] == "float32"

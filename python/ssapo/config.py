@@ -11,7 +11,7 @@ preset), the YAML file, the overrides. Every value is converted to its field's
 type; an unknown key is a `ValueError` that lists the close matches.
 
 Recipes live in one place, inside the package: `python/ssapo/recipes/<preset>/config.yaml`
-and `python/ssapo/recipes/accelerate/{ddp,zero3,fsdp}.yaml` (maturin ships every
+and `python/ssapo/recipes/accelerate/{ddp,zero3,fsdp,zero3_cpu}.yaml` (maturin ships every
 file under `python/ssapo/`, so an installed `ssapo` finds them next to this
 module). The repository's top-level `recipes` is a git symlink to that
 directory, for people browsing the repository; there is no second copy.
@@ -31,8 +31,9 @@ RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes"
 PRESETS: Dict[str, str] = {
     name: os.path.join(RECIPES_DIR, name, "config.yaml") for name in ("tiny", "mistral-7b", "llama3-8b")
 }
+# zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo, fp32), the variant CI runs (tests/test_zero3_cpu.py)
 ACCELERATE_CONFIGS: Dict[str, str] = {
-    name: os.path.join(RECIPES_DIR, "accelerate", f"{name}.yaml") for name in ("ddp", "zero3", "fsdp")
+    name: os.path.join(RECIPES_DIR, "accelerate", f"{name}.yaml") for name in ("ddp", "zero3", "fsdp", "zero3_cpu")
 }
 METHODS = ("ssapo", "dpo", "iterative-dpo", "spa", "sera")
 LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "dpo", "spa")
@@ -213,7 +214,9 @@ class RunConfig:
         "is 600). Long single-process phases run as their own launches, so no rank waits on them."
     )
     accelerate_config: Optional[str] = _f(
-        None, "ddp | zero3 | fsdp: recipes/accelerate/<name>.yaml for multi-process runs; null: one process.",
+        None, "ddp | zero3 | fsdp | zero3_cpu: recipes/accelerate/<name>.yaml for multi-process runs; null: one "
+        "process. zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo, picked by SSAPOConfig), the variant CI "
+        "runs; needs deepspeed and ninja, slow, not a training setup.",
         (None, *ACCELERATE_CONFIGS),
     )
     # -- the built-in task of the tiny preset (ssapo.bench.task) --

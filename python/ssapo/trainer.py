@@ -45,11 +45,15 @@ Precision, checkpoints and saving (the functions a leader stage uses):
   log-probabilities are cached in `output_dir/ref_logps/` under a key of the
   data and the reference's weights, so every rank reads the file the main rank
   wrote and a resumed run reads the same values.
-- `save_trained(trainer, path)`: the final weights through the trainer's own
-  `save_model` (gathers ZeRO-3 / FSDP shards; every rank must call it), a LoRA
+- `save_trained(trainer, path, save_dtype="float32")`: the trained weights in
+  full precision (every rank must call it): under DeepSpeed the engine's fp32
+  master weights, gathered parameter by parameter
+  (`deepspeed.utils.safe_get_full_fp32_param`; not the 16-bit copy that
+  `save_model` gathers, which would round every round's start to bf16), under
+  FSDP the FULL_STATE_DICT (fp32 parameters), else the fp32 parameters; a LoRA
   adapter merged into the full-precision base, a model card naming SSAPO and its
   paper, written to a temp directory and renamed into place; `push_to_hub`
-  when asked.
+  when asked. `save_dtype="bfloat16"` halves the files of a final export.
 
 A leader stage, run the same way by every process of an `accelerate launch`:
 
@@ -99,6 +103,7 @@ CHECKPOINT_MARKER = "ssapo_checkpoint.json"  # written last, once every rank has
 LEADER_STATE = "ssapo_leader_state_{}.json"  # one per rank: the counters behind leader_stats
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _HALF = (torch.bfloat16, torch.float16)
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 SSAPO_PAPER = {
     "title": "Stackelberg Self-Annotated Preference Optimization",
@@ -215,6 +220,24 @@ def _init_cpu_process_group(args) -> None:
     dist.init_process_group(backend="gloo", timeout=timedelta(seconds=args.ddp_timeout))
 
 
+def _true(value) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def _cpu_deepspeed_backend(args) -> Optional[str]:
+    """"gloo" for a DeepSpeed launch without a GPU when no `ddp_backend` was
+    given, else `args.ddp_backend`. accelerate finds no backend of its own for
+    DeepSpeed on CPU and then reports one process, rank 0, in every process;
+    with "gloo" it builds the group through `deepspeed.init_distributed` and
+    reads the real world size and rank (recipes/accelerate/zero3_cpu.yaml)."""
+    if args.ddp_backend is not None or args.use_cpu or _true(os.environ.get("ACCELERATE_USE_CPU", "false")):
+        return args.ddp_backend
+    if not (_true(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")) or args.deepspeed):
+        return None
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return None if gpu else "gloo"
+
+
 @contextlib.contextmanager
 def unsharded_loading():
     """Inside, `from_pretrained` builds whole models on this process: neither
@@ -246,7 +269,10 @@ class SSAPOConfig(DPOConfig):
     with `use_cpu` under a launcher (set here: transformers leaves gloo at
     torch's default). Set it above the longest phase one rank may wait through.
     One process per GPU: `SSAPOTrainer` refuses several GPUs visible to one
-    process that no launcher started (trl has no `nn.DataParallel`)."""
+    process that no launcher started (trl has no `nn.DataParallel`).
+    `ddp_backend`: left unset under a DeepSpeed launch without a GPU
+    (`DS_ACCELERATOR=cpu accelerate launch --config_file zero3_cpu.yaml ...`),
+    it becomes "gloo", without which accelerate sees one process, rank 0."""
 
     leader_loss: str = field(
         default="shift_prob",
@@ -306,6 +332,7 @@ class SSAPOConfig(DPOConfig):
             raise ValueError(f"spa_warmup_ratio: must be in [0, 1], got {self.spa_warmup_ratio}")
         if self.leader_loss == "spa":
             self.precompute_ref_log_probs = False  # the de-coupled model needs reference logits every step
+        self.ddp_backend = _cpu_deepspeed_backend(self)  # DeepSpeed on CPU: gloo, else accelerate sees 1 process
         super().__post_init__()
         loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_type != ["sigmoid"]:
@@ -744,13 +771,15 @@ class SSAPOTrainer(DPOTrainer):
 
 def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, base_model: Optional[str] = None,
                  model_name: Optional[str] = None, dataset_name: Optional[str] = None,
-                 push_to_hub: Optional[bool] = None, trust_remote_code: bool = False) -> str:
+                 push_to_hub: Optional[bool] = None, trust_remote_code: bool = False,
+                 save_dtype: str = "float32") -> str:
     """Saves the trained policy of `trainer` to `path` (safetensors, tokenizer,
-    model card) atomically, through the trainer's own `save_model`. Returns `path`.
+    model card) atomically, through the trainer's own `_save` / `save_model`.
+    Returns `path`.
 
-    EVERY process must call it: `save_model` gathers the weights (DeepSpeed
-    ZeRO-3 with `stage3_gather_16bit_weights_on_model_save`, FSDP through
-    `accelerator.get_state_dict` with a FULL_STATE_DICT), a collective.
+    EVERY process must call it: the weights are gathered, a collective
+    (DeepSpeed: the fp32 master weights, see below; FSDP: `save_model`, i.e.
+    `accelerator.get_state_dict` with a FULL_STATE_DICT).
     - Everything is written into `<path>.tmp-save` and renamed onto `path` by the
       writing process (`args.should_save`) once complete; the old `path`, if
       any, is replaced; a barrier follows, so on return every rank sees `path`.
@@ -761,17 +790,31 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
       (QLoRA) run is merged into full-precision weights too. The adapter is kept
       under `path/adapter/`. `merge_adapter=False` saves the adapter alone.
       `trust_remote_code` is passed to that base's `from_pretrained`.
-    - The precision is that of the trained weights: the fp32 master weights
-      (one process, DDP, FSDP full state dict); under ZeRO-3 the 16-bit copy
-      that `stage3_gather_16bit_weights_on_model_save` gathers.
+    - Precision: the fp32 master weights of every engine, written as
+      `save_dtype` ("float32", the default: a checkpoint the next round starts
+      from; "bfloat16": half the size, for a final export), and `config.json`'s
+      `dtype` says the same. Under DeepSpeed (ZeRO-3 or 1/2) each trainable
+      parameter is the optimizer's fp32 copy, gathered over the ranks
+      (`deepspeed_fp32_state_dict`: `deepspeed.utils.safe_get_full_fp32_param`),
+      never the bf16 module weights that `save_model` /
+      `stage3_gather_16bit_weights_on_model_save` gather: chaining rounds
+      through those would round the policy to bf16 at every round boundary (at
+      lr 5e-7 most of a round's update). The full fp32 state dict is held on the
+      writer in CPU memory (4 bytes a parameter: 32 GB for an 8B model). FSDP's
+      FULL_STATE_DICT is already the fp32 parameters (accelerate keeps them fp32
+      under bf16 mixed precision and torch unshards them in full precision for
+      the state dict); one process / DDP saves the fp32 parameters themselves.
     - README.md: trl's model card naming SSAPO, its paper (arXiv 2502.18099) and
       citation, tags `trl`, `dpo`, `ssapo`; `model_name` defaults to the name of `path`.
-    - Raises ValueError when the engine wrote no weights (ZeRO-3 without
-      `stage3_gather_16bit_weights_on_model_save`, FSDP with a sharded state dict).
+    - Raises ValueError when the engine wrote no weights (FSDP with a sharded
+      state dict), or for a `save_dtype` other than "float32" / "bfloat16".
     - `push_to_hub` (default `trainer.args.push_to_hub`): process 0 uploads
       `path` to `args.hub_model_id` (default: the name of `path`) with
       `args.hub_token`, `args.hub_private_repo`, `args.hub_revision`.
     """
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype: must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
+    dtype = SAVE_DTYPES[save_dtype]
     path = os.path.abspath(os.fspath(path))
     args, acc = trainer.args, trainer.accelerator
     writer = args.should_save
@@ -780,15 +823,22 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
     acc.wait_for_everyone()
-    trainer.save_model(tmp, _internal_call=True)  # collective; writes on the writer only; no hub push here
-    acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(trainer.model)
+    if trainer.is_deepspeed_enabled:
+        # collective: every rank gathers, the writer keeps the full fp32 state dict (the others None)
+        state = deepspeed_fp32_state_dict(trainer, trainable_only=is_peft_model(unwrapped), keep=writer)
+        trainer._save(tmp, state_dict=_cast_state_dict(state, dtype) if writer else None)
+        del state
+    else:
+        trainer.save_model(tmp, _internal_call=True)  # collective; writes on the writer only; no hub push here
+    acc.wait_for_everyone()
     error: Optional[BaseException] = None
     if writer:
         try:
             _check_weights_written(tmp)
             if merge_adapter and is_peft_model(unwrapped):
                 _merge_saved_adapter(unwrapped, tmp, base_model, trust_remote_code)
+            _cast_saved(tmp, dtype)
             card = os.path.join(args.output_dir, "README.md")
             trainer.create_model_card(model_name=model_name or os.path.basename(path), dataset_name=dataset_name)
             if os.path.exists(card):
@@ -818,14 +868,146 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
     return path
 
 
+def deepspeed_fp32_state_dict(trainer, *, trainable_only: bool = False, keep: Optional[bool] = None):
+    """The full state dict of a DeepSpeed trainer's model with the engine's fp32
+    master weights, on CPU, on the processes where `keep` (default: the main
+    process); None on the others. EVERY process must call it (collectives, in
+    the same order on every rank).
+
+    Keys and tied weights as `state_dict()` of the unwrapped model (a tied
+    parameter appears under each of its names, as one tensor). Each trainable
+    parameter is the optimizer's fp32 copy, gathered over the ranks
+    (`deepspeed.utils.safe_get_full_fp32_param`: ZeRO-3's fp32 partitions, or
+    ZeRO-1/2's fp32 partitions of 16-bit weights); a parameter without one
+    (frozen, no optimizer yet, fp32 training without a separate copy) is the
+    module's own value (ZeRO-3: gathered with `deepspeed.zero.GatheredParameters`);
+    persistent buffers as they are. `trainable_only`: leave out frozen
+    parameters and buffers (a peft model: its adapter). One parameter at a time:
+    no rank holds more than one full parameter beyond the writer's CPU copy."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    engine = trainer.model_wrapped  # the DeepSpeedEngine once train() has prepared it, else the model itself
+    module = engine.module if isinstance(engine, deepspeed.DeepSpeedEngine) else engine
+    keep = trainer.accelerator.is_main_process if keep is None else bool(keep)
+    optimizer = getattr(engine, "optimizer", None) if isinstance(engine, deepspeed.DeepSpeedEngine) else None
+    out: Optional[dict] = {} if keep else None
+    seen: dict[int, str] = {}
+
+    def has_master(p) -> bool:
+        if not p.requires_grad:
+            return False
+        if hasattr(p, "ds_id"):  # ZeRO-3: linked to the stage-3 optimizer when that is built
+            return getattr(p, "_z3_optimizer", None) is not None
+        return getattr(p, "_hp_mapping", None) is not None  # ZeRO-1/2 and the bf16 optimizer
+
+    def visit(mod, prefix: str) -> None:
+        for name, p in mod.named_parameters(recurse=False):
+            if p is None:
+                continue
+            key = prefix + name
+            if id(p) in seen:  # tied: the same tensor under both names, as in state_dict()
+                if keep and seen[id(p)] in out:
+                    out[key] = out[seen[id(p)]]
+                continue
+            seen[id(p)] = key
+            if trainable_only and not p.requires_grad:
+                continue
+            if has_master(p):
+                value = safe_get_full_fp32_param(p)  # collective: all-gather of the fp32 partitions
+                if keep:
+                    out[key] = value.detach().to("cpu", copy=True)
+                del value
+            elif hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):  # collective
+                    if keep:
+                        out[key] = p.detach().to("cpu", copy=True)
+            elif keep:
+                out[key] = p.detach().to("cpu", copy=True)
+        if keep and not trainable_only:
+            for name, b in mod.named_buffers(recurse=False):
+                if b is not None and name not in mod._non_persistent_buffers_set:
+                    out[prefix + name] = b.detach().to("cpu", copy=True)
+        for name, child in mod.named_children():
+            if child is not None:
+                visit(child, prefix + name + ".")
+
+    if optimizer is not None and hasattr(optimizer, "checkpoint_event_prologue"):
+        optimizer.checkpoint_event_prologue()  # as DeepSpeed's own consolidation: every parameter partitioned
+    try:
+        visit(module, "")
+    finally:
+        if optimizer is not None and hasattr(optimizer, "checkpoint_event_epilogue"):
+            optimizer.checkpoint_event_epilogue()
+    return out
+
+
+def _cast_state_dict(state_dict: dict, dtype: torch.dtype) -> dict:
+    """Floating-point tensors as `dtype`; tied tensors stay one tensor."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in state_dict.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
+            if id(v) not in done:
+                done[id(v)] = v.to(dtype)
+            v = done[id(v)]
+        out[k] = v
+    return out
+
+
+_ST_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ST_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _cast_saved(directory: str, dtype: torch.dtype) -> None:
+    """The weights saved in `directory` (its top-level `*.safetensors`) as
+    `dtype` (floating-point tensors; a file already in `dtype` is not
+    rewritten), the index's `total_size` to match, and `config.json`'s `dtype`
+    (what `from_pretrained`'s default `dtype="auto"` loads them in)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    name = str(dtype).split(".")[1]
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = 0
+    for fname in sorted(os.listdir(directory)):
+        f = os.path.join(directory, fname)
+        if not fname.endswith(".safetensors") or not os.path.isfile(f):
+            continue
+        with safe_open(f, framework="pt") as st:
+            metadata = st.metadata() or {"format": "pt"}
+            header = {k: (st.get_slice(k).get_dtype(), st.get_slice(k).get_shape()) for k in st.keys()}
+        if any(kind in _ST_FLOATS and _ST_FLOATS[kind] != dtype for kind, _ in header.values()):
+            tensors = _cast_state_dict(load_file(f), dtype)
+            atomic_write(f, lambda t, tensors=tensors: save_file(tensors, t, metadata=metadata))
+            del tensors
+        for kind, shape in header.values():
+            total += math.prod(shape) * (size if kind in _ST_FLOATS else _ST_SIZES.get(kind, 1))
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            data = json.load(fh)
+        data.setdefault("metadata", {})["total_size"] = total
+        write_json(index, data)
+    config = os.path.join(directory, "config.json")
+    if os.path.exists(config):
+        with open(config) as fh:
+            data = json.load(fh)
+        if data.get("dtype") != name or data.get("torch_dtype", name) != name:
+            data["dtype"] = name
+            if "torch_dtype" in data:
+                data["torch_dtype"] = name
+            write_json(config, data)
+
+
 def _check_weights_written(tmp: str) -> None:
     names = set(os.listdir(tmp))
     if not names & {"model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"}:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(
-            "trainer: save_model wrote no safetensors weights (under DeepSpeed ZeRO-3 set "
-            "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config; under FSDP set "
-            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config)")
+            "trainer: save_model wrote no safetensors weights (DeepSpeed's are gathered here, whatever "
+            "stage3_gather_16bit_weights_on_model_save says; under FSDP set fsdp_state_dict_type: "
+            "FULL_STATE_DICT in the accelerate config)")
 
 
 def _merge_saved_adapter(peft_model, tmp: str, base_model: Optional[str], trust_remote_code: bool) -> None:
