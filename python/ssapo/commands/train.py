@@ -56,8 +56,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--use-peft", action="store_true", default=None, help="train a LoRA adapter")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow the model repository's own code")
-    p.add_argument("--accelerate-config", default=None, choices=["ddp", "zero3", "fsdp"],
-                   help="recipes/accelerate/<name>.yaml for a multi-process run")
+    from ssapo.config import ACCELERATE_CONFIGS
+
+    p.add_argument("--accelerate-config", default=None, choices=list(ACCELERATE_CONFIGS),
+                   help="the training steps' engine, recipes/accelerate/<name>.yaml, for a multi-process run "
+                        "(default: the recipe's accelerate_config, else ddp)")
     p.add_argument("--num-processes", type=int, default=None,
                    help="processes over all machines (default: every visible GPU, 1 on CPU); > 1: each step is "
                         "its own `accelerate launch`")
