@@ -287,24 +287,24 @@ def _modules(spec: str):
     return spec if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
 
 
-def _response_ids(tok, message) -> List[int]:
-    text = message if isinstance(message, str) else message[-1]["content"]
-    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-
-
-def pair_margins(model, reference, tok, rows: List[dict], batch_size: int = 32, ref_logps=None):
+def pair_margins(model, reference, tok, rows: List[dict], batch_size: int = 32, ref_logps=None,
+                 max_length: Optional[int] = None):
     """Implicit-reward margins [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]
-    of labelled rows (chosen/rejected as text or messages; end-of-sequence appended).
-    `ref_logps` (the reference's (chosen, rejected) log-probs) skips the reference."""
+    of labelled rows (chosen/rejected as text or messages), each completion
+    tokenised and cut to `max_length` exactly as the trainer does
+    (`annotate.sequence_logps`). `ref_logps` (the reference's (chosen,
+    rejected) log-probs) skips the reference."""
     from ssapo.annotate import sequence_logps
 
     prompts = [r["prompt"] for r in rows]
-    ch = [_response_ids(tok, r["chosen"]) for r in rows]
-    rj = [_response_ids(tok, r["rejected"]) for r in rows]
+    ch = [r["chosen"] for r in rows]
+    rj = [r["rejected"] for r in rows]
+    kw = dict(max_length=max_length)
     if ref_logps is None:
-        ref_logps = (sequence_logps(reference, tok, prompts, ch, batch_size),
-                     sequence_logps(reference, tok, prompts, rj, batch_size))
-    lw, ll = sequence_logps(model, tok, prompts, ch, batch_size), sequence_logps(model, tok, prompts, rj, batch_size)
+        ref_logps = (sequence_logps(reference, tok, prompts, ch, batch_size, **kw),
+                     sequence_logps(reference, tok, prompts, rj, batch_size, **kw))
+    lw = sequence_logps(model, tok, prompts, ch, batch_size, **kw)
+    ll = sequence_logps(model, tok, prompts, rj, batch_size, **kw)
     return (lw - ref_logps[0]) - (ll - ref_logps[1]), ref_logps
 
 
@@ -503,14 +503,16 @@ def gold_stats(task: Optional[dict], rows: List[dict]) -> Dict[str, float]:
     return {"gold_accuracy": right / n, "gold_tie_fraction": tie / n, "gold_accuracy_untied": right / max(n - tie, 1)}
 
 
-def _margins(model, reference, tok, rows: List[dict], bs: int, state: Optional[State], d: str, name: str) -> List[float]:
+def _margins(model, reference, tok, rows: List[dict], bs: int, state: Optional[State], d: str, name: str,
+             max_length: Optional[int] = None) -> List[float]:
     """pair_margins of every row, shared out by chunks of `bs` over the
     processes of `state` (each chunk one batch, so the values do not depend on
     the process count); every process gets all of them, in row order."""
     mine = {}
     for c in _chunked(len(rows), bs, state):
         if len(c):
-            mine[str(c.start)] = pair_margins(model, reference, tok, [rows[i] for i in c], bs)[0].tolist()
+            part = [rows[i] for i in c]
+            mine[str(c.start)] = pair_margins(model, reference, tok, part, bs, max_length=max_length)[0].tolist()
     parts = _exchange(state, d, name, mine) if state is not None else [mine]
     merged = {int(k): v for p in parts for k, v in p.items()}
     return [m for k in sorted(merged) for m in merged[k]]
@@ -531,7 +533,7 @@ def heldout_accuracy(cfg: RunConfig, model_path: str, init_path: str, rows: List
     model, tok = _load(model_path, cfg, device)
     init_model, _ = _load(init_path, cfg, device)
     m = np.asarray(_margins(model, init_model, tok, rows, max(8, cfg.generation_batch_size), state,
-                            work_dir or os.path.dirname(model_path), "heldout"))
+                            work_dir or os.path.dirname(model_path), "heldout", max_length=cfg.max_length))
     del model, init_model
     _free()
     return {"heldout_reward_accuracy": float((m > 0).mean()), "heldout_ties": int((m == 0).sum()),
@@ -580,10 +582,10 @@ def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: 
     policy, tok = _load(policy_path, cfg, device)
     init_model, _ = _load(init_path, cfg, device)
     bs = max(8, cfg.generation_batch_size)
-    m = _margins(policy, init_model, tok, rows, bs, state, d, "sera_margins") if rows else []
+    m = _margins(policy, init_model, tok, rows, bs, state, d, "sera_margins", max_length=cfg.max_length) if rows else []
     if cfg.sera_gamma_role == "ensemble" and before_path is not None and cfg.sera_gamma > 0:
         before, _ = _load(before_path, cfg, device)
-        mb = _margins(before, init_model, tok, rows, bs, state, d, "sera_before")
+        mb = _margins(before, init_model, tok, rows, bs, state, d, "sera_before", max_length=cfg.max_length)
         del before
         m = [(1 - cfg.sera_gamma) * a + cfg.sera_gamma * b for a, b in zip(m, mb)]
     elif cfg.sera_gamma_role == "ensemble" and cfg.sera_gamma > 0:
@@ -687,11 +689,21 @@ def prepare(cfg: RunConfig, out: str, state: State) -> None:
             pool = load_prompts(src["prompt_data"]) if src["prompt_data"] else None
             split = split_seed_and_rounds(prefs, cfg.seed_size, cfg.round_sizes[: cfg.num_rounds], cfg.seed, pool,
                                           tokenizer=tok, max_prompt_length=cfg.max_prompt_length)
-            write_jsonl(os.path.join(d, "seed.jsonl"), [dict(r) for r in split.seed])
+            from ssapo.chat import prepare_prompts
+
+            def shown(rows):
+                # every prompt as the model is shown it (the system turn where cfg.system_turn asks for one),
+                # written into the rows, so training and scoring render what annotation renders
+                rows = [dict(r) for r in rows]
+                for r, p in zip(rows, prepare_prompts([r["prompt"] for r in rows], tok, cfg)):
+                    r["prompt"] = p
+                return rows
+
+            write_jsonl(os.path.join(d, "seed.jsonl"), shown(split.seed))
             for t, rnd in enumerate(split.rounds, start=1):
                 write_jsonl(os.path.join(d, f"round_{t}.jsonl"), [{"prompt": p} for p in rnd["prompt"]])
             test = split.test
-            held = [dict(r) for r in test.select(range(min(HELDOUT_PAIRS, len(test))))] if test is not None else []
+            held = shown(test.select(range(min(HELDOUT_PAIRS, len(test))))) if test is not None else []
             write_jsonl(os.path.join(d, "heldout.jsonl"), held)
             write_json(os.path.join(d, "split.json"), split.report)
     state.wait()
@@ -936,7 +948,8 @@ def _resolver_factory(cfg: RunConfig, ann_ref: str, state: State):
         def margins_fn():
             model = trainer.accelerator.unwrap_model(trainer.model)
             was_training = model.training
-            m, cache["ref"] = pair_margins(model, ref, tok, rows, max(8, cfg.generation_batch_size), cache.get("ref"))
+            m, cache["ref"] = pair_margins(model, ref, tok, rows, max(8, cfg.generation_batch_size), cache.get("ref"),
+                                           max_length=cfg.max_length)
             model.train(was_training)
             return m.numpy()
 
