@@ -35,7 +35,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 from scipy.optimize import linprog, minimize  # noqa: E402
-from scipy.sparse import coo_matrix, csr_matrix, hstack, vstack, identity  # noqa: E402
+from scipy.sparse import coo_matrix, csr_matrix, hstack, identity, vstack  # noqa: E402
 
 import dro_core  # noqa: E402
 
@@ -99,8 +99,9 @@ def slsqp_group(xi, eps, k, cap=None):
             raise StopIteration
 
     try:
-        res = minimize(objective, x0, method="SLSQP", bounds=bounds, constraints=cons, options={"maxiter": 50},
-                       callback=callback)
+        res = minimize(
+            objective, x0, method="SLSQP", bounds=bounds, constraints=cons, options={"maxiter": 50}, callback=callback
+        )
         x, nit = res.x, res.nit
         complete = not (cap is not None and time.process_time() - t0 > cap and nit < 50)
     except ValueError:  # the released code falls back to uniform α, q = 0
@@ -156,10 +157,10 @@ def ek_lp(xi, eps, a, b, lo=0.0, hi=1.0, qbox=None, amin=0.0):
     xr = np.repeat(xi, k)
     ar = np.tile(a, n)
     c = np.concatenate([-(np.tile(a, n) * xr + np.tile(b, n)), ar, -ar]) / n
-    I = identity(m, format="csr")
+    eye = identity(m, format="csr")
     budget = csr_matrix(np.concatenate([np.zeros(m), np.full(2 * m, 1.0 / n)])[None, :])
-    hi_rows = hstack([csr_matrix((xr - hi, (np.arange(m), np.arange(m))), shape=(m, m)), -I, I])
-    lo_rows = hstack([csr_matrix((lo - xr, (np.arange(m), np.arange(m))), shape=(m, m)), I, -I])
+    hi_rows = hstack([csr_matrix((xr - hi, (np.arange(m), np.arange(m))), shape=(m, m)), -eye, eye])
+    lo_rows = hstack([csr_matrix((lo - xr, (np.arange(m), np.arange(m))), shape=(m, m)), eye, -eye])
     A_ub = vstack([budget, hi_rows, lo_rows]).tocsr()
     b_ub = np.concatenate([[eps], np.zeros(2 * m)])
     A_eq = coo_matrix((np.ones(m), (np.repeat(np.arange(n), k), np.arange(m))), shape=(n, 3 * m)).tocsr()
@@ -251,14 +252,26 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="N in {8K, 20K}, K = 6, 1 SLSQP group: a quick look")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "follower.md"))
     ap.add_argument("--slsqp-groups", type=int, default=2, help="groups timed for SLSQP at each K (default 2)")
-    ap.add_argument("--slsqp-workers", type=int, default=min(2, os.cpu_count() or 1),
-                    help="SLSQP groups run at the same time, each in its own process (default: 2 or the cores)")
-    ap.add_argument("--slsqp-cap", type=float, default=None,
-                    help="stop an SLSQP run after this many seconds and extrapolate its time to 50 iterations "
-                         "(its quality is then not reported); default 540, 20 with --quick")
+    ap.add_argument(
+        "--slsqp-workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="SLSQP groups run at the same time, each in its own process (default: 2 or the cores)",
+    )
+    ap.add_argument(
+        "--slsqp-cap",
+        type=float,
+        default=None,
+        help="stop an SLSQP run after this many seconds and extrapolate its time to 50 iterations "
+        "(its quality is then not reported); default 540, 20 with --quick",
+    )
     ap.add_argument("--highs-groups", type=int, default=40, help="groups timed for HiGHS when it cannot solve them all")
-    ap.add_argument("--highs-budget", type=float, default=60.0,
-                    help="HiGHS solves every group of an instance when its estimate is at most this many seconds")
+    ap.add_argument(
+        "--highs-budget",
+        type=float,
+        default=60.0,
+        help="HiGHS solves every group of an instance when its estimate is at most this many seconds",
+    )
     args = ap.parse_args(argv)
     sizes = [8_000, 20_000] if args.quick else [8_000, 20_000, 30_000, 58_000, 1_000_000, 10_000_000]
     ks = [6] if args.quick else [6, 10]
@@ -282,7 +295,9 @@ def main(argv=None):
         sl_groups = sample_groups(len(first) // G, n_slsqp)
         sl = slsqp_groups([first[g * G : (g + 1) * G] for g in sl_groups], k, args.slsqp_cap, args.slsqp_workers)
         for g, r in zip(sl_groups, sl):
-            print(f"  SLSQP group {g}: {r['seconds']:.1f} s, {r['nit']} iterations, complete {r['complete']}", flush=True)
+            print(
+                f"  SLSQP group {g}: {r['seconds']:.1f} s, {r['nit']} iterations, complete {r['complete']}", flush=True
+            )
         slsqp_per_group = statistics.mean(r["seconds"] if r["complete"] else r["seconds_50"] for r in sl)
         sl_done = [(g, r) for g, r in zip(sl_groups, sl) if r["complete"]]
         sl_cut = [r for r in sl if not r["complete"]]
@@ -328,8 +343,11 @@ def main(argv=None):
             highs_diffs += list(np.abs(r1.group_values[todo] - hv) / np.abs(hv))
             slsqp_total = slsqp_per_group * ngroups
             dro_per_group = t1 / ngroups
-            hcell = f"≈ {fmt_t(highs_total)} (extrap. from {len(todo)} groups)" if extrap else \
-                f"{fmt_t(highs_total)} (all {ngroups} groups)"
+            hcell = (
+                f"≈ {fmt_t(highs_total)} (extrap. from {len(todo)} groups)"
+                if extrap
+                else f"{fmt_t(highs_total)} (all {ngroups} groups)"
+            )
             rows.append(
                 f"| {n:,} | {k} | {fmt_t(t1)} | {fmt_t(t2)} | {t1 / t2:.2f}× | {fmt_t(tg1)} | {fmt_t(tg2)} "
                 f"| {hcell} | {fmt_x(highs_total / t1)} "
@@ -348,10 +366,17 @@ def main(argv=None):
         except ImportError:
             pass
 
-        sl_note = f"{len(sl_groups)} (groups {', '.join(map(str, sl_groups))}; {args.slsqp_workers} at a time, one per core)"
-        cut_note = "" if not sl_cut else (
-            f"; {len(sl_cut)} run(s) stopped at the {args.slsqp_cap:.0f} s cap after "
-            f"{', '.join(str(r['nit']) for r in sl_cut)} of 50 iterations, their time extrapolated to 50 iterations")
+        sl_note = (
+            f"{len(sl_groups)} (groups {', '.join(map(str, sl_groups))}; {args.slsqp_workers} at a time, one per core)"
+        )
+        cut_note = (
+            ""
+            if not sl_cut
+            else (
+                f"; {len(sl_cut)} run(s) stopped at the {args.slsqp_cap:.0f} s cap after "
+                f"{', '.join(str(r['nit']) for r in sl_cut)} of 50 iterations, their time extrapolated to 50 iterations"
+            )
+        )
         quality.append(
             f"| {k} | dro_core | all groups of every N, G = 100 and global | {fmt_t(dro_per_group)} | exact; max relative "
             f"dual gap {max_gap:.0e}; max relative difference to HiGHS {max(highs_diffs):.0e} on {highs_solved:,} groups "
@@ -398,22 +423,34 @@ def main(argv=None):
         )
         print(mem, flush=True)
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
-    cmd = "python benches/bench_follower.py" + (" --quick" if args.quick else "") + \
-        ("" if args.out.endswith(os.path.join("benches", "results", "follower.md")) else f" --out {args.out}")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    cmd = (
+        "python benches/bench_follower.py"
+        + (" --quick" if args.quick else "")
+        + ("" if args.out.endswith(os.path.join("benches", "results", "follower.md")) else f" --out {args.out}")
+    )
     if cap_given:
         cmd += f" --slsqp-cap {args.slsqp_cap:g}"
-    for flag, default in [("slsqp_groups", 2), ("slsqp_workers", min(2, os.cpu_count() or 1)),
-                          ("highs_groups", 40), ("highs_budget", 60.0)]:
+    for flag, default in [
+        ("slsqp_groups", 2),
+        ("slsqp_workers", min(2, os.cpu_count() or 1)),
+        ("highs_groups", 40),
+        ("highs_budget", 60.0),
+    ]:
         if getattr(args, flag) != default:
             cmd += f" --{flag.replace('_', '-')} {getattr(args, flag)}"
     total = time.perf_counter() - t_start
     load_end = os.getloadavg()
-    load = (f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}, at the end "
-            f"{', '.join(f'{x:.2f}' for x in load_end)}: anything above ~0 means other processes shared the cores and "
-            f"the dro_core wall-clock times (SLSQP/HiGHS are CPU times) are pessimistic.")
-    doc = f"""# The follower: dro_core vs SLSQP (the paper's solver) vs HiGHS
+    load = (
+        f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}, at the end "
+        f"{', '.join(f'{x:.2f}' for x in load_end)}: anything above ~0 means other processes shared the cores and "
+        f"the dro_core wall-clock times (SLSQP/HiGHS are CPU times) are pessimistic."
+    )
+    doc = (
+        f"""# The follower: dro_core vs SLSQP (the paper's solver) vs HiGHS
 
 Measured {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")} on {cpu} ({os.cpu_count()} cores),
 Python {platform.python_version()}, NumPy {np.__version__}, SciPy {__import__("scipy").__version__},
@@ -437,14 +474,21 @@ processes: divide its column by the cores you have. Speed-ups are against dro_co
 
 | N | K | dro_core G=100, 1 thread | 2 threads | 2 vs 1 thread | dro_core global, 1 thread | global, 2 threads | HiGHS, G=100 | HiGHS / dro_core | SLSQP (paper), G=100 | SLSQP / dro_core |
 |---|---|---|---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + """
+"""
+        + "\n".join(rows)
+        + """
 
 Solution quality per group (values are per-group worst-case expected losses; the exact optimum is
 dro_core's, equal to HiGHS's to the digits shown):
 
 | K | solver | groups checked | time per group | value | constraint violation at its answer |
 |---|---|---|---|---|---|
-""" + "\n".join(quality) + "\n\n" + mem + "\n"
+"""
+        + "\n".join(quality)
+        + "\n\n"
+        + mem
+        + "\n"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

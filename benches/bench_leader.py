@@ -47,29 +47,57 @@ def data(n, words):
 
     rng = random.Random(0)
     rows = []
-    for i in range(n):
+    for _i in range(n):
         p = " ".join(rng.choice(words) for _ in range(8))
         c = " ".join(rng.choice(words) for _ in range(12))
         r = " ".join(rng.choice(words) for _ in range(12))
-        rows.append({"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
-                     "rejected": [{"role": "assistant", "content": r}],
-                     "shift": [0.0, 0.3], "mass": [0.8, 0.2]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": p}],
+                "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}],
+                "shift": [0.0, 0.3],
+                "mass": [0.8, 0.2],
+            }
+        )
     return rows
 
 
 def one(kind, steps, batch, rows, tok, out):
     timer = StepTimer()
     model = tiny_llama(tok, hidden_size=128, num_layers=2, seed=0)
-    common = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
-                  report_to="none", use_cpu=True, bf16=False, logging_steps=1000, save_strategy="no", beta=0.1,
-                  seed=0, precompute_ref_log_probs=True, disable_tqdm=True)
+    common = dict(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1000,
+        save_strategy="no",
+        beta=0.1,
+        seed=0,
+        precompute_ref_log_probs=True,
+        disable_tqdm=True,
+    )
     if kind == "ssapo":
-        tr = SSAPOTrainer(model, args=SSAPOConfig(leader_loss="shift_prob", **common),
-                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
+        tr = SSAPOTrainer(
+            model,
+            args=SSAPOConfig(leader_loss="shift_prob", **common),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[timer],
+        )
     else:
         plain = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
-        tr = DPOTrainer(model, args=DPOConfig(**common), train_dataset=Dataset.from_list(plain),
-                        processing_class=tok, callbacks=[timer])
+        tr = DPOTrainer(
+            model,
+            args=DPOConfig(**common),
+            train_dataset=Dataset.from_list(plain),
+            processing_class=tok,
+            callbacks=[timer],
+        )
     tr.train()
     return timer.times[5:]
 
@@ -98,9 +126,13 @@ def main():
     load1 = os.getloadavg()[0]
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ratio = ms["ssapo"] / ms["dpo"]
-    import trl
     import transformers
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    import trl
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     doc = f"""# One leader step: SSAPOTrainer vs trl DPOTrainer
 
 Measured {datetime.date.today()} on {cpu} ({os.cpu_count()} cores, load average {load0:.1f} before and
@@ -114,8 +146,8 @@ log-probabilities precomputed for both; {a.rounds} alternating rounds of {a.step
 
 | trainer | median step | steps timed |
 |---|---|---|
-| trl DPOTrainer (sigmoid) | {ms['dpo']:.2f} ms | {len(times['dpo'])} |
-| SSAPOTrainer (shift_prob, per-pair atoms) | {ms['ssapo']:.2f} ms | {len(times['ssapo'])} |
+| trl DPOTrainer (sigmoid) | {ms["dpo"]:.2f} ms | {len(times["dpo"])} |
+| SSAPOTrainer (shift_prob, per-pair atoms) | {ms["ssapo"]:.2f} ms | {len(times["ssapo"])} |
 | ratio SSAPO / DPO | {ratio:.3f} | target <= 1.05 |
 
 Ratio of the two medians within each round: {", ".join(f"{x:.3f}" for x in per_round)}

@@ -38,8 +38,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.count < 1:
         ap.error("--count: must be >= 1")
-    import dro_core
     import scipy
+
+    import dro_core
 
     rng = np.random.default_rng(args.seed)
     per_kind: collections.Counter = collections.Counter()

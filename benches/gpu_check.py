@@ -39,10 +39,22 @@ import time
 
 CONFIGS = {
     # ~1.04B parameters: 32768·2048 (tied) + 16 · (2·2048² + 2·2048·512 + 3·2048·8192)
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab=32768),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab=512),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab=32768,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab=512,
+    ),
 }
 
 
@@ -58,10 +70,18 @@ def build(out: str, tiny: bool, pairs: int, prompt_words: int, answer_words: int
     tok = build_tokenizer(words, model_max_length=4096)
     assert len(tok) == shape["vocab"], (len(tok), shape["vocab"])
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=4096, rope_theta=500000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
     t0 = time.time()
@@ -81,17 +101,33 @@ def build(out: str, tiny: bool, pairs: int, prompt_words: int, answer_words: int
 
     rng = random.Random(seed)
     content = words[:4000]  # a working vocabulary for the texts
+
     def text(n):
         return " ".join(rng.choice(content) for _ in range(n))
+
     path = os.path.join(out, "pairs.jsonl")
     with open(path, "w") as f:
         for _ in range(pairs):
-            f.write(json.dumps({"prompt": text(rng.randint(prompt_words // 2, prompt_words)),
-                                "chosen": text(rng.randint(answer_words // 2, answer_words)),
-                                "rejected": text(rng.randint(answer_words // 2, answer_words))}) + "\n")
-    info = {"model_dir": model_dir, "pairs": path, "n_pairs": pairs, "parameters": n_params,
-            "config": {k: v for k, v in shape.items()}, "dtype": "bfloat16", "build_seconds": round(built_s, 1),
-            "built_on": device}
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": text(rng.randint(prompt_words // 2, prompt_words)),
+                        "chosen": text(rng.randint(answer_words // 2, answer_words)),
+                        "rejected": text(rng.randint(answer_words // 2, answer_words)),
+                    }
+                )
+                + "\n"
+            )
+    info = {
+        "model_dir": model_dir,
+        "pairs": path,
+        "n_pairs": pairs,
+        "parameters": n_params,
+        "config": {k: v for k, v in shape.items()},
+        "dtype": "bfloat16",
+        "build_seconds": round(built_s, 1),
+        "built_on": device,
+    }
     with open(os.path.join(out, "build.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -101,13 +137,19 @@ def build(out: str, tiny: bool, pairs: int, prompt_words: int, answer_words: int
 def _memory_reader():
     """A function returning the GPU's used memory in MiB (device 0), or None where there is no GPU."""
     if shutil.which("nvidia-smi"):
+
         def smi():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout.strip()
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout.strip()
                 return float(out.splitlines()[0])
             except Exception:
                 return None
+
         if smi() is not None:
             return smi, "nvidia-smi"
     try:
@@ -122,9 +164,11 @@ def _memory_reader():
         import torch
 
         if torch.cuda.is_available():
+
             def by_torch():
                 free, total = torch.cuda.mem_get_info(0)
                 return (total - free) / 2**20
+
             return by_torch, "torch.cuda.mem_get_info (this monitor's own context included)"
     except Exception:
         pass
@@ -203,10 +247,16 @@ def weights_moved(start_dir: str, model_dir: str) -> dict:
         changed += int((a != b).sum())
         total += a.numel()
         d2 += float(((a - b) ** 2).sum())
-        w2 += float((b ** 2).sum())
-    return {"tensors": shared, "elements": total, "changed_fraction": changed / total if total else float("nan"),
-            "relative_l2": math.sqrt(d2 / w2) if w2 else float("nan"), "saved_dtypes": sorted(dtypes),
-            "problems": missing, "moved": bool(total and changed and not missing)}
+        w2 += float((b**2).sum())
+    return {
+        "tensors": shared,
+        "elements": total,
+        "changed_fraction": changed / total if total else float("nan"),
+        "relative_l2": math.sqrt(d2 / w2) if w2 else float("nan"),
+        "saved_dtypes": sorted(dtypes),
+        "problems": missing,
+        "moved": bool(total and changed and not missing),
+    }
 
 
 def _response_tokens(run_dir: str, step: str, tokenizer) -> int:
@@ -237,8 +287,9 @@ def _metrics(run_dir: str, step: str) -> dict:
         return {}
 
 
-def report(work: str, run_dir: str, label: str, samples: str, out_json: str | None, wall: float | None,
-           rc: int | None) -> dict:
+def report(
+    work: str, run_dir: str, label: str, samples: str, out_json: str | None, wall: float | None, rc: int | None
+) -> dict:
     from transformers import AutoTokenizer
 
     build_info = json.load(open(os.path.join(work, "build.json")))
@@ -269,8 +320,9 @@ def report(work: str, run_dir: str, label: str, samples: str, out_json: str | No
             if gen_s and gen_n:  # the loop's own split of the step: generation alone
                 s["generation_tokens_per_s"] = round(gen_n / gen_s, 1)
             # whatever the loop itself reports about generation (names vary by version)
-            s["loop_reports"] = {k: v for k, v in ann.items() if any(w in k for w in ("token", "second", "backend",
-                                                                                          "generat"))}
+            s["loop_reports"] = {
+                k: v for k, v in ann.items() if any(w in k for w in ("token", "second", "backend", "generat"))
+            }
     moved = {}
     for stage in ["seed"] + sorted({d.split("/")[0] for d in done if d.startswith("round_")}):
         mdir = os.path.join(run_dir, stage, "model")
@@ -290,8 +342,16 @@ def report(work: str, run_dir: str, label: str, samples: str, out_json: str | No
         engine = "launched steps, no DeepSpeed in their logs"
     else:
         engine = "one process, no launch (no DIR/logs)"
-    res = {"label": label, "rc": rc, "wall_seconds": wall, "steps": steps, "weights": moved, "engine": engine,
-           "start_to_first_sample": t_start, "parameters": build_info["parameters"]}
+    res = {
+        "label": label,
+        "rc": rc,
+        "wall_seconds": wall,
+        "steps": steps,
+        "weights": moved,
+        "engine": engine,
+        "start_to_first_sample": t_start,
+        "parameters": build_info["parameters"],
+    }
     if out_json:
         with open(out_json, "w") as f:
             json.dump(res, f, indent=1)
@@ -304,17 +364,23 @@ def render(results: list) -> str:
     for r in results:
         lines.append(f"### {r['label']}  (exit {r['rc']}, {r['wall_seconds']} s wall, engine: {r['engine']})")
         lines.append("")
-        lines.append("| step | seconds | peak GPU MiB | response tokens | tokens/s: step (generation + scoring) | "
-                     "tokens/s: generation (the loop's generate_seconds) |")
+        lines.append(
+            "| step | seconds | peak GPU MiB | response tokens | tokens/s: step (generation + scoring) | "
+            "tokens/s: generation (the loop's generate_seconds) |"
+        )
         lines.append("|---|---|---|---|---|---|")
         for s in r["steps"]:
-            lines.append(f"| {s['step']} | {s['seconds']} | {s['peak_gpu_mib']} | {s.get('response_tokens', '')} | "
-                         f"{s.get('tokens_per_s', '')} | {s.get('generation_tokens_per_s', '')} |")
+            lines.append(
+                f"| {s['step']} | {s['seconds']} | {s['peak_gpu_mib']} | {s.get('response_tokens', '')} | "
+                f"{s.get('tokens_per_s', '')} | {s.get('generation_tokens_per_s', '')} |"
+            )
         for stage, m in r["weights"].items():
-            lines.append(f"- weights of {stage}/model vs the start: moved={m['moved']}, "
-                         f"{100 * m['changed_fraction']:.2f} % of {m['elements']:,} elements changed, "
-                         f"relative L2 {m['relative_l2']:.3e}, saved as {','.join(m['saved_dtypes'])}"
-                         + (f", problems: {m['problems'][:3]}" if m["problems"] else ""))
+            lines.append(
+                f"- weights of {stage}/model vs the start: moved={m['moved']}, "
+                f"{100 * m['changed_fraction']:.2f} % of {m['elements']:,} elements changed, "
+                f"relative L2 {m['relative_l2']:.3e}, saved as {','.join(m['saved_dtypes'])}"
+                + (f", problems: {m['problems'][:3]}" if m["problems"] else "")
+            )
         for s in r["steps"]:
             if s.get("loop_reports"):
                 lines.append(f"- {s['step']} as the loop reports it: {json.dumps(s['loop_reports'])}")

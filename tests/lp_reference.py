@@ -136,14 +136,30 @@ def random_instance(rng):
             eps = (hi - lo) * (int(grid[grid <= v].sum()) / steps) / n
         else:
             eps = (hi - lo) * int(rng.integers(0, 41)) / 100
-        return dict(xi=xi, eps=float(eps), kind=kind, params=params, support=None, f=_np_max_affine(a, b),
-                    knots=[], pieces=(a, b))
+        return dict(
+            xi=xi,
+            eps=float(eps),
+            kind=kind,
+            params=params,
+            support=None,
+            f=_np_max_affine(a, b),
+            knots=[],
+            pieces=(a, b),
+        )
     if fam == 3:  # the paper's loss on continuous probabilities
         k = int(rng.integers(1, 11))
         xi = rng.uniform(0, 1, n) if rng.random() < 0.5 else 1 / (1 + np.exp(-0.1 * np.abs(rng.normal(0, 10, n))))
         a, b = _pieces_neg_log(k)
-        return dict(xi=xi, eps=float(rng.choice([0.0, 1e-3, 0.01, 0.05, 0.1, 0.3, 2.0])), kind="neg_log",
-                    params=(k,), support=None, f=_np_max_affine(a, b), knots=[], pieces=(a, b))
+        return dict(
+            xi=xi,
+            eps=float(rng.choice([0.0, 1e-3, 0.01, 0.05, 0.1, 0.3, 2.0])),
+            kind="neg_log",
+            params=(k,),
+            support=None,
+            f=_np_max_affine(a, b),
+            knots=[],
+            pieces=(a, b),
+        )
     if fam == 4:  # random convex max-affine
         k = int(rng.integers(1, 9))
         a, b = rng.normal(0, 3, k), rng.normal(0, 1, k)
@@ -154,8 +170,16 @@ def random_instance(rng):
             xi[rng.integers(n, size=max(1, n // 4))] = lo
             xi[rng.integers(n, size=max(1, n // 4))] = hi
         eps = float(rng.choice([0.0, 1e-3, 0.05, 0.2, 1.0])) * (hi - lo)
-        return dict(xi=xi, eps=eps, kind="max_affine", params=(a.tolist(), b.tolist()), support=(lo, hi),
-                    f=_np_max_affine(a, b), knots=[], pieces=(a, b))
+        return dict(
+            xi=xi,
+            eps=eps,
+            kind="max_affine",
+            params=(a.tolist(), b.tolist()),
+            support=(lo, hi),
+            f=_np_max_affine(a, b),
+            knots=[],
+            pieces=(a, b),
+        )
     # non-convex interpolation
     nk = int(rng.integers(2, 8))
     x = np.sort(rng.choice(np.linspace(-3, 3, 61), nk, replace=False))
@@ -163,8 +187,16 @@ def random_instance(rng):
     lo, hi = float(x[0]) - float(rng.uniform(0, 1)), float(x[-1]) + float(rng.uniform(0, 1))
     xi = rng.choice(x, n) if rng.random() < 0.3 else rng.uniform(lo, hi, n)
     eps = float(rng.choice([0.0, 1e-3, 0.05, 0.2, 1.0])) * (hi - lo)
-    return dict(xi=xi, eps=eps, kind="interpolate", params=(x.tolist(), y.tolist()), support=(lo, hi),
-                f=_np_interp(x, y), knots=x, pieces=None)
+    return dict(
+        xi=xi,
+        eps=eps,
+        kind="interpolate",
+        params=(x.tolist(), y.tolist()),
+        support=(lo, hi),
+        f=_np_interp(x, y),
+        knots=x,
+        pieces=None,
+    )
 
 
 def check_instance(inst, rng, rel=1e-7):

@@ -40,8 +40,9 @@ def test_annotate_with_a_hand_made_scorer(tiny):
         [[a, eos], [a, eos]],  # identical samples: scored once, all tied -> dropped
         [[d, eos], [b, eos]],  # a plain-string prompt
     ]
-    ds, st = annotate_rows(None, None, tok, prompts, n=5, responses=responses, scorer=scorer, batch_size=2,
-                           progress=False)  # rows: string and chat prompts do not mix in one arrow column
+    ds, st = annotate_rows(
+        None, None, tok, prompts, n=5, responses=responses, scorer=scorer, batch_size=2, progress=False
+    )  # rows: string and chat prompts do not mix in one arrow column
     assert calls == [6, 2]  # per chunk of 2 prompts, every distinct (prompt, response) once
     assert len(ds) == 2 and st["pairs"] == 2 and st["prompts"] == 3
     assert st["dropped_all_tied"] == 1 and st["tied_best"] == 1 and st["tied_worst"] == 1
@@ -61,8 +62,9 @@ def test_annotate_with_a_hand_made_scorer(tiny):
 def test_policy_equal_to_reference_ties_everything(tiny):
     model, tok = tiny
     prompts = [[{"role": "user", "content": "a b c"}]] * 3
-    ds, st = annotate(model, model, tok, prompts, n=3, max_new_tokens=4, batch_size=2, seed=1, progress=False,
-                      backend="transformers")
+    ds, st = annotate(
+        model, model, tok, prompts, n=3, max_new_tokens=4, batch_size=2, seed=1, progress=False, backend="transformers"
+    )
     assert len(ds) == 0 and st["dropped_all_tied"] == 3  # r ≡ 0: no pair, counted
 
 
@@ -95,8 +97,9 @@ def test_generation_is_seeded_and_independent_of_the_process_split(tiny):
     merged = sorted(parts[0][0] + parts[1][0], key=lambda r: r["index"])
     assert merged == one
     assert parts[0][1]["prompts"] + parts[1][1]["prompts"] == st1["prompts"] == 5
-    assert generate(model, tok, prompts, 3, 0.7, 1.0, 5, batch_size=2, seed=7, progress=False) != \
-        generate(model, tok, prompts, 3, 0.7, 1.0, 5, batch_size=2, seed=8, progress=False)
+    assert generate(model, tok, prompts, 3, 0.7, 1.0, 5, batch_size=2, seed=7, progress=False) != generate(
+        model, tok, prompts, 3, 0.7, 1.0, 5, batch_size=2, seed=8, progress=False
+    )
 
 
 def test_settings_come_from_the_config(tiny):
@@ -104,8 +107,14 @@ def test_settings_come_from_the_config(tiny):
 
     model, tok = tiny
     cfg = load_config("tiny", overrides={"num_samples": 3, "max_new_tokens": 2, "generation_batch_size": 4})
-    rows, st = annotate_rows(model, tiny_llama(tok, hidden_size=32, num_layers=1, seed=2), tok,
-                             [[{"role": "user", "content": "a"}]] * 2, cfg, progress=False)
+    rows, st = annotate_rows(
+        model,
+        tiny_llama(tok, hidden_size=32, num_layers=1, seed=2),
+        tok,
+        [[{"role": "user", "content": "a"}]] * 2,
+        cfg,
+        progress=False,
+    )
     assert st["responses"] == 6 and st["response_tokens"] <= 12
     with pytest.raises(ValueError, match="^num_samples: "):
         annotate_rows(model, model, tok, ["a"], n=1)
@@ -122,6 +131,7 @@ def test_vllm_backend_needs_vllm():
 
 
 # -- selective log-softmax, truncation, devices (issue 9) --
+
 
 def test_selective_log_softmax_equals_the_full_log_softmax():
     from ssapo.annotate import selective_log_softmax
@@ -153,8 +163,9 @@ def test_scoring_chunks_do_not_change_the_sums(tiny):
     responses = [[5, 6, 7, eos], "a b", [{"role": "assistant", "content": "d d c"}]]
     base = A.sequence_logps(model, tok, prompts, responses, chunk_tokens=None)
     for chunk in (1, 2, 5):
-        torch.testing.assert_close(A.sequence_logps(model, tok, prompts, responses, chunk_tokens=chunk), base,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            A.sequence_logps(model, tok, prompts, responses, chunk_tokens=chunk), base, rtol=0, atol=1e-5
+        )
     one = torch.cat([A.sequence_logps(model, tok, [p], [r], batch_size=1) for p, r in zip(prompts, responses)])
     torch.testing.assert_close(one, base, rtol=0, atol=1e-5)
     seqs = A.tokenize_for_scoring(tok, prompts, responses)
@@ -169,8 +180,9 @@ def test_scoring_chunks_do_not_change_the_sums(tiny):
     assert A._head_split(model) is not None  # the head was applied at the response positions only
     A._HEAD_SPLIT[model] = False  # the full-forward path gives the same sums
     try:
-        torch.testing.assert_close(A.sequence_logps(model, tok, prompts, responses, chunk_tokens=2), base,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            A.sequence_logps(model, tok, prompts, responses, chunk_tokens=2), base, rtol=0, atol=1e-5
+        )
     finally:
         del A._HEAD_SPLIT[model]
 
@@ -187,16 +199,30 @@ def test_a_long_pair_is_truncated_as_the_trainer_truncates(tiny, tmp_path, chat_
 
     model, tok = tiny
     if chat_rows:
-        row = {"prompt": [{"role": "user", "content": "a b c d e a b"}],
-               "chosen": [{"role": "assistant", "content": "c d e a b c d e a"}],
-               "rejected": [{"role": "assistant", "content": "e"}]}
+        row = {
+            "prompt": [{"role": "user", "content": "a b c d e a b"}],
+            "chosen": [{"role": "assistant", "content": "c d e a b c d e a"}],
+            "rejected": [{"role": "assistant", "content": "e"}],
+        }
     else:
         row = {"prompt": "a b c d e a b ", "chosen": "c d e a b c d e a", "rejected": "e"}
     max_length = 13
-    args = DPOConfig(output_dir=str(tmp_path), max_length=max_length, report_to="none", use_cpu=True, bf16=False,
-                     per_device_train_batch_size=1, disable_tqdm=True)
-    trainer = DPOTrainer(model, ref_model=tiny_llama(tok, hidden_size=32, num_layers=1, seed=0), args=args,
-                         train_dataset=Dataset.from_list([row]), processing_class=tok)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_length=max_length,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=1,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(
+        model,
+        ref_model=tiny_llama(tok, hidden_size=32, num_layers=1, seed=0),
+        args=args,
+        train_dataset=Dataset.from_list([row]),
+        processing_class=tok,
+    )
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     assert int(attn[0].sum()) == max_length  # the chosen sequence was cut by the trainer
@@ -204,9 +230,10 @@ def test_a_long_pair_is_truncated_as_the_trainer_truncates(tiny, tmp_path, chat_
     for b, (q, c) in enumerate(seqs):
         n = int(attn[b].sum())
         assert q == ids[b, :n].tolist()
-        assert c == int(comp[b].sum()) and comp[b, n - c: n].tolist() == [1] * c
-    got = A.sequence_logps(model, tok, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], max_length=max_length,
-                           chunk_tokens=3)
+        assert c == int(comp[b].sum()) and comp[b, n - c : n].tolist() == [1] * c
+    got = A.sequence_logps(
+        model, tok, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], max_length=max_length, chunk_tokens=3
+    )
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.double(), -1)
     want = (lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * comp[:, 1:]).sum(-1)
@@ -224,12 +251,14 @@ def test_annotation_truncates_to_max_length_and_counts_overlong_prompts(tiny):
     short = [{"role": "user", "content": "a"}]
     eos = tok.eos_token_id
     resp = [[[5, 6, eos], [7, eos]], [[5, 6, eos], [7, eos]]]
-    rows, st = annotate_rows(model, other, tok, [long_prompt, short], n=2, responses=resp, max_length=10,
-                             progress=False, batch_size=2)
+    rows, st = annotate_rows(
+        model, other, tok, [long_prompt, short], n=2, responses=resp, max_length=10, progress=False, batch_size=2
+    )
     assert st["overlong_prompts"] == 1 and st["dropped_all_tied"] == 1  # nothing left to score: r ≡ 0, no pair
     assert [r["index"] for r in rows] == [1]
-    rows12, st12 = annotate_rows(model, other, tok, [long_prompt, short], n=2, responses=resp, max_length=12,
-                                 progress=False, batch_size=2)
+    rows12, st12 = annotate_rows(
+        model, other, tok, [long_prompt, short], n=2, responses=resp, max_length=12, progress=False, batch_size=2
+    )
     assert st12["overlong_prompts"] == 0 and len(rows12) == 2
     from ssapo.annotate import sequence_logps
 
@@ -253,6 +282,7 @@ def test_scoring_device(monkeypatch):
 
 
 # -- the vLLM path, against a stand-in engine (the real one needs a GPU) --
+
 
 class _FakeVLLM:
     """vllm's LLM / SamplingParams / parallel_state as far as annotate uses them;
@@ -282,17 +312,28 @@ class _FakeVLLM:
                 fake.params = params
                 fake.events.append("generate")
                 outs = []
-                for p, sp in zip(prompts, params):
-                    cs = [types.SimpleNamespace(index=j, token_ids=[6 + (sp.seed + j) % 3, eot], finish_reason="stop",
-                                                stop_reason=None, cumulative_logprob=-1.0) for j in range(sp.n)]
+                for _p, sp in zip(prompts, params):
+                    cs = [
+                        types.SimpleNamespace(
+                            index=j,
+                            token_ids=[6 + (sp.seed + j) % 3, eot],
+                            finish_reason="stop",
+                            stop_reason=None,
+                            cumulative_logprob=-1.0,
+                        )
+                        for j in range(sp.n)
+                    ]
                     outs.append(types.SimpleNamespace(outputs=cs[::-1]))  # out of order: sorted by index
                 return outs
 
         ps = types.ModuleType("vllm.distributed.parallel_state")
         ps.destroy_model_parallel = lambda: fake.events.append("destroy_model_parallel")
         ps.destroy_distributed_environment = lambda: fake.events.append("destroy_distributed_environment")
-        self.modules = {"vllm": types.ModuleType("vllm"), "vllm.distributed": types.ModuleType("vllm.distributed"),
-                        "vllm.distributed.parallel_state": ps}
+        self.modules = {
+            "vllm": types.ModuleType("vllm"),
+            "vllm.distributed": types.ModuleType("vllm.distributed"),
+            "vllm.distributed.parallel_state": ps,
+        }
         self.modules["vllm"].LLM, self.modules["vllm"].SamplingParams = LLM, SamplingParams
 
 
@@ -318,25 +359,47 @@ def test_vllm_path_seeds_each_prompt_stops_on_the_model_tokens_and_frees_the_eng
     monkeypatch.setattr(A, "_place", lambda m, d: moved.append((len(fake.events), m, str(d))))
 
     prompts = [[{"role": "user", "content": w}] for w in ["a", "b c", "d", "e"]]
-    rows, st = annotate_rows(policy, model, tok, prompts, n=3, backend="vllm", seed=5, policy_path=str(tmp_path),
-                             scorer=scorer, max_length=64, progress=False, batch_size=2)
+    rows, st = annotate_rows(
+        policy,
+        model,
+        tok,
+        prompts,
+        n=3,
+        backend="vllm",
+        seed=5,
+        policy_path=str(tmp_path),
+        scorer=scorer,
+        max_length=64,
+        progress=False,
+        batch_size=2,
+    )
     assert st["backend"] == "vllm"
     seeds = [p.seed for p in fake.params]
     assert seeds == [A.prompt_seed(5, i) for i in range(4)] and len(set(seeds)) == 4  # one seed per prompt
     assert all(p.stop_token_ids == [tok.eos_token_id, eot] for p in fake.params)  # the model's list, not tok's eos
     assert fake.llm_kwargs["max_model_len"] == 64 and fake.llm_kwargs["seed"] == 5
     # one engine, shut down (and its distributed state destroyed) before any scoring
-    assert fake.events[:5] == ["engine", "generate", "shutdown", "destroy_model_parallel",
-                               "destroy_distributed_environment"]
+    assert fake.events[:5] == [
+        "engine",
+        "generate",
+        "shutdown",
+        "destroy_model_parallel",
+        "destroy_distributed_environment",
+    ]
     assert fake.events.count("engine") == 1 and set(fake.events[5:]) == {"score"}
     # the scoring models leave the GPU before the engine starts and come to the scoring device after it stopped
-    assert moved == [(0, policy, "cpu"), (0, model, "cpu"), (5, policy, str(A.scoring_device())),
-                     (5, model, str(A.scoring_device()))]
+    assert moved == [
+        (0, policy, "cpu"),
+        (0, model, "cpu"),
+        (5, policy, str(A.scoring_device())),
+        (5, model, str(A.scoring_device())),
+    ]
     assert st["truncated_responses"] == 0  # every response ended on a stop id of the model
     assert len(rows) == sum(1 for i in range(4) if len({(A.prompt_seed(5, i) + j) % 3 for j in range(3)}) > 1)
     with pytest.raises(ValueError, match="^generation_backend: vLLM annotates on one process"):
-        annotate_rows(policy, model, tok, prompts, n=3, backend="vllm", policy_path=str(tmp_path), world=2,
-                      progress=False)
+        annotate_rows(
+            policy, model, tok, prompts, n=3, backend="vllm", policy_path=str(tmp_path), world=2, progress=False
+        )
     with pytest.raises(ValueError, match="^policy_path: "):
         annotate_rows(policy, model, tok, prompts, n=3, backend="vllm", progress=False)
 
@@ -358,9 +421,21 @@ def test_vllm_scores_match_the_transformers_path(tmp_path):
     model = tiny_llama(tok, hidden_size=64, num_layers=2, seed=0)
     path = save_pretrained(model, tok, tmp_path / "m")
     prompts = [[{"role": "user", "content": w}] for w in ["a b", "c", "d e a", "b"]]
-    res, lps = generate_vllm(str(path), tok, prompts, 2, 1.0, 1.0, 8, seed=1, dtype="float32",
-                             gpu_memory_utilization=0.3, tensor_parallel_size=1, return_logprobs=True,
-                             progress=False)
+    res, lps = generate_vllm(
+        str(path),
+        tok,
+        prompts,
+        2,
+        1.0,
+        1.0,
+        8,
+        seed=1,
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        tensor_parallel_size=1,
+        return_logprobs=True,
+        progress=False,
+    )
     model = model.to("cuda").eval()
     flat_p = [p for p, rs in zip(prompts, res) for _ in rs]
     flat_r = [r for rs in res for r in rs]

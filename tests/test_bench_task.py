@@ -45,7 +45,10 @@ def test_flip_rate_and_bradley_terry_temperature():
     noisy = _pairs(TaskSpec(seed=0, flip_rate=0.25))
     assert abs(np.mean([r["flipped"] for r in noisy]) - 0.25) < 0.03
     agree = lambda rows: np.mean([r["chosen_gold"] > r["rejected_gold"] for r in rows])  # noqa: E731
-    cold, warm = agree(_pairs(TaskSpec(seed=0, bt_temperature=0.01))), agree(_pairs(TaskSpec(seed=0, bt_temperature=0.5)))
+    cold, warm = (
+        agree(_pairs(TaskSpec(seed=0, bt_temperature=0.01))),
+        agree(_pairs(TaskSpec(seed=0, bt_temperature=0.5))),
+    )
     assert cold > 0.95 and 0.5 < warm < cold
     assert agree(noisy) < agree(_pairs(TaskSpec(seed=0)))
 
@@ -96,7 +99,12 @@ def test_quick_bench_end_to_end(tmp_path):
     assert "SSAPO at ε = 0 equals iterative DPO in 1 of 1 seeds" in md
     assert os.path.exists(os.path.join(out, "win_rate_per_round.png"))
     t = time.time()
-    assert bench(out, ["dpo", "iterative-dpo", "ssapo-eps0"], seeds=[0], flips=[0.0], quick=True, n_eval=2).split("min on")[1] == md.split("min on")[1]
+    assert (
+        bench(out, ["dpo", "iterative-dpo", "ssapo-eps0"], seeds=[0], flips=[0.0], quick=True, n_eval=2).split(
+            "min on"
+        )[1]
+        == md.split("min on")[1]
+    )
     assert time.time() - t < 60  # resumed: nothing retrained
     ev = json.load(open(os.path.join(out, "flip0", "seed0", "iterative-dpo", "eval.json")))
     assert len(ev["rounds"]) == 3 and 0 <= ev["rounds"][-1]["win_rate"] <= 1

@@ -44,8 +44,14 @@ def make_tok(specials, bos, eos, template, name):
     vocab = {t: i for i, t in enumerate(["<pad>", "<unk>"] + specials + WORDS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token=bos,
-                                  eos_token=eos, extra_special_tokens=[s for s in specials if s not in (bos, eos)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token=bos,
+        eos_token=eos,
+        extra_special_tokens=[s for s in specials if s not in (bos, eos)],
+    )
     tok.chat_template = template
     tok.name_or_path = name
     return tok
@@ -53,15 +59,24 @@ def make_tok(specials, bos, eos, template, name):
 
 @pytest.fixture(scope="module")
 def llama3():
-    return make_tok(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                     "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>", LLAMA3,
-                    "meta-llama/Meta-Llama-3-8B-Instruct")
+    return make_tok(
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        LLAMA3,
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+    )
 
 
 @pytest.fixture(scope="module")
 def zephyr():
-    return make_tok(["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"], "<s>", "</s>", ZEPHYR,
-                    "alignment-handbook/zephyr-7b-sft-full")
+    return make_tok(
+        ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        "<s>",
+        "</s>",
+        ZEPHYR,
+        "alignment-handbook/zephyr-7b-sft-full",
+    )
 
 
 def toks(tok, ids):
@@ -76,11 +91,25 @@ def test_llama3_prompt_has_the_generation_prompt_and_no_system_turn_by_default(l
     p = chat.prepare_prompts([USER], llama3, mode="auto")[0]
     assert p == USER
     assert toks(llama3, chat.prompt_ids(llama3, p)) == [
-        "<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "a", "b", "<|eot_id|>",
-        "<|start_header_id|>", "assistant", "<|end_header_id|>"]
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "user",
+        "<|end_header_id|>",
+        "a",
+        "b",
+        "<|eot_id|>",
+        "<|start_header_id|>",
+        "assistant",
+        "<|end_header_id|>",
+    ]
     forced = chat.prepare_prompts([USER], llama3, mode="empty")[0]
     assert toks(llama3, chat.prompt_ids(llama3, forced))[:5] == [
-        "<|begin_of_text|>", "<|start_header_id|>", "system", "<|end_header_id|>", "<|eot_id|>"]
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "system",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
 
 
 def test_zephyr_prompt_gets_the_empty_system_turn_as_the_released_code(zephyr):
@@ -90,8 +119,9 @@ def test_zephyr_prompt_gets_the_empty_system_turn_as_the_released_code(zephyr):
     ids = chat.prompt_ids(zephyr, p)
     assert toks(zephyr, ids) == ["<|system|>", "</s>", "<|user|>", "a", "b", "</s>", "<|assistant|>"]
     # what the released online_generation.py renders: [{system: ""}] + chosen[:-1], add_generation_prompt=True
-    released = zephyr.apply_chat_template([{"role": "system", "content": ""}] + USER, add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"]
+    released = zephyr.apply_chat_template(
+        [{"role": "system", "content": ""}] + USER, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     assert ids == list(released)
     assert toks(zephyr, chat.prompt_ids(zephyr, USER)) == ["<|user|>", "a", "b", "</s>", "<|assistant|>"]
     assert chat.prepare_prompts([USER], zephyr, mode="none")[0] == USER
@@ -178,8 +208,18 @@ def test_transformers_generation_stops_on_every_stop_token_of_the_model(llama3):
     for r in flat:  # nothing after the first stop token of either kind
         stops = [j for j, t in enumerate(r) if t in (eot, eos)]
         assert stops in ([], [len(r) - 1])
-    rows, st = annotate_rows(model, tiny_llama(llama3, hidden_size=32, num_layers=1, seed=1), llama3, prompts,
-                             n=4, max_new_tokens=12, batch_size=2, seed=3, temperature=1.0, progress=False)
+    rows, st = annotate_rows(
+        model,
+        tiny_llama(llama3, hidden_size=32, num_layers=1, seed=1),
+        llama3,
+        prompts,
+        n=4,
+        max_new_tokens=12,
+        batch_size=2,
+        seed=3,
+        temperature=1.0,
+        progress=False,
+    )
     assert st["truncated_responses"] == sum(1 for r in flat if not r or r[-1] not in (eot, eos))
     for r in rows:  # the texts handed to training hold no stop token
         assert "<|eot_id|>" not in r["chosen"][0]["content"] and "<|eot_id|>" not in r["rejected"][0]["content"]

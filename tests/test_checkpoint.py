@@ -70,10 +70,25 @@ def _trainer(out, callbacks=(), seed=0, rows=None):
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1
     args = SSAPOConfig(
-        output_dir=str(out), per_device_train_batch_size=2, max_steps=STEPS, learning_rate=5e-3, report_to="none",
-        use_cpu=True, bf16=False, logging_steps=1, save_strategy="steps", save_steps=2, save_total_limit=2,
-        beta=0.1, seed=0, data_seed=0, disable_tqdm=True, leader_loss="shift_prob", warmup_steps=1,
-        lr_scheduler_type="linear", precompute_ref_log_probs=True,
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=STEPS,
+        learning_rate=5e-3,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=2,
+        beta=0.1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        leader_loss="shift_prob",
+        warmup_steps=1,
+        lr_scheduler_type="linear",
+        precompute_ref_log_probs=True,
     )
     from transformers import TrainerCallback
 
@@ -83,8 +98,13 @@ def _trainer(out, callbacks=(), seed=0, rows=None):
         def on_step_end(self, args, state, control, **kw):
             log.steps.append(state.global_step)
 
-    tr = SSAPOTrainer(model, args=args, train_dataset=rows if rows is not None else _rows(), processing_class=tok,
-                      callbacks=[Record(), *callbacks])
+    tr = SSAPOTrainer(
+        model,
+        args=args,
+        train_dataset=rows if rows is not None else _rows(),
+        processing_class=tok,
+        callbacks=[Record(), *callbacks],
+    )
     tr.add_checkpoint_state("steplog", log)
     tr.step_log = log
     return tr
@@ -206,10 +226,17 @@ def worker(work: str) -> None:
 def test_resume_after_sigkill_mid_checkpoint_equals_an_uninterrupted_run(tmp_path, uninterrupted):
     from ssapo.trainer import last_checkpoint
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.join(os.path.dirname(HERE), "python"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, timeout=600,
-                          capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.join(os.path.dirname(HERE), "python"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, timeout=600, capture_output=True, text=True
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert {"trainer_state.json", "optimizer.pt", "model.safetensors"} <= set(os.listdir(tmp_path / "checkpoint-4"))
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")  # checkpoint-4 is incomplete
@@ -228,14 +255,22 @@ def timeout_worker(out: str, use_cpu: str) -> None:
 
     from ssapo.trainer import SSAPOConfig
 
-    args = SSAPOConfig(output_dir=out, use_cpu=use_cpu == "1", bf16=False, report_to="none", ddp_timeout=1234,
-                       leader_loss="dpo")
+    args = SSAPOConfig(
+        output_dir=out, use_cpu=use_cpu == "1", bf16=False, report_to="none", ddp_timeout=1234, leader_loss="dpo"
+    )
     args.device  # noqa: B018  sets up the process group
     state = PartialState()
     pg = dist.group.WORLD._get_backend(torch.device("cpu"))
     with open(os.path.join(out, f"rank{state.process_index}.json"), "w") as f:
-        json.dump({"timeout": pg.options._timeout.total_seconds(), "num_processes": state.num_processes,
-                   "process_index": state.process_index, "world_size": args.world_size}, f)
+        json.dump(
+            {
+                "timeout": pg.options._timeout.total_seconds(),
+                "num_processes": state.num_processes,
+                "process_index": state.process_index,
+                "world_size": args.world_size,
+            },
+            f,
+        )
     dist.barrier()
 
 
@@ -251,8 +286,21 @@ def test_ddp_timeout_reaches_the_process_group(tmp_path):
     # accelerate builds a group but reports one process: not a configuration ssapo runs.)
     use_cpu = "1"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.abspath(__file__), "timeout", str(tmp_path), use_cpu]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        os.path.abspath(__file__),
+        "timeout",
+        str(tmp_path),
+        use_cpu,
+    ]
     proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
@@ -280,7 +328,8 @@ def ddp_worker(out: str) -> None:
         failure = f"{type(e).__name__}: {e}"
     report = {
         "failure": failure,
-        "num_processes": tr.accelerator.num_processes, "final_exists": os.path.isdir(final),
+        "num_processes": tr.accelerator.num_processes,
+        "final_exists": os.path.isdir(final),
         "ref_chosen": list(tr.train_dataset["ref_chosen_logps"]),
         "params": {n: p.detach().double().sum().item() for n, p in tr.model.named_parameters()},
         "loss_history": tr.leader_stats["loss_history"],
@@ -296,8 +345,20 @@ def test_two_processes_share_the_reference_cache_checkpoint_and_save(tmp_path):
     from ssapo.trainer import LEADER_STATE, last_checkpoint
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.abspath(__file__), "ddp", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        os.path.abspath(__file__),
+        "ddp",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
     # before the fix rank 1 raised FileNotFoundError on a cache-*.arrow in its own temp directory
     assert proc.returncode == 0, proc.stderr[-3000:]

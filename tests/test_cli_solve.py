@@ -17,7 +17,9 @@ XI = 1 / (1 + np.exp(-0.1 * np.abs(np.random.default_rng(0).normal(0, 10, 250)))
 def files(tmp_path):
     np.save(tmp_path / "xi.npy", XI)
     (tmp_path / "xi.csv").write_text("id,p\n" + "".join(f"{i},{float(x)!r}\n" for i, x in enumerate(XI)))
-    (tmp_path / "xi.jsonl").write_text("".join(json.dumps({"p": float(x), "g": i % 3}) + "\n" for i, x in enumerate(XI)))
+    (tmp_path / "xi.jsonl").write_text(
+        "".join(json.dumps({"p": float(x), "g": i % 3}) + "\n" for i, x in enumerate(XI))
+    )
     return tmp_path
 
 
@@ -90,7 +92,11 @@ def test_errors_name_the_argument(files, capsys, monkeypatch, argv, message):
 
 
 def test_runs_as_a_program(files):
-    r = subprocess.run([sys.executable, "-m", "ssapo.cli", "solve", str(files / "xi.npy")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ssapo.cli", "solve", str(files / "xi.npy")], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "dual value" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "ssapo.cli", "solve", str(files / "nope.npy")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ssapo.cli", "solve", str(files / "nope.npy")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "input: no such file" in r.stderr and "Traceback" not in r.stderr

@@ -11,7 +11,14 @@ import pytest
 import yaml
 
 from ssapo.config import (
-    ACCELERATE_CONFIGS, FIELDS, PRESETS, RECIPES_DIR, RunConfig, load_config, parse_overrides, recipe_path,
+    ACCELERATE_CONFIGS,
+    FIELDS,
+    PRESETS,
+    RECIPES_DIR,
+    RunConfig,
+    load_config,
+    parse_overrides,
+    recipe_path,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +30,7 @@ def read(path):
 
 
 # -- recipes --
+
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_recipe_key_is_a_field(preset):
@@ -54,7 +62,9 @@ def test_recipe_loads_and_round_trips(preset, tmp_path):
 
 
 def test_recipes_ship_inside_the_package_and_the_top_level_is_a_link():
-    assert RECIPES_DIR == os.path.join(os.path.dirname(os.path.abspath(sys.modules["ssapo.config"].__file__)), "recipes")
+    assert RECIPES_DIR == os.path.join(
+        os.path.dirname(os.path.abspath(sys.modules["ssapo.config"].__file__)), "recipes"
+    )
     for preset, path in PRESETS.items():
         assert path == os.path.join(RECIPES_DIR, preset, "config.yaml") and os.path.isfile(path)
     top = os.path.join(REPO, "recipes")
@@ -62,10 +72,16 @@ def test_recipes_ship_inside_the_package_and_the_top_level_is_a_link():
         # a checkout: recipes/ is the package's folder, not a copy that could drift ...
         src = os.path.join(REPO, "python", "ssapo", "recipes")
         assert os.path.realpath(top) == os.path.realpath(src)
+
         # ... and the installed package ships exactly those files
         def files(d):
-            return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f)).read()
-                    for r, _, fs in os.walk(d) for f in fs if f.endswith(".yaml")}
+            return {
+                os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f)).read()
+                for r, _, fs in os.walk(d)
+                for f in fs
+                if f.endswith(".yaml")
+            }
+
         assert files(RECIPES_DIR) == files(src)
 
 
@@ -86,21 +102,47 @@ def test_accelerate_configs_ship():
 def test_paper_values():
     m, l, t = load_config("mistral-7b"), load_config("llama3-8b"), load_config("tiny")  # noqa: E741
     assert (m.model, m.seed_learning_rate, m.learning_rate, m.beta, m.seed_epochs, m.num_rounds) == (
-        "alignment-handbook/zephyr-7b-sft-full", 5e-7, 5e-7, 0.1, 3, 3)
+        "alignment-handbook/zephyr-7b-sft-full",
+        5e-7,
+        5e-7,
+        0.1,
+        3,
+        3,
+    )
     assert m.round_sizes == [8000, 20000, 30000]
     assert (l.model, l.seed_learning_rate, l.learning_rate, l.beta, l.seed_epochs, l.num_rounds) == (
-        "meta-llama/Meta-Llama-3-8B-Instruct", 1e-6, 1e-6, 0.05, 1, 2)
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        1e-6,
+        1e-6,
+        0.05,
+        1,
+        2,
+    )
     assert l.round_sizes == [8000, 20000]
     for c in (m, l):
         assert c.preference_data == "argilla/ultrafeedback-binarized-preferences-cleaned"
-        assert (c.batch_size, c.lr_scheduler_type, c.warmup_ratio, c.num_train_epochs_per_round) == (32, "cosine", 0.1, 1)
+        assert (c.batch_size, c.lr_scheduler_type, c.warmup_ratio, c.num_train_epochs_per_round) == (
+            32,
+            "cosine",
+            0.1,
+            1,
+        )
         assert (c.seed, c.seed_size, c.max_length, c.max_prompt_length) == (42, 2000, 2048, 1024)
         assert (c.num_samples, c.temperature, c.top_p, c.max_new_tokens) == (2, 0.7, 1.0, 300)
         assert (c.eps, c.k, c.group_size, c.beta_follower, c.follower_space) == (0.01, 6, 100, 0.1, "prob")
         assert (c.leader_loss, c.clamp_min, c.round_reference, c.annotation_reference) == (
-            "shift_prob", 1e-6, "previous", "init")
+            "shift_prob",
+            1e-6,
+            "previous",
+            "init",
+        )
         assert (c.bf16, c.use_cpu, c.accelerate_config, c.method, c.trust_remote_code) == (
-            True, False, "zero3", "ssapo", False)
+            True,
+            False,
+            "zero3",
+            "ssapo",
+            False,
+        )
         assert c.accumulation_steps(num_processes=4) == 8  # the paper: 1 × 8 × 4 GPUs
     assert t.model == "tiny" and t.use_cpu and not t.bf16 and t.accelerate_config is None
     assert t.seed_size <= 128 and max(t.round_sizes) <= 256 and 8 <= t.max_new_tokens <= 16
@@ -114,11 +156,28 @@ def test_released_code_differences_are_named_in_the_recipes():
 
 def test_defaults_are_the_paper_mistral_setting_and_documented():
     d = RunConfig()
-    assert (d.seed, d.seed_size, d.round_sizes, d.num_rounds, d.max_new_tokens) == (42, 2000, [8000, 20000, 30000], 3, 300)
+    assert (d.seed, d.seed_size, d.round_sizes, d.num_rounds, d.max_new_tokens) == (
+        42,
+        2000,
+        [8000, 20000, 30000],
+        3,
+        300,
+    )
     assert (d.beta_follower, d.eps, d.k, d.group_size, d.leader_loss, d.round_reference) == (
-        0.1, 0.01, 6, 100, "shift_prob", "previous")
+        0.1,
+        0.01,
+        6,
+        100,
+        "shift_prob",
+        "previous",
+    )
     assert (d.spa_alpha, d.spa_lambdas, d.spa_quantile, d.spa_window, d.spa_warmup_ratio) == (
-        0.1, [0.5, 0.25, 0.125], 0.1, 50, 0.2)
+        0.1,
+        [0.5, 0.25, 0.125],
+        0.1,
+        50,
+        0.2,
+    )
     assert (d.sera_keep, d.sera_num_samples, d.sera_top_p, d.sera_gamma) == (0.7, 4, 0.95, 0.3)
     assert "hard-codes 0.1" in FIELDS["beta_follower"].metadata["help"]
     for f in dataclasses.fields(RunConfig):
@@ -128,13 +187,33 @@ def test_defaults_are_the_paper_mistral_setting_and_documented():
 
 # -- overrides --
 
+
 def test_overrides_are_typed(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("eps: 0.05\nround_sizes: [10, 20]\nlearning_rate: 5e-7\n")  # YAML reads 5e-7 as a string
-    cfg = load_config("tiny", str(p), ["--k", "7", "--use-peft", "--round-sizes=4,5", "num_rounds=2",
-                                       "--spa-lambdas", "[0.5, 0.1]", "--group-size", "global",
-                                       "--save-total-limit", "null", "--gradient-accumulation-steps", "2",
-                                       "--per-device-train-batch-size", "4", "--batch-size", "16"])
+    cfg = load_config(
+        "tiny",
+        str(p),
+        [
+            "--k",
+            "7",
+            "--use-peft",
+            "--round-sizes=4,5",
+            "num_rounds=2",
+            "--spa-lambdas",
+            "[0.5, 0.1]",
+            "--group-size",
+            "global",
+            "--save-total-limit",
+            "null",
+            "--gradient-accumulation-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "4",
+            "--batch-size",
+            "16",
+        ],
+    )
     assert cfg.eps == 0.05 and cfg.learning_rate == 5e-7 and isinstance(cfg.learning_rate, float)
     assert cfg.k == 7 and cfg.use_peft is True and cfg.round_sizes == [4, 5] and cfg.num_rounds == 2
     assert cfg.spa_lambdas == [0.5, 0.1] and cfg.group_size == 0 and cfg.save_total_limit is None
@@ -156,7 +235,12 @@ def test_model_path_and_precedence(tmp_path):
 
 def test_parse_overrides():
     assert parse_overrides(["--eps", "0.1", "--use-peft", "--k=3", "beta=0.2", "--eps-x", "-1"]) == {
-        "eps": "0.1", "use_peft": "true", "k": "3", "beta": "0.2", "eps_x": "-1"}
+        "eps": "0.1",
+        "use_peft": "true",
+        "k": "3",
+        "beta": "0.2",
+        "eps_x": "-1",
+    }
     with pytest.raises(ValueError, match="^eps: expected --key value or key=value"):
         parse_overrides(["eps"])
 
@@ -212,10 +296,12 @@ def test_bad_files(tmp_path):
 
 # -- ssapo train --
 
+
 def _cli(*argv):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ssapo.cli", "train", *argv], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ssapo.cli", "train", *argv], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -239,8 +325,34 @@ def test_train_builds_the_config_from_flags_and_free_keys():
     from ssapo.commands.train import build_config
 
     args, extra = build_parser().parse_known_args(
-        ["train", "--model", "llama3-8b", "--eps", "0.05", "--round-sizes", "1,2", "--set", "k=5", "--use-peft",
-         "--method", "iterative-dpo", "--output-dir", "/tmp/x", "--trust-remote-code", "--seed=3"])
+        [
+            "train",
+            "--model",
+            "llama3-8b",
+            "--eps",
+            "0.05",
+            "--round-sizes",
+            "1,2",
+            "--set",
+            "k=5",
+            "--use-peft",
+            "--method",
+            "iterative-dpo",
+            "--output-dir",
+            "/tmp/x",
+            "--trust-remote-code",
+            "--seed=3",
+        ]
+    )
     cfg = build_config(args, extra)
-    assert (cfg.eps, cfg.round_sizes, cfg.k, cfg.use_peft, cfg.method, cfg.output_dir, cfg.trust_remote_code,
-            cfg.seed, cfg.beta) == (0.05, [1, 2], 5, True, "iterative-dpo", "/tmp/x", True, 3, 0.05)
+    assert (
+        cfg.eps,
+        cfg.round_sizes,
+        cfg.k,
+        cfg.use_peft,
+        cfg.method,
+        cfg.output_dir,
+        cfg.trust_remote_code,
+        cfg.seed,
+        cfg.beta,
+    ) == (0.05, [1, 2], 5, True, "iterative-dpo", "/tmp/x", True, 3, 0.05)

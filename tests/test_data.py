@@ -15,12 +15,20 @@ def conv(q, a):
 
 
 # argilla/ultrafeedback-binarized-preferences-cleaned: a string prompt and whole conversations
-ARGILLA = [{"prompt": f"q{i}", "chosen": conv(f"q{i}", "good"), "rejected": conv(f"q{i}", "bad"), "score": i}
-           for i in range(40)]
+ARGILLA = [
+    {"prompt": f"q{i}", "chosen": conv(f"q{i}", "good"), "rejected": conv(f"q{i}", "bad"), "score": i}
+    for i in range(40)
+]
 NO_PROMPT = [{k: v for k, v in r.items() if k != "prompt"} for r in ARGILLA]
 STRINGS = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad", "gold": float(i)} for i in range(40)]
-MSG = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": "good"}],
-        "rejected": [{"role": "assistant", "content": "bad"}]} for i in range(40)]
+MSG = [
+    {
+        "prompt": [{"role": "user", "content": f"q{i}"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+    for i in range(40)
+]
 
 
 def write_jsonl(path, rows):
@@ -80,8 +88,13 @@ def test_string_schema_in_every_format(tmp_path, fmt):
 
 
 def test_string_prompt_with_one_message_answers(tmp_path):
-    rows = [{"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}],
-             "rejected": [{"role": "assistant", "content": "b"}]}]
+    rows = [
+        {
+            "prompt": "hi",
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        }
+    ]
     assert load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))[0]["prompt"] == [{"role": "user", "content": "hi"}]
 
 
@@ -125,6 +138,7 @@ def test_prompt_key_treats_a_string_as_one_user_message():
 
 # -- the split --
 
+
 def test_split_is_the_papers_row_blocks(tmp_path):
     """No skips: seed = rows [0, s) of shuffle(seed), then consecutive blocks, the rest is test."""
     ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS))
@@ -133,12 +147,21 @@ def test_split_is_the_papers_row_blocks(tmp_path):
     order = list(ds.shuffle(seed=42)["gold"])
     assert list(split.seed["gold"]) == order[:5]
     assert [list(r["prompt"]) for r in split.rounds] == [
-        [f"q{int(g)}" for g in order[5:13]], [f"q{int(g)}" for g in order[13:25]]]
+        [f"q{int(g)}" for g in order[5:13]],
+        [f"q{int(g)}" for g in order[13:25]],
+    ]
     assert list(split.test["gold"]) == order[25:]
     assert split.seed.column_names == ["prompt", "chosen", "rejected", "gold"]
     assert all(r.column_names == ["prompt"] for r in split.rounds)  # prompts only: labels dropped
-    assert split.report == {"duplicates_skipped": 0, "too_long_skipped": 0, "empty_skipped": 0, "seed": 5,
-                            "rounds": [8, 12], "test": 15, "test_overlap_dropped": 0}
+    assert split.report == {
+        "duplicates_skipped": 0,
+        "too_long_skipped": 0,
+        "empty_skipped": 0,
+        "seed": 5,
+        "rounds": [8, 12],
+        "test": 15,
+        "test_overlap_dropped": 0,
+    }
 
 
 def test_split_is_deterministic_and_depends_on_the_seed(tmp_path):
@@ -162,8 +185,11 @@ def test_split_accepts_the_first_versions_argument_order(tmp_path):
 
 def test_separate_prompt_pool(tmp_path):
     ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS))
-    pool = load_prompts(write_jsonl(tmp_path / "pool.jsonl", [{"prompt": f"x{i}"} for i in range(30)]
-                                    + [{"prompt": "q0"}, {"prompt": "q1"}]))  # two may repeat seed prompts
+    pool = load_prompts(
+        write_jsonl(
+            tmp_path / "pool.jsonl", [{"prompt": f"x{i}"} for i in range(30)] + [{"prompt": "q0"}, {"prompt": "q1"}]
+        )
+    )  # two may repeat seed prompts
     split = split_seed_and_rounds(ds, 38, [10, 15], seed=1, prompts=pool)
     assert [len(r) for r in split.rounds] == [10, 15]
     seed_keys = {prompt_key(p) for p in split.seed["prompt"]}
@@ -180,7 +206,9 @@ def test_duplicates_and_empties_are_skipped_and_counted(tmp_path):
     assert len(set(used)) == 25 and "" not in used
     assert report["duplicates_skipped"] >= 1 and report["empty_skipped"] <= 1
     # every row is accounted for: used, skipped, test, or dropped from test as a repeat
-    counted = 25 + report["duplicates_skipped"] + report["empty_skipped"] + report["test"] + report["test_overlap_dropped"]
+    counted = (
+        25 + report["duplicates_skipped"] + report["empty_skipped"] + report["test"] + report["test_overlap_dropped"]
+    )
     assert counted == len(rows)
 
 
@@ -204,25 +232,46 @@ def test_over_long_prompts_are_skipped_and_counted(tmp_path):
 
 # -- errors --
 
+
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda p: write_jsonl(p / "x.jsonl", [{"prompt": "a", "chosen": "b"}]),
-         r"^preference_data: missing column\(s\) \['rejected'\] in .*x.jsonl"),
+        (
+            lambda p: write_jsonl(p / "x.jsonl", [{"prompt": "a", "chosen": "b"}]),
+            r"^preference_data: missing column\(s\) \['rejected'\] in .*x.jsonl",
+        ),
         (lambda p: str(p / "missing.jsonl"), "^preference_data: no such file or directory: .*missing.jsonl"),
         (lambda p: (p / "x.txt").write_text("hi") and str(p / "x.txt"), "^preference_data: unknown file type '.txt'"),
-        (lambda p: write_jsonl(p / "s.jsonl", [{"chosen": "a", "rejected": "b"}]),
-         "^preference_data: has no 'prompt' column and 'chosen' is not a chat-message list"),
-        (lambda p: write_jsonl(p / "one.jsonl", [{"chosen": [{"role": "assistant", "content": "a"}],
-                                                 "rejected": [{"role": "assistant", "content": "b"}]}]),
-         "^prompt: the data has no 'prompt' column and 'chosen' holds only the answer"),
-        (lambda p: write_jsonl(p / "mix.jsonl", [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a",
-                                                 "rejected": "b"}]),
-         "^chosen: a string while 'prompt' is a chat-message list"),
-        (lambda p: (p / "e.jsonl").write_text("") and str(p / "e.jsonl") or str(p / "e.jsonl"),
-         "^preference_data: .*e.jsonl holds no rows"),
-        (lambda p: (p / "bad.jsonl").write_text("{not json\n") and str(p / "bad.jsonl"),
-         "^preference_data: cannot read .*bad.jsonl as json"),
+        (
+            lambda p: write_jsonl(p / "s.jsonl", [{"chosen": "a", "rejected": "b"}]),
+            "^preference_data: has no 'prompt' column and 'chosen' is not a chat-message list",
+        ),
+        (
+            lambda p: write_jsonl(
+                p / "one.jsonl",
+                [
+                    {
+                        "chosen": [{"role": "assistant", "content": "a"}],
+                        "rejected": [{"role": "assistant", "content": "b"}],
+                    }
+                ],
+            ),
+            "^prompt: the data has no 'prompt' column and 'chosen' holds only the answer",
+        ),
+        (
+            lambda p: write_jsonl(
+                p / "mix.jsonl", [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
+            ),
+            "^chosen: a string while 'prompt' is a chat-message list",
+        ),
+        (
+            lambda p: (p / "e.jsonl").write_text("") and str(p / "e.jsonl") or str(p / "e.jsonl"),
+            "^preference_data: .*e.jsonl holds no rows",
+        ),
+        (
+            lambda p: (p / "bad.jsonl").write_text("{not json\n") and str(p / "bad.jsonl"),
+            "^preference_data: cannot read .*bad.jsonl as json",
+        ),
         (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), "^preference_data: .*empty_dir holds no"),
         (lambda p: "", "^preference_data: empty source"),
     ],
@@ -249,11 +298,17 @@ def test_empty_sets(tmp_path):
 
 def test_too_small_for_the_split_says_the_numbers(tmp_path):
     ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS + STRINGS[:3]))
-    with pytest.raises(ValueError, match=r"^round_sizes: 100 prompts needed for rounds \[50, 50\], but preference_data "
-                                         r"after the seed has only 35 usable \(3 duplicates skipped"):
+    with pytest.raises(
+        ValueError,
+        match=r"^round_sizes: 100 prompts needed for rounds \[50, 50\], but preference_data "
+        r"after the seed has only 35 usable \(3 duplicates skipped",
+    ):
         split_seed_and_rounds(ds, 5, [50, 50], seed=0)
-    with pytest.raises(ValueError, match=r"^seed_size: 50 seed pairs requested but preference_data has only 40 usable "
-                                         r"rows of 43"):
+    with pytest.raises(
+        ValueError,
+        match=r"^seed_size: 50 seed pairs requested but preference_data has only 40 usable "
+        r"rows of 43",
+    ):
         split_seed_and_rounds(ds, 50, [5], seed=0)
     with pytest.raises(ValueError, match="^seed_size: must be >= 1"):
         split_seed_and_rounds(ds, 0, [5], seed=0)

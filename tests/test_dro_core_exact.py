@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from lp_reference import ek_lp, transport_lp
 
 import dro_core
-from lp_reference import ek_lp, transport_lp
 
 REL = 1e-7
 
@@ -156,7 +156,13 @@ def adversarial():
             ("all_equal", [0.7] * 9, 4, ("aff", a6, b6), None),
             ("all_on_bounds", [0.0, 1.0, 1.0, 0.0, 1.0], None, ("aff", a6, b6), None),
             ("uneven_last", list(np.linspace(0.05, 0.95, 23)), 10, ("aff", a6, b6), None),
-            ("labels_gap", list(np.linspace(0.05, 0.95, 12)), np.array([5, 0, 5, 2, 9, 0, 2, 5, 9, 9, 0, 5]), ("aff", a6, b6), None),
+            (
+                "labels_gap",
+                list(np.linspace(0.05, 0.95, 12)),
+                np.array([5, 0, 5, 2, 9, 0, 2, 5, 9, 9, 0, 5]),
+                ("aff", a6, b6),
+                None,
+            ),
             ("hinge", [-1.0, 0.0, 0.5, 1.0], None, ("aff", *hinge), (-1.0, 1.0)),
             ("dominated", [-0.3, 0.2, 0.2, 0.9], 3, ("aff", *dom), (-1.0, 1.0)),
             ("flat", [0.1, 0.2], None, ("aff", [0.0], [1.5]), (0.0, 1.0)),
@@ -214,7 +220,7 @@ def test_matches_highs(block):
 
 @pytest.mark.parametrize("block", range(4))
 def test_certificate_and_feasibility(block):
-    for name, xi, eps, groups, loss, support, f, knots, pieces in ALL[block::4]:
+    for name, xi, eps, groups, loss, support, f, knots, _pieces in ALL[block::4]:
         res = dro_core.solve(xi, eps, groups, loss=loss, support=support)
         lo, hi = res.support
         loc, mass = np.asarray(res.loc), np.asarray(res.mass)
@@ -251,12 +257,15 @@ def test_certificate_and_feasibility(block):
             xg = xi[members]
             for lam in [0.0, 0.5, 2.0, float(res.lam[g]) * 1.5 + 0.1]:
                 pts = np.concatenate([cands[None, :].repeat(len(xg), 0), xg[:, None]], axis=1)
-                dual = lam * eps + np.max(f(pts.ravel()).reshape(pts.shape) - lam * np.abs(pts - xg[:, None]), axis=1).mean()
+                dual = (
+                    lam * eps
+                    + np.max(f(pts.ravel()).reshape(pts.shape) - lam * np.abs(pts - xg[:, None]), axis=1).mean()
+                )
                 assert dual >= res.group_values[g] - 1e-9 * scale, (name, lam)
 
 
 def test_eps_zero_is_empirical():
-    for name, xi, _, groups, loss, support, f, knots, _ in ALL[::3]:
+    for name, xi, _, groups, loss, support, f, _knots, _ in ALL[::3]:
         res = dro_core.solve(xi, 0.0, groups, loss=loss, support=support)
         assert close(res.value, f(xi).mean(), rel=1e-12), name
         assert res.value == res.empirical_value, name
@@ -271,7 +280,9 @@ def test_huge_eps_moves_everything_to_its_best_point():
         lo, hi = res.support
         cands = np.unique(np.concatenate([[lo, hi], np.clip(knots, lo, hi)]))
         best = np.maximum(f(cands).max(), f(xi))
-        assert np.allclose((np.asarray(res.mass) * f(np.asarray(res.loc).ravel()).reshape(-1, 2)).sum(1), best, rtol=1e-12, atol=1e-12), name
+        assert np.allclose(
+            (np.asarray(res.mass) * f(np.asarray(res.loc).ravel()).reshape(-1, 2)).sum(1), best, rtol=1e-12, atol=1e-12
+        ), name
         assert np.all(np.asarray(res.lam) == 0.0), name
         assert np.all(np.asarray(res.budget_used) < 1e9), name  # the unused budget shows
 
@@ -305,8 +316,18 @@ def test_thread_count_does_not_change_a_bit(groups):
 
 
 ARRAYS = [
-    "group_values", "group_empirical_values", "group_dual_values", "lam", "budget_used", "group_sizes",
-    "group_labels", "group_index", "loc", "mass", "shift", "weights",
+    "group_values",
+    "group_empirical_values",
+    "group_dual_values",
+    "lam",
+    "budget_used",
+    "group_sizes",
+    "group_labels",
+    "group_index",
+    "loc",
+    "mass",
+    "shift",
+    "weights",
 ]
 FLOATS = ["value", "empirical_value", "dual_value", "dual_gap", "support", "eps"]
 
@@ -320,7 +341,7 @@ def assert_identical(r1, r2, name=""):
 
 
 def test_thread_count_does_not_change_a_bit_on_every_instance():
-    for name, xi, eps, groups, loss, support, f, knots, pieces in ALL:
+    for name, xi, eps, groups, loss, support, _f, _knots, _pieces in ALL:
         r1 = dro_core.solve(xi, eps, groups, loss=loss, support=support, threads=1)
         r2 = dro_core.solve(xi, eps, groups, loss=loss, support=support, threads=2)
         assert_identical(r1, r2, name)

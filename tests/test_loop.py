@@ -19,10 +19,28 @@ from ssapo.config import RunConfig, load_config
 from ssapo.io import read_jsonl
 from ssapo.loop import run
 
-SMALL = {"task_size": "test", "seed_size": "32", "round_sizes": "32 32", "num_rounds": "2", "batch_size": "8",
-         "per_device_train_batch_size": "8", "max_new_tokens": "6", "seed_epochs": "1"}
-STEPS = ["seed", "seed/eval", "round_1/annotate", "round_1/follow", "round_1/lead", "round_1/eval",
-         "round_2/annotate", "round_2/follow", "round_2/lead", "round_2/eval"]
+SMALL = {
+    "task_size": "test",
+    "seed_size": "32",
+    "round_sizes": "32 32",
+    "num_rounds": "2",
+    "batch_size": "8",
+    "per_device_train_batch_size": "8",
+    "max_new_tokens": "6",
+    "seed_epochs": "1",
+}
+STEPS = [
+    "seed",
+    "seed/eval",
+    "round_1/annotate",
+    "round_1/follow",
+    "round_1/lead",
+    "round_1/eval",
+    "round_2/annotate",
+    "round_2/follow",
+    "round_2/lead",
+    "round_2/eval",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +79,19 @@ def test_two_rounds_write_everything(reference_run):
     assert 0 <= seed_m["eval"]["heldout_reward_accuracy"] <= 1 and seed_m["split"]["seed"] == 32
     for t in (1, 2):
         rd = os.path.join(out, f"round_{t}")
-        for name in ("annotations.jsonl", "follower.npz", "metrics.json", "summary.md", "margins.png", "follower.png",
-                     "groups.png", "loss.png", "heldout.png", "model/model.safetensors", "model/tokenizer.json"):
+        for name in (
+            "annotations.jsonl",
+            "follower.npz",
+            "metrics.json",
+            "summary.md",
+            "margins.png",
+            "follower.png",
+            "groups.png",
+            "loss.png",
+            "heldout.png",
+            "model/model.safetensors",
+            "model/tokenizer.json",
+        ):
             assert os.path.exists(os.path.join(rd, name)), name
         rows = read_jsonl(os.path.join(rd, "annotations.jsonl"))
         assert len(rows) > 0 and all(r["margin"] > 0 for r in rows)
@@ -110,9 +139,20 @@ def test_ssapo_at_eps_zero_is_iterative_dpo(tmp_path, task_dir):
 
 
 def test_resolve_every_moves_the_atoms(tmp_path, task_dir):
-    out = run(cfg(tmp_path / "r", task_dir, eps="0.05", num_rounds="1", round_sizes="32", resolve_every="2",
-                  annotation_reference="seed", round_reference="init", gradient_accumulation_steps="1",
-                  per_device_train_batch_size="4"))
+    out = run(
+        cfg(
+            tmp_path / "r",
+            task_dir,
+            eps="0.05",
+            num_rounds="1",
+            round_sizes="32",
+            resolve_every="2",
+            annotation_reference="seed",
+            round_reference="init",
+            gradient_accumulation_steps="1",
+            per_device_train_batch_size="4",
+        )
+    )
     m = json.load(open(out / "round_1" / "metrics.json"))
     assert m["leader"]["steps"] == 8 and m["leader"]["reference"] == "init"
     assert m["annotation"]["reference"] == "init"  # round 1 under 'seed' (π_0 would score every response 0)
@@ -157,10 +197,13 @@ def test_lora_stage_trains_and_saves_a_merged_model(tmp_path, task_dir):
     from ssapo.loop import train_stage
 
     task = prepare_task(task_dir, seed=42, size="test")
-    c = cfg(tmp_path / "peft", task_dir, use_peft="true", lora_r="4", lora_alpha="8", lora_target_modules="q_proj,v_proj")
+    c = cfg(
+        tmp_path / "peft", task_dir, use_peft="true", lora_r="4", lora_alpha="8", lora_target_modules="q_proj,v_proj"
+    )
     rows = read_jsonl(task["preferences"])[:16]
-    stats = train_stage(c, task["sft_model"], task["sft_model"], rows, 1e-2, 1, "dpo", str(tmp_path / "m"),
-                        str(tmp_path / "w"))
+    stats = train_stage(
+        c, task["sft_model"], task["sft_model"], rows, 1e-2, 1, "dpo", str(tmp_path / "m"), str(tmp_path / "w")
+    )
     assert stats["param_displacement"] > 0  # the adapter moved
     before, after = weights(task["sft_model"]), weights(str(tmp_path / "m"))
     assert set(before) == set(after)  # merged back into plain weights
@@ -184,8 +227,17 @@ def test_a_stage_killed_mid_round_resumes_from_its_last_checkpoint(tmp_path, tas
     c = cfg(tmp_path / "x", task_dir, save_steps="1", batch_size="4", per_device_train_batch_size="4")
 
     def stage(name):
-        return train_stage(c, task["sft_model"], task["sft_model"], rows, 1e-3, 1, "dpo", str(tmp_path / name),
-                           str(tmp_path / f"{name}_work"))
+        return train_stage(
+            c,
+            task["sft_model"],
+            task["sft_model"],
+            rows,
+            1e-3,
+            1,
+            "dpo",
+            str(tmp_path / name),
+            str(tmp_path / f"{name}_work"),
+        )
 
     full = stage("full")
     orig = tr.SSAPOTrainer._save_checkpoint
@@ -199,10 +251,14 @@ def test_a_stage_killed_mid_round_resumes_from_its_last_checkpoint(tmp_path, tas
     with pytest.raises(_Killed):
         stage("resumed")
     monkeypatch.setattr(tr.SSAPOTrainer, "_save_checkpoint", orig)
-    assert tr.last_checkpoint(tmp_path / "resumed_work").endswith("checkpoint-2") and not (tmp_path / "resumed").exists()
+    assert (
+        tr.last_checkpoint(tmp_path / "resumed_work").endswith("checkpoint-2") and not (tmp_path / "resumed").exists()
+    )
     trained = []
     step = tr.SSAPOTrainer.training_step
-    monkeypatch.setattr(tr.SSAPOTrainer, "training_step", lambda self, *a, **k: trained.append(1) or step(self, *a, **k))
+    monkeypatch.setattr(
+        tr.SSAPOTrainer, "training_step", lambda self, *a, **k: trained.append(1) or step(self, *a, **k)
+    )
     res = stage("resumed")
     assert len(trained) == 2  # steps 3 and 4 only: it continued from checkpoint-2 (from scratch it would be 4)
     assert res["steps"] == full["steps"] == 4 and res["loss_history"] == full["loss_history"]
@@ -235,12 +291,20 @@ def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch, role):
 
     task = prepare_task(task_dir, seed=42, size="test")
     margins = [3, -1, 7, 0, 5, 2, 1, 9, 4, 6]
-    rows = [{"prompt": [{"role": "user", "content": "w1 w2 w3"}], "chosen": [{"role": "assistant", "content": "w1"}],
-             "rejected": [{"role": "assistant", "content": "w2"}], "margin": 0.0} for _ in margins]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "w1 w2 w3"}],
+            "chosen": [{"role": "assistant", "content": "w1"}],
+            "rejected": [{"role": "assistant", "content": "w2"}],
+            "margin": 0.0,
+        }
+        for _ in margins
+    ]
     monkeypatch.setattr(loop, "pair_margins", lambda *a, **k: (torch.tensor(margins, dtype=torch.float64), None))
     boot = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": float(m)} for m in (1.0, 5.0, 2.0)]
-    monkeypatch.setattr(annotate, "annotate_rows", lambda *a, **k: ([{**b, "index": i} for i, b in enumerate(boot)],
-                                                                   {"pairs": 3}))
+    monkeypatch.setattr(
+        annotate, "annotate_rows", lambda *a, **k: ([{**b, "index": i} for i, b in enumerate(boot)], {"pairs": 3})
+    )
     c = cfg(tmp_path, task_dir, sera_gamma_role=role, sera_gamma="0.3")
     sel, st = loop.sera_round(c, rows, task["sft_model"], task["sft_model"], task["sft_model"], seed=0)
     assert [r["margin"] for r in sel[:7]] == [0.0] * 7 and st["kept"] == 7
@@ -279,28 +343,45 @@ def test_launcher_runs_each_step_where_it_belongs(tmp_path):
     assert data["distributed_type"] == "MULTI_GPU" and not any(k.startswith("deepspeed") for k in data)
     assert data["mixed_precision"] == "bf16" and z.data_config.startswith(str(tmp_path))
     assert [(g, how and (os.path.basename(how[0]), how[1])) for g, how in plan] == [
-        (["seed"], ("zero3.yaml", 4)), (["seed/eval", "round_1/annotate"], ("data_parallel.yaml", 4)),
-        (["round_1/follow"], None), (["round_1/lead"], ("zero3.yaml", 4)),
-        (["round_1/eval", "round_2/annotate"], ("data_parallel.yaml", 4)), (["round_2/follow"], None),
-        (["round_2/lead"], ("zero3.yaml", 4)), (["round_2/eval"], ("data_parallel.yaml", 4))]
+        (["seed"], ("zero3.yaml", 4)),
+        (["seed/eval", "round_1/annotate"], ("data_parallel.yaml", 4)),
+        (["round_1/follow"], None),
+        (["round_1/lead"], ("zero3.yaml", 4)),
+        (["round_1/eval", "round_2/annotate"], ("data_parallel.yaml", 4)),
+        (["round_2/follow"], None),
+        (["round_2/lead"], ("zero3.yaml", 4)),
+        (["round_2/eval"], ("data_parallel.yaml", 4)),
+    ]
     # ddp: data-parallel is the engine itself, so a round's eval joins the next lead's launch
     d = _launcher(tmp_path, "ddp")
     assert d.data_config == d.engine_config
-    assert [g for g, _ in d.plan(c, steps)] == [["seed", "seed/eval", "round_1/annotate"], ["round_1/follow"],
-                                               ["round_1/lead", "round_1/eval", "round_2/annotate"],
-                                               ["round_2/follow"], ["round_2/lead", "round_2/eval"]]
-    assert [g for g, _ in d.plan(load_config("tiny", overrides={"method": "sera", "num_rounds": "1"}),
-                                 steps_of(load_config("tiny", overrides={"method": "sera", "num_rounds": "1"})))] == [
-        ["seed", "seed/eval", "round_1/annotate", "round_1/sera", "round_1/lead", "round_1/eval"]]
+    assert [g for g, _ in d.plan(c, steps)] == [
+        ["seed", "seed/eval", "round_1/annotate"],
+        ["round_1/follow"],
+        ["round_1/lead", "round_1/eval", "round_2/annotate"],
+        ["round_2/follow"],
+        ["round_2/lead", "round_2/eval"],
+    ]
+    assert [
+        g
+        for g, _ in d.plan(
+            load_config("tiny", overrides={"method": "sera", "num_rounds": "1"}),
+            steps_of(load_config("tiny", overrides={"method": "sera", "num_rounds": "1"})),
+        )
+    ] == [["seed", "seed/eval", "round_1/annotate", "round_1/sera", "round_1/lead", "round_1/eval"]]
     # the command: accelerate launch of ssapo.stage, the steps, a free port on one machine, mixed precision
     cmd = z.command(["round_1/lead"], (z.engine_config, 4), "bf16")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--config_file") + 1] == z.engine_config
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
     assert int(cmd[cmd.index("--main_process_port") + 1]) > 0
-    assert cmd[cmd.index("-m", 3):] == ["-m", "ssapo.stage", "--run-dir", str(tmp_path), "--step", "round_1/lead"]
+    assert cmd[cmd.index("-m", 3) :] == ["-m", "ssapo.stage", "--run-dir", str(tmp_path), "--step", "round_1/lead"]
     # several machines: accelerate's own flags passed through, no port of our own
-    m = _launcher(tmp_path, "fsdp", 16, ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1",
-                                         "--main_process_port", "29500"])
+    m = _launcher(
+        tmp_path,
+        "fsdp",
+        16,
+        ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500"],
+    )
     m.write_configs()
     cmd = m.command(["seed"], (m.engine_config, 16))
     assert cmd[cmd.index("--main_process_ip") + 1] == "10.0.0.1" and cmd.count("--main_process_port") == 1
@@ -334,28 +415,48 @@ def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
     assert f.num_processes == 4 and f.engine_config == accelerate_config_path("fsdp")
     assert launcher(["--model", "llama3-8b", "--num-processes", "1"]) is None  # one process: every step in-process
     assert launcher(["--model", "tiny"]) is None  # use_cpu: one process whatever the GPUs
-    n = launcher(["--model", "llama3-8b", "--num-machines", "2", "--machine-rank", "1", "--main-process-ip", "10.0.0.1"])
+    n = launcher(
+        ["--model", "llama3-8b", "--num-machines", "2", "--machine-rank", "1", "--main-process-ip", "10.0.0.1"]
+    )
     assert n.num_processes == 16 and n.machine_rank == 1
     assert n.accelerate_args == ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1"]
     monkeypatch.setattr(train, "_visible_gpus", lambda: 0)
     assert launcher(["--model", "llama3-8b"]) is None  # no GPU: one process
     # bad flags: exit 2 and a line naming the flag
-    for argv, flag in ((["--num-processes", "0"], "--num-processes"), (["--num-machines", "2"], "--main-process-ip"),
-                       (["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "x"], "--machine-rank")):
-        r = subprocess.run([sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--output-dir",
-                            str(tmp_path / "bad"), *argv], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for argv, flag in (
+        (["--num-processes", "0"], "--num-processes"),
+        (["--num-machines", "2"], "--main-process-ip"),
+        (["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "x"], "--machine-rank"),
+    ):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ssapo.cli",
+                "train",
+                "--model",
+                "tiny",
+                "--output-dir",
+                str(tmp_path / "bad"),
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert r.returncode == 2 and r.stderr.startswith(f"ssapo train: error: {flag}:"), r.stderr
         assert "Traceback" not in r.stderr
     # inside a launch it never launches again: every step runs in the launched processes
     import ssapo.loop as loop
 
     calls = []
-    monkeypatch.setattr(loop, "run", lambda cfg, resume=False, launcher=None, procs=None:
-                        calls.append((launcher, procs)) or tmp_path)
+    monkeypatch.setattr(
+        loop, "run", lambda cfg, resume=False, launcher=None, procs=None: calls.append((launcher, procs)) or tmp_path
+    )
     monkeypatch.setenv(train.LAUNCHED_ENV, "1")
-    args, extra = build_parser().parse_known_args(["train", "--model", "tiny", "--num-processes", "2",
-                                                   "--output-dir", str(tmp_path / "in")])
+    args, extra = build_parser().parse_known_args(
+        ["train", "--model", "tiny", "--num-processes", "2", "--output-dir", str(tmp_path / "in")]
+    )
     assert train.run(args, extra) == 0 and calls == [(None, None)]
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # ... and refuses to run every step under ZeRO-3
     assert train.run(args, extra) == 2 and len(calls) == 1
@@ -367,28 +468,48 @@ def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypa
     from ssapo.stage import Launcher
 
     # a launch that dies as a rank would (an exception, exit 1): the driver ends with one line
-    monkeypatch.setattr(Launcher, "command", lambda self, steps, how, mp=None: [
-        sys.executable, "-c", "raise FileNotFoundError('cache-0.arrow')"])
+    monkeypatch.setattr(
+        Launcher,
+        "command",
+        lambda self, steps, how, mp=None: [sys.executable, "-c", "raise FileNotFoundError('cache-0.arrow')"],
+    )
     monkeypatch.delenv(train.LAUNCHED_ENV, raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
-    argv = ["train", "--model", "tiny", "--num-processes", "2", "--output-dir", str(out),
-            *[f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir}.items()]]
+    argv = [
+        "train",
+        "--model",
+        "tiny",
+        "--num-processes",
+        "2",
+        "--output-dir",
+        str(out),
+        *[f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir}.items()],
+    ]
     args, extra = build_parser().parse_known_args(argv)
     assert train.run(args, extra) == 1
     err = capsys.readouterr().err.strip().splitlines()
     log = out / "logs" / "seed+seed_eval+round_1_annotate.log"
-    assert err[-1] == (f"ssapo train: error: step seed failed (exit 1; FileNotFoundError: cache-0.arrow); "
-                       f"log: {log}")
+    assert err[-1] == (f"ssapo train: error: step seed failed (exit 1; FileNotFoundError: cache-0.arrow); log: {log}")
     assert "FileNotFoundError" in log.read_text() and not any("loop.py" in e for e in err)
     assert not (out / "state.json").exists()  # nothing recorded; --resume starts at the seed
     assert (out / "data" / "split.json").exists() and (out / "config.yaml").exists()
 
 
-MP = {"task_size": "test", "seed_size": "16", "round_sizes": "16 16", "num_rounds": "2", "batch_size": "8",
-      "per_device_train_batch_size": "4", "max_new_tokens": "4", "seed_epochs": "1", "generation_batch_size": "8",
-      "spa_window": "8", "ddp_timeout": "1234"}
+MP = {
+    "task_size": "test",
+    "seed_size": "16",
+    "round_sizes": "16 16",
+    "num_rounds": "2",
+    "batch_size": "8",
+    "per_device_train_batch_size": "4",
+    "max_new_tokens": "4",
+    "seed_epochs": "1",
+    "generation_batch_size": "8",
+    "spa_window": "8",
+    "ddp_timeout": "1234",
+}
 
 
 @pytest.fixture(scope="module")
@@ -400,12 +521,28 @@ def two_process_run(tmp_path_factory, task_dir):
         if method not in runs:
             out = tmp_path_factory.mktemp("mp") / method
             over = {**MP, "task_dir": task_dir, "method": method}
-            cmd = [sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--num-processes", "2",
-                   "--output-dir", str(out), *[f"--{k}={v}" for k, v in over.items()]]
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "SSAPO_ACCELERATE_LAUNCHED")}
-            runs[method] = out, subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                                               text=True, timeout=900)
+            cmd = [
+                sys.executable,
+                "-m",
+                "ssapo.cli",
+                "train",
+                "--model",
+                "tiny",
+                "--num-processes",
+                "2",
+                "--output-dir",
+                str(out),
+                *[f"--{k}={v}" for k, v in over.items()],
+            ]
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "SSAPO_ACCELERATE_LAUNCHED")
+            }
+            runs[method] = (
+                out,
+                subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900),
+            )
         return runs[method]
 
     return get
@@ -478,8 +615,18 @@ def test_two_processes_annotate_and_follow_as_one(two_process_run, tmp_path, tas
     micro-batches of 4 on two ranks average as two accumulated micro-batches on one)."""
     out, r = two_process_run("ssapo")
     assert r.returncode == 0, r.stderr[-4000:]
-    one = run(load_config("tiny", overrides={**MP, "task_dir": task_dir, "num_rounds": "1", "round_sizes": "16",
-                                             "output_dir": str(tmp_path / "one")}))
+    one = run(
+        load_config(
+            "tiny",
+            overrides={
+                **MP,
+                "task_dir": task_dir,
+                "num_rounds": "1",
+                "round_sizes": "16",
+                "output_dir": str(tmp_path / "one"),
+            },
+        )
+    )
     assert (out / "round_1" / "annotations.jsonl").read_text() == (one / "round_1" / "annotations.jsonl").read_text()
     za, zb = np.load(out / "round_1" / "follower.npz"), np.load(one / "round_1" / "follower.npz")
     for key in ("margins", "xi", "loc", "shift", "mass", "weights", "lam", "budget_used"):
@@ -508,23 +655,42 @@ def test_the_driver_runs_the_leader_under_zero3_and_the_rest_data_parallel(tmp_p
     for k in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "SSAPO_ACCELERATE_LAUNCHED"):
         monkeypatch.delenv(k, raising=False)
     out = tmp_path / "z3"
-    c = load_config("tiny", overrides={**MP, "num_rounds": "1", "round_sizes": "16", "use_cpu": "false",
-                                       "task_dir": task_dir, "output_dir": str(out)})
+    c = load_config(
+        "tiny",
+        overrides={
+            **MP,
+            "num_rounds": "1",
+            "round_sizes": "16",
+            "use_cpu": "false",
+            "task_dir": task_dir,
+            "output_dir": str(out),
+        },
+    )
     launcher = Launcher(str(out), 2, os.path.join(RECIPES_DIR, "accelerate", "zero3_cpu.yaml"), echo=False)
     run(c, launcher=launcher)
     assert json.loads((out / "state.json").read_text())["done"] == [
-        "seed", "seed/eval", "round_1/annotate", "round_1/follow", "round_1/lead", "round_1/eval"]
+        "seed",
+        "seed/eval",
+        "round_1/annotate",
+        "round_1/follow",
+        "round_1/lead",
+        "round_1/eval",
+    ]
     logs = {p.name for p in (out / "logs").iterdir()}
     assert logs == {"seed.log", "seed_eval+round_1_annotate.log", "round_1_lead.log", "round_1_eval.log"}
     assert "DeepSpeed" in (out / "logs" / "round_1_lead.log").read_text()
     m = json.loads((out / "round_1" / "metrics.json").read_text())
     from ssapo import follower
 
-    rows = follower.attach(read_jsonl(out / "round_1" / "annotations.jsonl"), follower.load(out / "round_1" / "follower.npz"))
+    rows = follower.attach(
+        read_jsonl(out / "round_1" / "annotations.jsonl"), follower.load(out / "round_1" / "follower.npz")
+    )
     assert m["leader"]["processes"] == 2 and set(m["leader"]["data_hashes"]) == {rows_hash(rows)}
     assert len(m["leader"]["data_hashes"]) == 2 and m["leader"]["process_group_timeout_s"] == 1234
     init = weights(os.path.join(task_dir, "sft"))
-    for a, b in ((init, weights(out / "seed" / "model")), (weights(out / "seed" / "model"),
-                                                           weights(out / "round_1" / "model"))):
+    for a, b in (
+        (init, weights(out / "seed" / "model")),
+        (weights(out / "seed" / "model"), weights(out / "round_1" / "model")),
+    ):
         assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)  # whole, not ZeRO-3's empty partitions
         assert any(not np.array_equal(a[k], b[k]) for k in a)

@@ -121,7 +121,9 @@ def test_shift_margin_values_and_gradient_bounded_by_beta():
 
 def test_weights_scale_the_dpo_loss():
     w = torch.tensor([0.0, 1.0, 2.0, 0.5, 1.0, 3.0], **f64)
-    assert weighted_dpo_loss(H, B, w).tolist() == pytest.approx([wi * sp(-B * h) for wi, h in zip(w.tolist(), H.tolist())], rel=1e-14)
+    assert weighted_dpo_loss(H, B, w).tolist() == pytest.approx(
+        [wi * sp(-B * h) for wi, h in zip(w.tolist(), H.tolist())], rel=1e-14
+    )
 
 
 def test_spa_smooths_only_flagged_pairs():
@@ -167,7 +169,7 @@ def test_decoupled_margin_on_literal_logits():
     assert m2.item() == pytest.approx(beta * ((lc - lr) - 2.0), rel=1e-12)
     # λ = 0 is the policy's own implicit margin
     m0 = decoupled_margin(pol, ref, ids, cmask, 0.0, beta)
-    assert m0.item() == pytest.approx(beta * ((1 - math.log(math.e + 1)) - (2 - math.log(1 + math.e ** 2))), rel=1e-12)
+    assert m0.item() == pytest.approx(beta * ((1 - math.log(math.e + 1)) - (2 - math.log(1 + math.e**2))), rel=1e-12)
 
 
 def test_confidence_window_flags_the_least_confident_tenth():

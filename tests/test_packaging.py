@@ -64,8 +64,21 @@ def _installed(name):
 def test_every_trainer_dependency_is_a_dependency_not_an_extra():
     project = _load(ROOT)["project"]
     deps = _reqs(project["dependencies"])
-    for name in ("torch", "transformers", "trl", "accelerate", "datasets", "peft", "pyyaml", "safetensors",
-                 "tokenizers", "tqdm", "matplotlib", "pyarrow", "numpy"):
+    for name in (
+        "torch",
+        "transformers",
+        "trl",
+        "accelerate",
+        "datasets",
+        "peft",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "matplotlib",
+        "pyarrow",
+        "numpy",
+    ):
         assert name in deps, f"{name} must be in [project].dependencies (pip install . then ssapo train)"
     extras = project["optional-dependencies"]
     assert {"vllm", "test"} <= set(extras)
@@ -81,7 +94,7 @@ def test_known_floors_are_pinned(name):
     assert req.specifier, f"{name}: unpinned; needs >= {floor}"
     assert req.specifier.contains(floor, prereleases=True), f"{name}{req.specifier} excludes {floor}"
     major, minor, micro = floor.release + (0,) * (3 - len(floor.release))
-    below = (f"{major}.{minor}.{micro - 1}" if micro else f"{major}.{minor - 1}.99" if minor else f"{major - 1}.99")
+    below = f"{major}.{minor}.{micro - 1}" if micro else f"{major}.{minor - 1}.99" if minor else f"{major - 1}.99"
     assert not req.specifier.contains(below, prereleases=True), f"{name}{req.specifier} admits {below} (< {floor})"
 
 
@@ -106,9 +119,9 @@ def test_installed_versions_satisfy_the_pins(group):
             bad.append(f"{req.name} {have} does not satisfy {req.specifier}")
     if group == "dependencies":
         bad += absent
-    assert not bad, "; ".join(bad) + "  (pip install \".[test]\")"
+    assert not bad, "; ".join(bad) + '  (pip install ".[test]")'
     if absent:  # a test tool missing here (CI installs them all): its tests skip themselves
-        pytest.skip("; ".join(absent) + "  (pip install \".[test]\")")
+        pytest.skip("; ".join(absent) + '  (pip install ".[test]")')
 
 
 def _third_party_imports(package_dir):
@@ -141,6 +154,7 @@ def test_every_module_ssapo_imports_comes_from_a_dependency():
 
 # -- dro_core on its own --
 
+
 def test_bindings_package_is_dro_core_with_numpy_only():
     conf = _load(BINDINGS)
     assert canonicalize_name(conf["project"]["name"]) == "dro-core"
@@ -151,7 +165,8 @@ def test_bindings_package_is_dro_core_with_numpy_only():
     assert "python-packages" not in mat  # no ssapo in dro-core
     here = os.path.dirname(BINDINGS)
     assert os.path.normpath(os.path.join(here, mat["manifest-path"])) == os.path.normpath(
-        os.path.join(REPO, root_mat["manifest-path"]))
+        os.path.join(REPO, root_mat["manifest-path"])
+    )
     src = os.path.normpath(os.path.join(here, mat["python-source"]))
     assert src == os.path.normpath(os.path.join(REPO, root_mat["python-source"]))  # one copy of the sources
     # maturin walks only the project folder for a mixed project's files: a python-source outside it is
@@ -160,8 +175,11 @@ def test_bindings_package_is_dro_core_with_numpy_only():
 
     patterns = [i["path"] if isinstance(i, dict) else i for i in mat.get("include", [])]
     pkg = os.path.join(src, "dro_core")
-    files = [f for f in os.listdir(pkg) if os.path.isfile(os.path.join(pkg, f)) and not f.endswith((".so", ".pyd"))
-             and not f.endswith(".pyc")]
+    files = [
+        f
+        for f in os.listdir(pkg)
+        if os.path.isfile(os.path.join(pkg, f)) and not f.endswith((".so", ".pyd")) and not f.endswith(".pyc")
+    ]
     unmatched = [f for f in files if not any(fnmatch.fnmatch(f"dro_core/{f}", p) for p in patterns)]
     assert files and not unmatched, f"python/dro_core files the dro-core wheel would miss: {unmatched}"
 
@@ -169,8 +187,11 @@ def test_bindings_package_is_dro_core_with_numpy_only():
 def test_dro_core_sources_import_no_trainer_library():
     heavy = {"torch", "transformers", "trl", "accelerate", "datasets", "peft", "yaml", "ssapo"}
     used = _third_party_imports(os.path.join(REPO, "python", "dro_core")) | {
-        m for m in re.findall(r"^\s*(?:from|import)\s+(\w+)", open(os.path.join(REPO, "python", "dro_core",
-                                                                             "__init__.pyi")).read(), re.M)}
+        m
+        for m in re.findall(
+            r"^\s*(?:from|import)\s+(\w+)", open(os.path.join(REPO, "python", "dro_core", "__init__.pyi")).read(), re.M
+        )
+    }
     assert not used & heavy, f"dro_core imports {sorted(used & heavy)}"
     assert used - {"typing", "typing_extensions", "collections", "enum", "os", "__future__"} <= {"numpy"}, used
 

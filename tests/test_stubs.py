@@ -8,7 +8,14 @@ import sys
 def test_stubtest_passes():
     here = os.path.dirname(__file__)
     r = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "dro_core", "--allowlist", os.path.join(here, "stubtest_allowlist.txt")],
+        [
+            sys.executable,
+            "-m",
+            "mypy.stubtest",
+            "dro_core",
+            "--allowlist",
+            os.path.join(here, "stubtest_allowlist.txt"),
+        ],
         capture_output=True,
         text=True,
         cwd=here,

@@ -33,9 +33,20 @@ def rows(atoms=None, base=BASE * 2):
 
 def config(cls, out, **kw):
     args = dict(
-        output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=5e-3,
-        report_to="none", use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", beta=0.1,
-        seed=0, data_seed=0, precompute_ref_log_probs=True, disable_tqdm=True,
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=5e-3,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        beta=0.1,
+        seed=0,
+        data_seed=0,
+        precompute_ref_log_probs=True,
+        disable_tqdm=True,
     )
     return cls(**{**args, **kw})
 
@@ -44,8 +55,14 @@ def train(cls, out, ds, ref_model=None, peft_config=None, **kw):
     tok = build_tokenizer(WORDS)
     model = tiny_llama(tok, hidden_size=64, num_layers=2, seed=0)
     cfg_cls = SSAPOConfig if cls is SSAPOTrainer else DPOConfig
-    tr = cls(model, ref_model=ref_model, args=config(cfg_cls, out, **kw), train_dataset=ds, processing_class=tok,
-             peft_config=peft_config)
+    tr = cls(
+        model,
+        ref_model=ref_model,
+        args=config(cfg_cls, out, **kw),
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_config,
+    )
     tr._before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     tr.train()
     return tr
@@ -56,8 +73,9 @@ def logged(tr, key="loss"):
 
 
 def displacement(tr):
-    return math.sqrt(sum(float(((p.detach() - tr._before[n]) ** 2).sum())
-                         for n, p in tr.model.named_parameters() if p.requires_grad))
+    return math.sqrt(
+        sum(float(((p.detach() - tr._before[n]) ** 2).sum()) for n, p in tr.model.named_parameters() if p.requires_grad)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +123,9 @@ def test_each_pair_meets_its_own_atoms(tmp_path, shift, clamp_min):
     # B is clamped and counted and gives no gradient, so the step's gradient is half of A's
     # alone (the released code would give both pairs the first row's atoms)
     a, b = BASE[0], BASE[1]
-    ds = Dataset.from_list([{**a, "shift": [0.0, 0.0], "mass": [1.0, 0.0]},
-                            {**b, "shift": [0.0, shift], "mass": [0.0, 1.0]}])
+    ds = Dataset.from_list(
+        [{**a, "shift": [0.0, 0.0], "mass": [1.0, 0.0]}, {**b, "shift": [0.0, shift], "mass": [0.0, 1.0]}]
+    )
     ours = train(SSAPOTrainer, tmp_path / "a", ds, leader_loss="shift_prob", clamp_min=clamp_min, max_steps=1)
     st = ours.leader_stats
     assert (st["clamped_atoms"], st["atoms"], st["clamped_fraction"]) == (1, 2, 0.5)
@@ -117,7 +136,9 @@ def test_each_pair_meets_its_own_atoms(tmp_path, shift, clamp_min):
 
 def test_atoms_are_counted_per_pair_over_a_run(tmp_path):
     # odd rows: an atom at shift 0.6 > σ(0) = 0.5 with mass 0.75 (clamped); even rows: unshifted
-    atoms = lambda i: {"shift": [0.0, 0.6], "mass": [0.25, 0.75]} if i % 2 else {"shift": [0.0, 0.0], "mass": [1.0, 0.0]}  # noqa: E731
+    atoms = lambda i: (
+        {"shift": [0.0, 0.6], "mass": [0.25, 0.75]} if i % 2 else {"shift": [0.0, 0.0], "mass": [1.0, 0.0]}
+    )  # noqa: E731
     st = train(SSAPOTrainer, tmp_path, rows(atoms), leader_loss="shift_prob").leader_stats
     # 4 steps × 2 pairs = 4 odd rows × 2 atoms + 4 even rows × 1 atom with mass; the odd rows' shifted atoms clamp
     assert (st["atoms"], st["clamped_atoms"]) == (12, 4) and st["clamped_fraction"] == pytest.approx(4 / 12)
@@ -136,8 +157,16 @@ def test_reference_is_computed_once(tmp_path):
 
 
 def test_loss_history_is_per_optimizer_step(tmp_path):
-    tr = train(SSAPOTrainer, tmp_path, rows(ZERO), leader_loss="shift_prob", max_steps=3,
-               gradient_accumulation_steps=2, per_device_train_batch_size=1, logging_steps=3)
+    tr = train(
+        SSAPOTrainer,
+        tmp_path,
+        rows(ZERO),
+        leader_loss="shift_prob",
+        max_steps=3,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=1,
+        logging_steps=3,
+    )
     st = tr.leader_stats
     assert len(st["loss_history"]) == 3 and len(st["grad_norms"]) == 3 and len(logged(tr)) == 1
     assert sum(st["loss_history"]) / 3 == pytest.approx(logged(tr)[0], rel=1e-5)
@@ -147,8 +176,18 @@ def test_loss_history_is_per_optimizer_step(tmp_path):
 def test_spa_flags_and_smooths(tmp_path):
     # a tiny step keeps each pair's confidence nearly fixed; with a window of 4 and the median
     # as τ, from the second batch on the pairs at or below the median so far are flagged
-    tr = train(SSAPOTrainer, tmp_path, rows(), leader_loss="spa", spa_window=4, spa_quantile=0.5,
-               spa_warmup_ratio=0.0, spa_lambda=0.5, learning_rate=1e-6, max_steps=8)
+    tr = train(
+        SSAPOTrainer,
+        tmp_path,
+        rows(),
+        leader_loss="spa",
+        spa_window=4,
+        spa_quantile=0.5,
+        spa_warmup_ratio=0.0,
+        spa_lambda=0.5,
+        learning_rate=1e-6,
+        max_steps=8,
+    )
     assert tr.args.precompute_ref_log_probs is False
     assert 0 < tr.leader_stats["spa_flagged_fraction"] < 1
     assert logged(tr, "spa/flagged")[0] == 0.0  # empty window: nothing flagged
@@ -173,8 +212,9 @@ def test_peft_reference_is_the_adapter_disabled_model(tmp_path, loss):
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    tr = train(SSAPOTrainer, tmp_path, rows(ZERO), peft_config=lora, leader_loss=loss, spa_warmup_ratio=0.0,
-               learning_rate=5e-2)
+    tr = train(
+        SSAPOTrainer, tmp_path, rows(ZERO), peft_config=lora, leader_loss=loss, spa_warmup_ratio=0.0, learning_rate=5e-2
+    )
     # LoRA starts as the identity, so the first margin is 0 against the adapter-disabled reference
     assert logged(tr)[0] == pytest.approx(math.log(2), abs=1e-5)
     moved = [n for n, p in tr.model.named_parameters() if not torch.equal(tr._before[n], p)]
@@ -184,8 +224,17 @@ def test_peft_reference_is_the_adapter_disabled_model(tmp_path, loss):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("leader_loss", "nope"), ("clamp_min", 0.0), ("spa_alpha", 0.7), ("spa_lambda", -1.0), ("spa_quantile", 2.0),
-     ("spa_window", 0), ("spa_warmup_ratio", 1.5), ("loss_type", "ipo"), ("label_smoothing", 0.1)],
+    [
+        ("leader_loss", "nope"),
+        ("clamp_min", 0.0),
+        ("spa_alpha", 0.7),
+        ("spa_lambda", -1.0),
+        ("spa_quantile", 2.0),
+        ("spa_window", 0),
+        ("spa_warmup_ratio", 1.5),
+        ("loss_type", "ipo"),
+        ("label_smoothing", 0.1),
+    ],
 )
 def test_config_errors_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -193,7 +242,9 @@ def test_config_errors_name_the_field(tmp_path, field, value):
 
 
 def test_wrong_args_or_missing_columns_are_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"train_dataset: leader_loss='shift_prob' needs the column\(s\) \['shift', 'mass'\]"):
+    with pytest.raises(
+        ValueError, match=r"train_dataset: leader_loss='shift_prob' needs the column\(s\) \['shift', 'mass'\]"
+    ):
         train(SSAPOTrainer, tmp_path, rows(), leader_loss="shift_prob")
     with pytest.raises(ValueError, match=r"needs the column\(s\) \['weight'\]"):
         train(SSAPOTrainer, tmp_path, rows(ZERO), leader_loss="weights")
@@ -212,8 +263,12 @@ def _one_step_update(cls, out, dtype, bf16):
     before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     extra = {"leader_loss": "dpo"} if cls is SSAPOTrainer else {}
     cfg_cls = SSAPOConfig if cls is SSAPOTrainer else DPOConfig
-    tr = cls(model, args=config(cfg_cls, out, max_steps=1, learning_rate=5e-7, bf16=bf16, **extra),
-             train_dataset=rows(), processing_class=tok)
+    tr = cls(
+        model,
+        args=config(cfg_cls, out, max_steps=1, learning_rate=5e-7, bf16=bf16, **extra),
+        train_dataset=rows(),
+        processing_class=tok,
+    )
     tr.train()
     return torch.cat([(p.detach().float() - before[n]).flatten() for n, p in tr.model.named_parameters()])
 
@@ -234,10 +289,15 @@ def test_fp32_master_weights_step_as_fp32_at_lr_5e7(tmp_path):
 def test_16bit_trainable_weights_are_refused(tmp_path):
     tok = build_tokenizer(WORDS)
     model = tiny_llama(tok).to(torch.bfloat16)
-    with pytest.raises(ValueError,
-                       match=r"^model: \d+ trainable parameter\(s\) are torch.bfloat16.*load_policy_kwargs"):
-        SSAPOTrainer(model, args=config(SSAPOConfig, tmp_path, leader_loss="dpo", bf16=True), train_dataset=rows(),
-                     processing_class=tok)
+    with pytest.raises(
+        ValueError, match=r"^model: \d+ trainable parameter\(s\) are torch.bfloat16.*load_policy_kwargs"
+    ):
+        SSAPOTrainer(
+            model,
+            args=config(SSAPOConfig, tmp_path, leader_loss="dpo", bf16=True),
+            train_dataset=rows(),
+            processing_class=tok,
+        )
 
 
 def test_load_policy_kwargs(tmp_path):
@@ -249,8 +309,11 @@ def test_load_policy_kwargs(tmp_path):
     tok = build_tokenizer(WORDS)
     save_pretrained(tiny_llama(tok).to(torch.bfloat16), tok, tmp_path / "m")  # a bf16 checkpoint, as released
     cfg = SimpleNamespace(bf16=True, load_in_4bit=False, trust_remote_code=False)
-    assert load_policy_kwargs(cfg, train=True) == {"dtype": torch.float32, "use_safetensors": True,
-                                                   "trust_remote_code": False}
+    assert load_policy_kwargs(cfg, train=True) == {
+        "dtype": torch.float32,
+        "use_safetensors": True,
+        "trust_remote_code": False,
+    }
     assert load_policy_kwargs(cfg, train=False)["dtype"] == torch.bfloat16
     assert load_policy_kwargs(cfg, train=False, bf16=False)["dtype"] == torch.float32
     assert load_policy_kwargs(train=True, trust_remote_code=True)["trust_remote_code"] is True
@@ -282,8 +345,10 @@ def test_several_gpus_in_one_process_name_the_fix(tmp_path):
 def test_ddp_timeout_is_transformers_own_field(tmp_path):
     from transformers import TrainingArguments
 
-    assert SSAPOConfig.__dataclass_fields__["ddp_timeout"].default == \
-        TrainingArguments.__dataclass_fields__["ddp_timeout"].default
+    assert (
+        SSAPOConfig.__dataclass_fields__["ddp_timeout"].default
+        == TrainingArguments.__dataclass_fields__["ddp_timeout"].default
+    )
     assert config(SSAPOConfig, tmp_path, ddp_timeout=7200).ddp_timeout_delta.total_seconds() == 7200
 
 
@@ -314,9 +379,17 @@ def test_save_trained_writes_safetensors_tokenizer_and_card(tmp_path):
     state = tr.model.state_dict()
     assert all(torch.equal(saved[k], state[k]) for k in saved) and saved
     card = open(os.path.join(out, "README.md")).read()
-    for needle in ("- ssapo", "- trl", "- dpo", "model_name: final", "trained with SSAPO",
-                   "Stackelberg Self-Annotated Preference Optimization", "huggingface.co/papers/2502.18099",
-                   "eprint       = {2502.18099}", "datasets/ultrafeedback"):
+    for needle in (
+        "- ssapo",
+        "- trl",
+        "- dpo",
+        "model_name: final",
+        "trained with SSAPO",
+        "Stackelberg Self-Annotated Preference Optimization",
+        "huggingface.co/papers/2502.18099",
+        "eprint       = {2502.18099}",
+        "datasets/ultrafeedback",
+    ):
         assert needle in card, needle
     # saving again replaces the directory as a whole
     (tmp_path / "final" / "stale.txt").write_text("x")
@@ -337,8 +410,13 @@ def test_save_trained_merges_lora_into_the_full_base(tmp_path):
     base = save_pretrained(tiny_llama(tok, seed=0), tok, tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    tr = SSAPOTrainer(model, args=config(SSAPOConfig, tmp_path / "work", leader_loss="dpo", learning_rate=5e-2,
-                                         max_steps=2), train_dataset=rows(), processing_class=tok, peft_config=lora)
+    tr = SSAPOTrainer(
+        model,
+        args=config(SSAPOConfig, tmp_path / "work", leader_loss="dpo", learning_rate=5e-2, max_steps=2),
+        train_dataset=rows(),
+        processing_class=tok,
+        peft_config=lora,
+    )
     tr.train()
     expected = copy.deepcopy(tr.model).merge_and_unload().state_dict()
     out = save_trained(tr, tmp_path / "final")
@@ -358,9 +436,13 @@ def test_save_trained_pushes_only_when_asked(tmp_path, monkeypatch):
     from ssapo.trainer import save_trained
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "create_repo",
-                        lambda repo_id, **k: calls.append(("create", repo_id, k)) or huggingface_hub.RepoUrl(
-                            f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda repo_id, **k: (
+            calls.append(("create", repo_id, k)) or huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+        ),
+    )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **k: calls.append(("upload", k)))
     tr = train(SSAPOTrainer, tmp_path / "work", rows(), leader_loss="dpo", max_steps=1)
     save_trained(tr, tmp_path / "a")
@@ -378,7 +460,10 @@ def test_save_trained_refuses_an_engine_that_wrote_no_weights(tmp_path):
     tr = train(SSAPOTrainer, tmp_path / "work", rows(), leader_loss="dpo", max_steps=1)
     # as Trainer.save_model under FSDP with a SHARDED_STATE_DICT: the tokenizer only, no weights
     tr.save_model = lambda output_dir, _internal_call=False: tr.processing_class.save_pretrained(output_dir)
-    with pytest.raises(ValueError, match=r"^trainer: save_model wrote no safetensors weights.*"
-                                         r"stage3_gather_16bit_weights_on_model_save.*FULL_STATE_DICT"):
+    with pytest.raises(
+        ValueError,
+        match=r"^trainer: save_model wrote no safetensors weights.*"
+        r"stage3_gather_16bit_weights_on_model_save.*FULL_STATE_DICT",
+    ):
         save_trained(tr, tmp_path / "final")
     assert sorted(os.listdir(tmp_path)) == ["work"]

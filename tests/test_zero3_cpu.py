@@ -63,10 +63,24 @@ def worker(work: str, mode: str = "fp32") -> None:
     torch.set_num_threads(1)
     bf16 = mode == "bf16"
     args = SSAPOConfig(
-        output_dir=os.path.join(work, "train"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-        max_steps=STEPS, learning_rate=TINY_LR if bf16 else 1e-2, lr_scheduler_type="constant", warmup_steps=0,
-        report_to="none", use_cpu=False, bf16=False, logging_steps=1, save_strategy="no", beta=0.1, seed=0,
-        data_seed=0, disable_tqdm=True, leader_loss="shift_prob", max_length=32,
+        output_dir=os.path.join(work, "train"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=STEPS,
+        learning_rate=TINY_LR if bf16 else 1e-2,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        report_to="none",
+        use_cpu=False,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        beta=0.1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        leader_loss="shift_prob",
+        max_length=32,
         ddp_timeout=300,  # no ddp_backend: SSAPOConfig picks gloo for DeepSpeed without a GPU
     )
     args.bf16 = bf16
@@ -99,16 +113,21 @@ def worker(work: str, mode: str = "fp32") -> None:
             torch.save(masters, os.path.join(work, "masters.pt"))
     engine = trainer.model_wrapped
     report = {
-        "num_processes": state.num_processes, "process_index": state.process_index,
-        "distributed_type": str(state.distributed_type), "accelerator_num_processes": trainer.accelerator.num_processes,
+        "num_processes": state.num_processes,
+        "process_index": state.process_index,
+        "distributed_type": str(state.distributed_type),
+        "accelerator_num_processes": trainer.accelerator.num_processes,
         "accelerator_process_index": trainer.accelerator.process_index,
         "is_deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
         "dist_world_size": dist.get_world_size() if dist.is_initialized() else None,
         "dist_rank": dist.get_rank() if dist.is_initialized() else None,
         "dist_backend": dist.get_backend() if dist.is_initialized() else None,
-        "loaded_partitioned": partitioned, "local_numel_after_load": local_numel,
-        "loss_history": trainer.leader_stats.get("loss_history"), "global_step": trainer.state.global_step,
-        "ddp_backend": args.ddp_backend, "bf16_enabled": bool(engine.bfloat16_enabled()),
+        "loaded_partitioned": partitioned,
+        "local_numel_after_load": local_numel,
+        "loss_history": trainer.leader_stats.get("loss_history"),
+        "global_step": trainer.state.global_step,
+        "ddp_backend": args.ddp_backend,
+        "bf16_enabled": bool(engine.bfloat16_enabled()),
         "module_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
     }
     with open(os.path.join(work, f"rank{state.process_index}_of_{state.num_processes}.json"), "w") as f:
@@ -133,14 +152,33 @@ def build_init(path: str, bf16_values: bool = False):
 
 
 def launch(work: str, mode: str = "fp32", timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1",
-           # torch's JIT build runs `ninja` from PATH: the one installed beside this interpreter (a venv's bin)
-           "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")]))}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        # torch's JIT build runs `ninja` from PATH: the one installed beside this interpreter (a venv's bin)
+        "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")])),
+    }
     env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _recipe(), "--num_processes", "2",
-           "--mixed_precision", "bf16" if mode == "bf16" else "no",
-           "--main_process_port", str(_free_port()), os.path.abspath(__file__), work, mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        _recipe(),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "bf16" if mode == "bf16" else "no",
+        "--main_process_port",
+        str(_free_port()),
+        os.path.abspath(__file__),
+        work,
+        mode,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -220,8 +258,9 @@ def test_zero3_two_cpu_processes_train_and_save_full_weights(tmp_path):
         assert len(moved) >= len(expected) // 2, f"{out}: only {len(moved)} of {len(expected)} tensors moved"
         # and it loads as an ordinary model again
         back = AutoModelForCausalLM.from_pretrained(d)
-        assert sum(p.numel() for p in back.parameters()) == sum(v.numel() for k, v in init.items()
-                                                                if k != "lm_head.weight")
+        assert sum(p.numel() for p in back.parameters()) == sum(
+            v.numel() for k, v in init.items() if k != "lm_head.weight"
+        )
     if "saved_trained" in outs:  # trl's model card naming SSAPO
         card = open(os.path.join(work, "saved_trained", "README.md")).read()
         assert "SSAPO" in card and "2502.18099" in card

@@ -10,7 +10,6 @@ and returns its own dual certificate (`Solution.dual_gap`).
 
 from typing import Any, Final, Optional, Sequence, Tuple, final
 
-
 import numpy as np
 import numpy.typing as npt
 

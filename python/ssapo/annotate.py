@@ -116,6 +116,7 @@ def prompt_seed(seed: int, index: int) -> int:
 
 # -- vLLM --
 
+
 def _generation_config(path: str):
     try:
         from transformers import GenerationConfig
@@ -152,11 +153,25 @@ def release_vllm(llm, had_process_group: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def generate_vllm(model_path: str, tok, prompts: Sequence, n: int, temperature: float, top_p: float,
-                  max_new_tokens: int, seed: int = 0, *, stop_ids: Optional[Sequence[int]] = None,
-                  max_length: Optional[int] = None, indices: Optional[Sequence[int]] = None,
-                  tensor_parallel_size: Optional[int] = None, dtype: str = "bfloat16",
-                  gpu_memory_utilization: float = 0.9, return_logprobs: bool = False, progress: bool = True):
+def generate_vllm(
+    model_path: str,
+    tok,
+    prompts: Sequence,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int = 0,
+    *,
+    stop_ids: Optional[Sequence[int]] = None,
+    max_length: Optional[int] = None,
+    indices: Optional[Sequence[int]] = None,
+    tensor_parallel_size: Optional[int] = None,
+    dtype: str = "bfloat16",
+    gpu_memory_utilization: float = 0.9,
+    return_logprobs: bool = False,
+    progress: bool = True,
+):
     """The same as `generate`, through vLLM (GPU machines; not exercised by the
     CPU test suite). One engine over every visible GPU (tensor parallel), on
     the calling process only, shut down before returning (`release_vllm`).
@@ -181,12 +196,28 @@ def generate_vllm(model_path: str, tok, prompts: Sequence, n: int, temperature: 
 
     had_pg = dist.is_available() and dist.is_initialized()
     kw = {"max_model_len": int(max_length)} if max_length is not None else {}
-    llm = LLM(model=model_path, seed=int(seed), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-              tensor_parallel_size=tensor_parallel_size or max(1, torch.cuda.device_count()), **kw)
+    llm = LLM(
+        model=model_path,
+        seed=int(seed),
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size or max(1, torch.cuda.device_count()),
+        **kw,
+    )
     try:
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 seed=prompt_seed(seed, indices[i]), stop_token_ids=stop_ids, detokenize=False,
-                                 logprobs=0 if return_logprobs else None) for i in send]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=prompt_seed(seed, indices[i]),
+                stop_token_ids=stop_ids,
+                detokenize=False,
+                logprobs=0 if return_logprobs else None,
+            )
+            for i in send
+        ]
         outs = llm.generate([{"prompt_token_ids": ids[i]} for i in send], params, use_tqdm=progress) if send else []
     finally:
         release_vllm(llm, had_pg)
@@ -208,8 +239,18 @@ def generate_vllm(model_path: str, tok, prompts: Sequence, n: int, temperature: 
 
 # -- transformers generate --
 
-def _generate_chunk(model, tok, prompts: Sequence, n: int, temperature: float, top_p: float, max_new_tokens: int,
-                    seed: int, stop_ids: Optional[Sequence[int]] = None) -> List[List[List[int]]]:
+
+def _generate_chunk(
+    model,
+    tok,
+    prompts: Sequence,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    stop_ids: Optional[Sequence[int]] = None,
+) -> List[List[List[int]]]:
     stop_ids = list(stop_ids) if stop_ids is not None else chat.stop_token_ids(model, tok)
     stop = set(stop_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
@@ -221,15 +262,21 @@ def _generate_chunk(model, tok, prompts: Sequence, n: int, temperature: float, t
     torch.manual_seed(seed)
     with torch.no_grad():
         gen = model.generate(
-            input_ids=input_ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad,
+            input_ids=input_ids,
+            attention_mask=attn,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=pad,
             eos_token_id=stop_ids,  # the model's whole stop list, not tok.eos_token_id alone
         )
     gen = gen[:, width:].tolist()
     out = []
     for i in range(len(batch)):
         resp = []
-        for seq in gen[i * n: (i + 1) * n]:
+        for seq in gen[i * n : (i + 1) * n]:
             end = next((j for j, t in enumerate(seq) if t in stop), None)
             if end is not None:
                 seq = seq[: end + 1]
@@ -245,8 +292,18 @@ def chunks_of(num_prompts: int, batch_size: int, rank: int = 0, world: int = 1) 
     return [c for c in range((num_prompts + batch_size - 1) // batch_size) if c % world == rank]
 
 
-def generate(model, tok, prompts: Sequence, n: int, temperature: float, top_p: float, max_new_tokens: int,
-             batch_size: int = 16, seed: int = 0, progress: bool = True) -> List[List[List[int]]]:
+def generate(
+    model,
+    tok,
+    prompts: Sequence,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> List[List[List[int]]]:
     """n sampled responses per prompt as token ids (the stop token included
     when one was produced), with transformers' batched generate; chunk c of
     `batch_size` prompts is sampled under `chunk_seed(seed, c)`."""
@@ -256,12 +313,22 @@ def generate(model, tok, prompts: Sequence, n: int, temperature: float, top_p: f
     stop_ids = chat.stop_token_ids(model, tok)
     out: List[List[List[int]]] = []
     for c in tqdm(chunks_of(len(prompts), batch_size), desc="generate", disable=not progress):
-        out += _generate_chunk(model, tok, prompts[c * batch_size: (c + 1) * batch_size], n, temperature, top_p,
-                               max_new_tokens, chunk_seed(seed, c), stop_ids)
+        out += _generate_chunk(
+            model,
+            tok,
+            prompts[c * batch_size : (c + 1) * batch_size],
+            n,
+            temperature,
+            top_p,
+            max_new_tokens,
+            chunk_seed(seed, c),
+            stop_ids,
+        )
     return out
 
 
 # -- log-probabilities --
+
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """log_softmax(logits, -1) gathered at `index`, in float32: the label's
@@ -270,8 +337,10 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
     float32 values exist at once (None: every row at once). `logits`
     (..., vocab), `index` (...) → (...)."""
     if logits.shape[:-1] != index.shape:
-        raise ValueError(f"index: shape {tuple(index.shape)} does not match logits {tuple(logits.shape)} "
-                         "without the vocabulary dimension")
+        raise ValueError(
+            f"index: shape {tuple(index.shape)} does not match logits {tuple(logits.shape)} "
+            "without the vocabulary dimension"
+        )
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size: must be >= 1 or None, got {chunk_size}")
     flat, idx = logits.reshape(-1, logits.shape[-1]), index.reshape(-1).long()
@@ -279,8 +348,8 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
     step = n if chunk_size is None else int(chunk_size)
     out = torch.empty(n, dtype=torch.float32, device=logits.device)
     for s in range(0, n, max(step, 1)):
-        lg = flat[s: s + step].float()
-        out[s: s + step] = lg.gather(-1, idx[s: s + step, None]).squeeze(-1) - torch.logsumexp(lg, -1)
+        lg = flat[s : s + step].float()
+        out[s : s + step] = lg.gather(-1, idx[s : s + step, None]).squeeze(-1) - torch.logsumexp(lg, -1)
         del lg
     return out.reshape(index.shape)
 
@@ -349,8 +418,12 @@ def _sum_logps(model, seqs: Sequence[List[int]], n_scored: Sequence[int], pad: i
             dec, head = split
             h = _last_hidden(dec, ids, attn)[r, t - 1]
             step = h.shape[0] if chunk_tokens is None else int(chunk_tokens)
-            lp = torch.cat([selective_log_softmax(head(h[s: s + step]), target[s: s + step])
-                            for s in range(0, h.shape[0], max(step, 1))])
+            lp = torch.cat(
+                [
+                    selective_log_softmax(head(h[s : s + step]), target[s : s + step])
+                    for s in range(0, h.shape[0], max(step, 1))
+                ]
+            )
             del h
         else:
             logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
@@ -372,8 +445,17 @@ def tokenize_for_scoring(tok, prompts: Sequence, responses: Sequence, max_length
     return out
 
 
-def sequence_logps(model, tok, prompts: Sequence, responses: Sequence, batch_size: int = 32, *,
-                   max_length: Optional[int] = None, chunk_tokens: Optional[int] = 1024, cfg=None) -> torch.Tensor:
+def sequence_logps(
+    model,
+    tok,
+    prompts: Sequence,
+    responses: Sequence,
+    batch_size: int = 32,
+    *,
+    max_length: Optional[int] = None,
+    chunk_tokens: Optional[int] = 1024,
+    cfg=None,
+) -> torch.Tensor:
     """Σ log π(y|x) over the response tokens of each (prompt, response), in
     float32 per token, without gradients, on the model's device; returns a
     CPU float64 tensor. A response is token ids (as generated) or a
@@ -390,20 +472,30 @@ def sequence_logps(model, tok, prompts: Sequence, responses: Sequence, batch_siz
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else chat.stop_token_ids(model, tok)[0]
     pairs = tokenize_for_scoring(tok, prompts, responses, max_length)
-    res = [_sum_logps(model, [q for q, _ in pairs[s: s + batch_size]], [c for _, c in pairs[s: s + batch_size]],
-                      pad, chunk_tokens)
-           for s in range(0, len(pairs), batch_size)]
+    res = [
+        _sum_logps(
+            model,
+            [q for q, _ in pairs[s : s + batch_size]],
+            [c for _, c in pairs[s : s + batch_size]],
+            pad,
+            chunk_tokens,
+        )
+        for s in range(0, len(pairs), batch_size)
+    ]
     return torch.cat(res) if res else torch.zeros(0, dtype=torch.float64)
 
 
-def implicit_reward(policy, reference, tok, batch_size: int = 32, max_length: Optional[int] = None,
-                    chunk_tokens: Optional[int] = 1024) -> Scorer:
+def implicit_reward(
+    policy, reference, tok, batch_size: int = 32, max_length: Optional[int] = None, chunk_tokens: Optional[int] = 1024
+) -> Scorer:
     """The scorer r(y) = Σ log π_policy(y|x) − Σ log π_reference(y|x)."""
 
     def score_fn(prompts, responses):
         kw = dict(max_length=max_length, chunk_tokens=chunk_tokens)
-        return (sequence_logps(policy, tok, prompts, responses, batch_size, **kw)
-                - sequence_logps(reference, tok, prompts, responses, batch_size, **kw)).tolist()
+        return (
+            sequence_logps(policy, tok, prompts, responses, batch_size, **kw)
+            - sequence_logps(reference, tok, prompts, responses, batch_size, **kw)
+        ).tolist()
 
     return score_fn
 
@@ -412,7 +504,7 @@ def score(prompts: Sequence, responses: Sequence[Sequence[List[int]]], scorer: S
     """Rewards of every prompt's responses, each distinct (prompt, response)
     scored exactly once (identical samples get the same reward bit for bit)."""
     flat_p, flat_r, where = [], [], []
-    for i, (p, rs) in enumerate(zip(prompts, responses)):
+    for _i, (p, rs) in enumerate(zip(prompts, responses)):
         seen: Dict[Tuple[int, ...], int] = {}
         idx = []
         for r in rs:
@@ -458,11 +550,28 @@ def _text(tok, ids: Sequence[int], stop: Sequence[int] = ()) -> str:
 
 def _settings(cfg, **kw) -> dict:
     """Generation settings: keyword arguments win over the RunConfig's fields."""
-    names = {"n": "num_samples", "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens",
-             "batch_size": "generation_batch_size", "backend": "generation_backend", "seed": "seed",
-             "max_length": "max_length", "system_turn": "system_turn"}
-    defaults = {"n": 2, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 300, "batch_size": 16,
-                "backend": "transformers", "seed": 0, "max_length": None, "system_turn": "auto"}
+    names = {
+        "n": "num_samples",
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "max_new_tokens": "max_new_tokens",
+        "batch_size": "generation_batch_size",
+        "backend": "generation_backend",
+        "seed": "seed",
+        "max_length": "max_length",
+        "system_turn": "system_turn",
+    }
+    defaults = {
+        "n": 2,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "max_new_tokens": 300,
+        "batch_size": 16,
+        "backend": "transformers",
+        "seed": 0,
+        "max_length": None,
+        "system_turn": "auto",
+    }
     out = {}
     for k, field in names.items():
         v = kw.get(k)
@@ -476,14 +585,31 @@ def _settings(cfg, **kw) -> dict:
     return out
 
 
-def annotate_rows(policy, init_model, tok, prompts: Sequence, cfg=None, *, n: Optional[int] = None,
-                  temperature: Optional[float] = None, top_p: Optional[float] = None,
-                  max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
-                  backend: Optional[str] = None, policy_path: str = "", progress: bool = True,
-                  scorer: Optional[Scorer] = None, responses: Optional[Sequence[Sequence[List[int]]]] = None,
-                  rank: int = 0, world: int = 1, max_length: Optional[int] = None,
-                  system_turn: Optional[str] = None, device=None,
-                  chunk_tokens: Optional[int] = 1024) -> Tuple[List[dict], Dict[str, float]]:
+def annotate_rows(
+    policy,
+    init_model,
+    tok,
+    prompts: Sequence,
+    cfg=None,
+    *,
+    n: Optional[int] = None,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    max_new_tokens: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    backend: Optional[str] = None,
+    policy_path: str = "",
+    progress: bool = True,
+    scorer: Optional[Scorer] = None,
+    responses: Optional[Sequence[Sequence[List[int]]]] = None,
+    rank: int = 0,
+    world: int = 1,
+    max_length: Optional[int] = None,
+    system_turn: Optional[str] = None,
+    device=None,
+    chunk_tokens: Optional[int] = 1024,
+) -> Tuple[List[dict], Dict[str, float]]:
     """`annotate` as a list of rows, each with `index` (the prompt's position in
     `prompts`), for process `rank` of `world` (its chunks only; merge the
     processes' rows by `index`). `responses` (token ids per prompt) skips
@@ -498,16 +624,27 @@ def annotate_rows(policy, init_model, tok, prompts: Sequence, cfg=None, *, n: Op
     asks for it. Scored sequences are cut to `max_length` (default
     `cfg.max_length`) as in training; `overlong_prompts` counts prompts that
     alone fill it (no response token left to score: every response ties)."""
-    s = _settings(cfg, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size, backend=backend, seed=seed, max_length=max_length, system_turn=system_turn)
+    s = _settings(
+        cfg,
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        backend=backend,
+        seed=seed,
+        max_length=max_length,
+        system_turn=system_turn,
+    )
     bs = max(1, int(s["batch_size"]))
     mode = s["system_turn"]
     name = (getattr(cfg, "tokenizer", None) or getattr(cfg, "model", None)) if cfg is not None else None
     prompts = [chat.with_system_turn(p, chat.wants_system_turn(tok, mode, name)) for p in prompts]
     stop_ids = chat.stop_token_ids(policy, tok)
     stop = set(stop_ids)
-    scorer = scorer or implicit_reward(policy, init_model, tok, batch_size=max(bs, 8), max_length=s["max_length"],
-                                       chunk_tokens=chunk_tokens)
+    scorer = scorer or implicit_reward(
+        policy, init_model, tok, batch_size=max(bs, 8), max_length=s["max_length"], chunk_tokens=chunk_tokens
+    )
     vllm = responses is None and use_vllm(s["backend"])
     t0 = time.time()
     if vllm:  # one engine on this process over every prompt (run it on the main process only)
@@ -520,18 +657,37 @@ def annotate_rows(policy, init_model, tok, prompts: Sequence, cfg=None, *, n: Op
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        responses = generate_vllm(policy_path, tok, prompts, s["n"], s["temperature"], s["top_p"],
-                                  s["max_new_tokens"], s["seed"], stop_ids=stop_ids, max_length=s["max_length"],
-                                  progress=progress)
+        responses = generate_vllm(
+            policy_path,
+            tok,
+            prompts,
+            s["n"],
+            s["temperature"],
+            s["top_p"],
+            s["max_new_tokens"],
+            s["seed"],
+            stop_ids=stop_ids,
+            max_length=s["max_length"],
+            progress=progress,
+        )
     target = torch.device(device) if device is not None else scoring_device(cfg)
     _place(policy, target)
     _place(init_model, target)
     mine = chunks_of(len(prompts), bs, rank, world)
     gen_s = score_s = 0.0
     rows: List[dict] = []
-    stats: Dict[str, float] = {"prompts": 0, "pairs": 0, "tied_best": 0, "tied_worst": 0, "dropped_all_tied": 0,
-                               "responses": 0, "distinct_responses": 0, "truncated_responses": 0,
-                               "response_tokens": 0, "overlong_prompts": 0}
+    stats: Dict[str, float] = {
+        "prompts": 0,
+        "pairs": 0,
+        "tied_best": 0,
+        "tied_worst": 0,
+        "dropped_all_tied": 0,
+        "responses": 0,
+        "distinct_responses": 0,
+        "truncated_responses": 0,
+        "response_tokens": 0,
+        "overlong_prompts": 0,
+    }
     from tqdm.auto import tqdm
 
     if policy is not None:
@@ -543,8 +699,17 @@ def annotate_rows(policy, init_model, tok, prompts: Sequence, cfg=None, *, n: Op
         if responses is not None:
             resp = [list(map(list, rs)) for rs in responses[lo:hi]]
         else:
-            resp = _generate_chunk(policy, tok, ps, s["n"], s["temperature"], s["top_p"], s["max_new_tokens"],
-                                   chunk_seed(s["seed"], c), stop_ids)
+            resp = _generate_chunk(
+                policy,
+                tok,
+                ps,
+                s["n"],
+                s["temperature"],
+                s["top_p"],
+                s["max_new_tokens"],
+                chunk_seed(s["seed"], c),
+                stop_ids,
+            )
         t2 = time.time()
         rewards = score(ps, resp, scorer)
         score_s += time.time() - t2
@@ -564,12 +729,19 @@ def annotate_rows(policy, init_model, tok, prompts: Sequence, cfg=None, *, n: Op
                 continue
             b, w = pair
             wrap = (lambda t: t) if isinstance(p, str) else (lambda t: [{"role": "assistant", "content": t}])
-            rows.append({
-                "index": lo + i, "prompt": p, "chosen": wrap(_text(tok, rs[b], stop_ids)),
-                "rejected": wrap(_text(tok, rs[w], stop_ids)),
-                "chosen_reward": rw[b], "rejected_reward": rw[w], "margin": rw[b] - rw[w],
-                "chosen_index": b, "rejected_index": w,
-            })
+            rows.append(
+                {
+                    "index": lo + i,
+                    "prompt": p,
+                    "chosen": wrap(_text(tok, rs[b], stop_ids)),
+                    "rejected": wrap(_text(tok, rs[w], stop_ids)),
+                    "chosen_reward": rw[b],
+                    "rejected_reward": rw[w],
+                    "margin": rw[b] - rw[w],
+                    "chosen_index": b,
+                    "rejected_index": w,
+                }
+            )
     stats["pairs"] = len(rows)
     stats["generate_seconds"] = gen_s if not vllm else time.time() - t0 - score_s
     stats["score_seconds"] = score_s
@@ -589,8 +761,12 @@ def finish_stats(stats: Dict[str, float], rows: Sequence[dict]) -> Dict[str, flo
     if m:
         import numpy as np
 
-        out.update(margin_mean=float(np.mean(m)), margin_min=float(np.min(m)), margin_max=float(np.max(m)),
-                   margin_median=float(np.median(m)))
+        out.update(
+            margin_mean=float(np.mean(m)),
+            margin_min=float(np.min(m)),
+            margin_max=float(np.max(m)),
+            margin_median=float(np.median(m)),
+        )
     return out
 
 

@@ -100,8 +100,11 @@ def _as_list(out) -> List[int]:
 def _template(tok, messages, add_generation_prompt: bool) -> List[int]:
     if not _template_text(tok):
         raise ValueError("prompt: chat messages need a tokenizer with a chat_template (set tok.chat_template)")
-    return _as_list(tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                            tokenize=True, return_dict=True))
+    return _as_list(
+        tok.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+        )
+    )
 
 
 def prompt_ids(tok, prompt) -> List[int]:
@@ -132,8 +135,11 @@ def completion_ids(tok, prompt, completion) -> Tuple[List[int], List[int]]:
     assistant messages (a string completion of a chat prompt is one assistant
     message)."""
     p = prompt_ids(tok, prompt)
-    if isinstance(completion, (list, tuple)) and all(isinstance(t, int) for t in completion) and \
-            not is_messages(completion):
+    if (
+        isinstance(completion, (list, tuple))
+        and all(isinstance(t, int) for t in completion)
+        and not is_messages(completion)
+    ):
         return p, [int(t) for t in completion]
     if is_messages(prompt):
         msgs = completion if is_messages(completion) else [{"role": "assistant", "content": str(completion)}]
@@ -170,7 +176,7 @@ def stop_token_ids(model=None, tok=None, generation_config=None) -> List[int]:
     gc = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     ids: List[int] = []
     e = getattr(gc, "eos_token_id", None) if gc is not None else None
-    for t in (e if isinstance(e, (list, tuple)) else [e]):
+    for t in e if isinstance(e, (list, tuple)) else [e]:
         if t is not None and int(t) not in ids:
             ids.append(int(t))
     t = getattr(tok, "eos_token_id", None) if tok is not None else None

@@ -206,15 +206,18 @@ class RunConfig:
     logging_steps: int = _f(1, "Log every n optimizer steps.")
     save_total_limit: Optional[int] = _f(None, "Keep at most this many trainer checkpoints per stage (null: all).")
     save_steps: int = _f(
-        0, "Checkpoint the trainer every n optimizer steps of a stage (a resumed run continues from the last one); "
-        "0 = no mid-stage checkpoints."
+        0,
+        "Checkpoint the trainer every n optimizer steps of a stage (a resumed run continues from the last one); "
+        "0 = no mid-stage checkpoints.",
     )
     ddp_timeout: int = _f(
-        10800, "Seconds a process waits for the others at a collective (the process group's timeout; NCCL's default "
-        "is 600). Long single-process phases run as their own launches, so no rank waits on them."
+        10800,
+        "Seconds a process waits for the others at a collective (the process group's timeout; NCCL's default "
+        "is 600). Long single-process phases run as their own launches, so no rank waits on them.",
     )
     accelerate_config: Optional[str] = _f(
-        None, "ddp | zero3 | fsdp | zero3_cpu: recipes/accelerate/<name>.yaml for multi-process runs; null: one "
+        None,
+        "ddp | zero3 | fsdp | zero3_cpu: recipes/accelerate/<name>.yaml for multi-process runs; null: one "
         "process. zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo, picked by SSAPOConfig), the variant CI "
         "runs; needs deepspeed and ninja, slow, not a training setup.",
         (None, *ACCELERATE_CONFIGS),
@@ -243,18 +246,40 @@ class RunConfig:
         if self.num_rounds < 0:
             bad("num_rounds", f"must be >= 0, got {self.num_rounds}")
         if len(self.round_sizes) < self.num_rounds:
-            bad("round_sizes", f"needs one size per round: {len(self.round_sizes)} sizes for num_rounds={self.num_rounds}; "
-                "add sizes or lower num_rounds")
+            bad(
+                "round_sizes",
+                f"needs one size per round: {len(self.round_sizes)} sizes for num_rounds={self.num_rounds}; "
+                "add sizes or lower num_rounds",
+            )
         if any(s < 1 for s in self.round_sizes):
             bad("round_sizes", f"sizes must be >= 1, got {self.round_sizes}")
-        for name in ("max_prompt_length", "max_length", "max_new_tokens", "per_device_train_batch_size", "batch_size",
-                     "generation_batch_size", "logging_steps", "spa_window", "k", "lora_r", "lora_alpha"):
+        for name in (
+            "max_prompt_length",
+            "max_length",
+            "max_new_tokens",
+            "per_device_train_batch_size",
+            "batch_size",
+            "generation_batch_size",
+            "logging_steps",
+            "spa_window",
+            "k",
+            "lora_r",
+            "lora_alpha",
+        ):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:
             bad("max_prompt_length", f"must be below max_length ({self.max_length}), got {self.max_prompt_length}")
-        for name in ("seed_learning_rate", "learning_rate", "beta", "beta_follower", "temperature", "seed_epochs",
-                     "num_train_epochs_per_round", "clamp_min"):
+        for name in (
+            "seed_learning_rate",
+            "learning_rate",
+            "beta",
+            "beta_follower",
+            "temperature",
+            "seed_epochs",
+            "num_train_epochs_per_round",
+            "clamp_min",
+        ):
             if not getattr(self, name) > 0:
                 bad(name, f"must be > 0, got {getattr(self, name)}")
         for name in ("top_p", "sera_top_p", "sera_keep"):
@@ -290,8 +315,11 @@ class RunConfig:
                 bad("gradient_accumulation_steps", f"must be >= 1 or null, got {self.gradient_accumulation_steps}")
             micro *= self.gradient_accumulation_steps
         if self.batch_size % micro:
-            bad("batch_size", f"must be a multiple of per_device_train_batch_size × gradient_accumulation_steps "
-                f"({micro}), got {self.batch_size}")
+            bad(
+                "batch_size",
+                f"must be a multiple of per_device_train_batch_size × gradient_accumulation_steps "
+                f"({micro}), got {self.batch_size}",
+            )
         if self.load_in_4bit and not self.use_peft:
             bad("load_in_4bit", "needs use_peft: true (4-bit weights are trained through a LoRA adapter)")
         if self.load_in_4bit and self.use_cpu:
@@ -319,8 +347,10 @@ class RunConfig:
             return self.gradient_accumulation_steps
         per_step = self.per_device_train_batch_size * num_processes
         if self.batch_size % per_step:
-            raise ValueError(f"batch_size: {self.batch_size} is not a multiple of per_device_train_batch_size × "
-                             f"processes ({self.per_device_train_batch_size} × {num_processes})")
+            raise ValueError(
+                f"batch_size: {self.batch_size} is not a multiple of per_device_train_batch_size × "
+                f"processes ({self.per_device_train_batch_size} × {num_processes})"
+            )
         return max(1, self.batch_size // per_step)
 
     # -- YAML --
@@ -420,7 +450,9 @@ def _field_name(key: str, source: str) -> str:
     name = ALIASES.get(name, name)
     if name not in FIELDS:
         close = difflib.get_close_matches(name, list(FIELDS) + list(ALIASES), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else " (see `ssapo train --help` or ssapo.config.RunConfig)"
+        hint = (
+            f"; did you mean {', '.join(close)}?" if close else " (see `ssapo train --help` or ssapo.config.RunConfig)"
+        )
         raise ValueError(f"{key}: unknown configuration key in {source}{hint}")
     return name
 

@@ -33,6 +33,7 @@ _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow
 
 # -- loading --
 
+
 def _pick_split(dd, split: str, src: str, arg: str):
     if split in dd:
         return dd[split]
@@ -48,7 +49,9 @@ def _load_any(src: str, arg: str, split: str = "train"):
         raise ValueError(f"{arg}: empty source; give a file, a directory or a hub id")
     src = str(src)
     if os.path.isdir(src):
-        if os.path.exists(os.path.join(src, "dataset_info.json")) or os.path.exists(os.path.join(src, "dataset_dict.json")):
+        if os.path.exists(os.path.join(src, "dataset_info.json")) or os.path.exists(
+            os.path.join(src, "dataset_dict.json")
+        ):
             state = os.path.join(src, "state.json")
             if os.path.isfile(state) and json.load(open(state)).get("_data_files") == []:
                 raise ValueError(f"{arg}: {src} holds no rows")  # datasets cannot even open an empty save
@@ -65,15 +68,18 @@ def _load_any(src: str, arg: str, split: str = "train"):
         ext = os.path.splitext(src)[1].lower()
         kind = _FILE_TYPES.get(ext)
         if kind is None:
-            raise ValueError(f"{arg}: unknown file type {ext!r} of {src} (use .jsonl, .json, .parquet, .arrow, .csv "
-                             "or a directory)")
+            raise ValueError(
+                f"{arg}: unknown file type {ext!r} of {src} (use .jsonl, .json, .parquet, .arrow, .csv or a directory)"
+            )
         if os.path.getsize(src) == 0:
             raise ValueError(f"{arg}: {src} holds no rows")
         try:
             return datasets.load_dataset(kind, data_files=src, split="train")
         except Exception as e:
             if "corresponds to no data" in str(e):
-                raise ValueError(f"{arg}: {src} holds no rows") from None  # a parse error of the user's file: say which file
+                raise ValueError(
+                    f"{arg}: {src} holds no rows"
+                ) from None  # a parse error of the user's file: say which file
             raise ValueError(f"{arg}: cannot read {src} as {kind}: {type(e).__name__}: {e}") from None
     if src.startswith((".", "/", "~")) or os.path.splitext(src)[1].lower() in _FILE_TYPES or src.count("/") > 1:
         raise ValueError(f"{arg}: no such file or directory: {src}")
@@ -81,8 +87,10 @@ def _load_any(src: str, arg: str, split: str = "train"):
     try:
         ds = datasets.load_dataset(hub_id, split=hub_split or split)
     except Exception as e:
-        raise ValueError(f"{arg}: {src!r} is not a local file or directory and could not be loaded from the hub "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{arg}: {src!r} is not a local file or directory and could not be loaded from the hub "
+            f"({type(e).__name__}: {e})"
+        ) from None
     return _pick_split(ds, split, src, arg) if isinstance(ds, datasets.DatasetDict) else ds
 
 
@@ -101,8 +109,10 @@ def _normalise(batch: Dict[str, list], has_prompt: bool) -> Dict[str, list]:
         c, r = batch["chosen"][i], batch["rejected"][i]
         if _is_messages(c) or _is_messages(r):
             if not (_is_messages(c) and _is_messages(r)):
-                raise ValueError("preference_data: 'chosen' and 'rejected' must both be strings or both chat-message "
-                                 f"lists (row {i} of a batch mixes them)")
+                raise ValueError(
+                    "preference_data: 'chosen' and 'rejected' must both be strings or both chat-message "
+                    f"lists (row {i} of a batch mixes them)"
+                )
             if len(c) > 1:  # whole conversations: the shared turns are the prompt
                 p, c, r = c[:-1], c[-1:], r[-1:]
             elif p is None:
@@ -113,8 +123,10 @@ def _normalise(batch: Dict[str, list], has_prompt: bool) -> Dict[str, list]:
             if p is None and not has_prompt:
                 raise ValueError("preference_data: has no 'prompt' column and 'chosen' is not a chat-message list")
             if _is_messages(p):
-                raise ValueError("chosen: a string while 'prompt' is a chat-message list; give all three as messages "
-                                 "or all three as strings")
+                raise ValueError(
+                    "chosen: a string while 'prompt' is a chat-message list; give all three as messages "
+                    "or all three as strings"
+                )
         out["prompt"].append(p)
         out["chosen"].append(c)
         out["rejected"].append(r)
@@ -150,6 +162,7 @@ def load_prompts(src: str, split: str = "train"):
 
 # -- the split --
 
+
 def prompt_key(prompt) -> str:
     """One key per prompt, whether given as a string or as messages (a string
     is the same prompt as one user message holding it)."""
@@ -172,8 +185,9 @@ def prompt_length(tokenizer, prompt) -> int:
     """Tokens of a prompt as the model sees it (the chat template with the
     generation prompt when the tokenizer has one)."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(prompt if not isinstance(prompt, str) else _user(prompt),
-                                            add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            prompt if not isinstance(prompt, str) else _user(prompt), add_generation_prompt=True, tokenize=True
+        )
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return len(ids)
@@ -215,8 +229,11 @@ class _Picker:
             if key in self.seen:
                 self.counts["duplicates_skipped"] += 1
                 continue
-            if self.tokenizer is not None and self.max_prompt_length and \
-                    prompt_length(self.tokenizer, p) > self.max_prompt_length:
+            if (
+                self.tokenizer is not None
+                and self.max_prompt_length
+                and prompt_length(self.tokenizer, p) > self.max_prompt_length
+            ):
                 self.counts["too_long_skipped"] += 1
                 continue
             self.seen.add(key)
@@ -224,8 +241,9 @@ class _Picker:
         return picked, i
 
 
-def split_seed_and_rounds(ds, seed_size, round_sizes, seed: int = 42, prompts=None, tokenizer=None,
-                          max_prompt_length: Optional[int] = None) -> Split:
+def split_seed_and_rounds(
+    ds, seed_size, round_sizes, seed: int = 42, prompts=None, tokenizer=None, max_prompt_length: Optional[int] = None
+) -> Split:
     """The paper's split (REFERENCE.md §0): shuffle the pairs with `seed`; the
     first `seed_size` pairs are the labelled seed; the rounds take consecutive
     blocks of `round_sizes` prompts after it (labels dropped), or from
@@ -252,8 +270,10 @@ def split_seed_and_rounds(ds, seed_size, round_sizes, seed: int = 42, prompts=No
     rows = ds["prompt"]
     seed_idx, end = pick.take(rows, 0, seed_size, labels_ok)
     if len(seed_idx) < seed_size:
-        raise ValueError(f"seed_size: {seed_size} seed pairs requested but preference_data has only {len(seed_idx)} "
-                         f"usable rows of {len(ds)} ({_skips(pick.counts)})")
+        raise ValueError(
+            f"seed_size: {seed_size} seed pairs requested but preference_data has only {len(seed_idx)} "
+            f"usable rows of {len(ds)} ({_skips(pick.counts)})"
+        )
     need = sum(round_sizes)
     if prompts is None:
         pool, pool_rows, start, pool_name = ds, rows, end, "preference_data after the seed"
@@ -264,17 +284,24 @@ def split_seed_and_rounds(ds, seed_size, round_sizes, seed: int = 42, prompts=No
         pool_rows, start, pool_name = pool["prompt"], 0, "prompt_data"
     picked, pool_end = pick.take(pool_rows, start, need)
     if len(picked) < need:
-        raise ValueError(f"round_sizes: {need} prompts needed for rounds {round_sizes}, but {pool_name} has only "
-                         f"{len(picked)} usable ({_skips(pick.counts)}); lower round_sizes or num_rounds, or give more "
-                         "prompts")
+        raise ValueError(
+            f"round_sizes: {need} prompts needed for rounds {round_sizes}, but {pool_name} has only "
+            f"{len(picked)} usable ({_skips(pick.counts)}); lower round_sizes or num_rounds, or give more "
+            "prompts"
+        )
     rounds, s = [], 0
     for n in round_sizes:
-        rounds.append(pool.select(picked[s:s + n]).select_columns(["prompt"]))
+        rounds.append(pool.select(picked[s : s + n]).select_columns(["prompt"]))
         s += n
     rest = range(pool_end if prompts is None else end, len(ds))
     test_idx = [i for i in rest if _empty(rows[i]) or prompt_key(rows[i]) not in pick.seen]
-    report = {**pick.counts, "seed": seed_size, "rounds": list(round_sizes), "test": len(test_idx),
-              "test_overlap_dropped": len(rest) - len(test_idx)}
+    report = {
+        **pick.counts,
+        "seed": seed_size,
+        "rounds": list(round_sizes),
+        "test": len(test_idx),
+        "test_overlap_dropped": len(rest) - len(test_idx),
+    }
     return Split(ds.select(seed_idx), rounds, report, ds.select(test_idx))
 
 

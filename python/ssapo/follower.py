@@ -41,8 +41,13 @@ SPACES = ("prob", "margin")
 
 
 def _settings(cfg, **kw) -> Dict[str, Any]:
-    names = {"eps": "eps", "k": "k", "group_size": "group_size", "beta_follower": "beta_follower",
-             "space": "follower_space"}
+    names = {
+        "eps": "eps",
+        "k": "k",
+        "group_size": "group_size",
+        "beta_follower": "beta_follower",
+        "space": "follower_space",
+    }
     defaults = {"eps": 0.01, "k": 6, "group_size": 100, "beta_follower": 0.1, "space": "prob"}
     out = {}
     for key, field in names.items():
@@ -91,9 +96,18 @@ def loss_of(xi: np.ndarray, k: int, space: str):
     return dro_core.Loss.softplus(int(k), -r, r)
 
 
-def follow(margins, cfg=None, *, eps: Optional[float] = None, k: Optional[int] = None,
-           group_size: Optional[int] = None, beta_follower: Optional[float] = None, space: Optional[str] = None,
-           threads: Optional[int] = None, clamp_level: float = 0.5) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+def follow(
+    margins,
+    cfg=None,
+    *,
+    eps: Optional[float] = None,
+    k: Optional[int] = None,
+    group_size: Optional[int] = None,
+    beta_follower: Optional[float] = None,
+    space: Optional[str] = None,
+    threads: Optional[int] = None,
+    clamp_level: float = 0.5,
+) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """Solves the follower over `margins` (chosen_reward − rejected_reward per
     pair, in the stable annotation order). Settings from `cfg` (a RunConfig)
     and/or keywords (keywords win).
@@ -114,15 +128,40 @@ def follow(margins, cfg=None, *, eps: Optional[float] = None, k: Optional[int] =
     xi = xi_of(margins, s["beta_follower"], s["space"])
     n = len(xi)
     G = int(s["group_size"])
-    diag: Dict[str, Any] = {"n": n, "eps": float(s["eps"]), "k": int(s["k"]), "space": s["space"],
-                            "beta_follower": float(s["beta_follower"]), "group_size": G if G > 0 else "global"}
+    diag: Dict[str, Any] = {
+        "n": n,
+        "eps": float(s["eps"]),
+        "k": int(s["k"]),
+        "space": s["space"],
+        "beta_follower": float(s["beta_follower"]),
+        "group_size": G if G > 0 else "global",
+    }
     if n == 0:
         z2 = np.zeros((0, 2))
-        cols = {"xi": xi, "loc": z2, "mass": z2.copy(), "shift": z2.copy(), "weight": np.zeros(0),
-                "group": np.zeros(0, dtype=np.int64)}
-        diag.update(groups=0, value=0.0, empirical_value=0.0, dual_value=0.0, dual_gap=0.0, lam=[], budget_used=[],
-                    group_sizes=[], budget_used_fraction=0.0, moved_fraction=0.0, moved_mass=0.0,
-                    dead_at_start_fraction=0.0, mean_shift=0.0, seconds=time.time() - t0)
+        cols = {
+            "xi": xi,
+            "loc": z2,
+            "mass": z2.copy(),
+            "shift": z2.copy(),
+            "weight": np.zeros(0),
+            "group": np.zeros(0, dtype=np.int64),
+        }
+        diag.update(
+            groups=0,
+            value=0.0,
+            empirical_value=0.0,
+            dual_value=0.0,
+            dual_gap=0.0,
+            lam=[],
+            budget_used=[],
+            group_sizes=[],
+            budget_used_fraction=0.0,
+            moved_fraction=0.0,
+            moved_mass=0.0,
+            dead_at_start_fraction=0.0,
+            mean_shift=0.0,
+            seconds=time.time() - t0,
+        )
         return cols, diag
     loss = loss_of(xi, s["k"], s["space"])
     res = dro_core.solve(xi, float(s["eps"]), G if G > 0 else None, loss=loss, threads=threads)
@@ -145,9 +184,12 @@ def follow(margins, cfg=None, *, eps: Optional[float] = None, k: Optional[int] =
         moved_fraction=float(np.mean(moved)),
         moved_mass=float(np.mean(np.where(moving, mass, 0.0).sum(axis=1))),
         dead_at_start_fraction=float(np.mean(((mass > 0) & (shift >= clamp_level)).any(axis=1)))
-        if s["space"] == "prob" else 0.0,
+        if s["space"] == "prob"
+        else 0.0,
         mean_shift=float(np.mean((mass * shift).sum(axis=1))),
-        xi_min=float(xi.min()), xi_mean=float(xi.mean()), xi_max=float(xi.max()),
+        xi_min=float(xi.min()),
+        xi_mean=float(xi.mean()),
+        xi_max=float(xi.max()),
         seconds=time.time() - t0,
     )
     return cols, diag
@@ -160,8 +202,14 @@ def attach(rows: Sequence[dict], cols: Dict[str, np.ndarray]) -> list:
         raise ValueError(f"rows: {len(rows)} rows for {len(cols['shift'])} follower atoms")
     out = []
     for i, r in enumerate(rows):
-        out.append({**r, "shift": [float(v) for v in cols["shift"][i]], "mass": [float(v) for v in cols["mass"][i]],
-                    "weight": float(cols["weight"][i])})
+        out.append(
+            {
+                **r,
+                "shift": [float(v) for v in cols["shift"][i]],
+                "mass": [float(v) for v in cols["mass"][i]],
+                "weight": float(cols["weight"][i]),
+            }
+        )
     return out
 
 
@@ -172,13 +220,19 @@ def save(path, cols: Dict[str, np.ndarray], diag: Dict[str, Any], margins=None) 
     from ssapo.io import atomic_write
 
     arrays = {
-        "xi": cols["xi"], "loc": cols["loc"], "mass": cols["mass"], "shift": cols["shift"],
-        "weights": cols["weight"], "group": cols["group"],
+        "xi": cols["xi"],
+        "loc": cols["loc"],
+        "mass": cols["mass"],
+        "shift": cols["shift"],
+        "weights": cols["weight"],
+        "group": cols["group"],
         "lam": np.asarray(diag.get("lam", []), dtype=np.float64),
         "budget_used": np.asarray(diag.get("budget_used", []), dtype=np.float64),
         "group_sizes": np.asarray(diag.get("group_sizes", []), dtype=np.int64),
-        "value": np.float64(diag.get("value", 0.0)), "empirical_value": np.float64(diag.get("empirical_value", 0.0)),
-        "dual_value": np.float64(diag.get("dual_value", 0.0)), "dual_gap": np.float64(diag.get("dual_gap", 0.0)),
+        "value": np.float64(diag.get("value", 0.0)),
+        "empirical_value": np.float64(diag.get("empirical_value", 0.0)),
+        "dual_value": np.float64(diag.get("dual_value", 0.0)),
+        "dual_gap": np.float64(diag.get("dual_gap", 0.0)),
         "eps": np.float64(diag.get("eps", 0.0)),
     }
     if margins is not None:
@@ -207,8 +261,14 @@ class Resolver:
     see `ssapo.loop`). `history` keeps the diagnostics of each re-solve.
     Works as a transformers `TrainerCallback` through `callback()`."""
 
-    def __init__(self, cfg, every: int, margins_fn: Callable[[], np.ndarray], table: Dict[str, np.ndarray],
-                 broadcast: Optional[Callable[[Any], Any]] = None):
+    def __init__(
+        self,
+        cfg,
+        every: int,
+        margins_fn: Callable[[], np.ndarray],
+        table: Dict[str, np.ndarray],
+        broadcast: Optional[Callable[[Any], Any]] = None,
+    ):
         if every < 1:
             raise ValueError(f"resolve_every: must be >= 1 for a Resolver, got {every}")
         self.cfg, self.every, self.margins_fn, self.table = cfg, int(every), margins_fn, table

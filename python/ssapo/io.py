@@ -71,8 +71,9 @@ class InputError(ValueError):
     """A bad input file or column; the message names the argument."""
 
 
-def read_column(path: str, column: Optional[str] = None, arg: str = "input",
-                column_arg: str = "--column") -> np.ndarray:
+def read_column(
+    path: str, column: Optional[str] = None, arg: str = "input", column_arg: str = "--column"
+) -> np.ndarray:
     """Reads a 1-D float column: .npy (a 1-D array), .csv (a header row;
     `column`, default "xi"), .jsonl (one object per line; `column`, default "xi").
     Errors are `InputError`s whose message starts with the argument at fault:

@@ -85,8 +85,15 @@ from ssapo.config import RunConfig
 from ssapo.io import atomic_write, read_jsonl, write_json, write_jsonl
 
 # fields that may change between a run and its resumption (they do not change results)
-RESUME_MAY_DIFFER = {"output_dir", "report_to", "logging_steps", "accelerate_config", "save_total_limit", "save_steps",
-                     "ddp_timeout"}
+RESUME_MAY_DIFFER = {
+    "output_dir",
+    "report_to",
+    "logging_steps",
+    "accelerate_config",
+    "save_total_limit",
+    "save_steps",
+    "ddp_timeout",
+}
 HELDOUT_PAIRS = 256  # held-out labelled pairs for the reward accuracy of each stage
 KEEP_COLUMNS = ("prompt", "chosen", "rejected", "shift", "mass", "weight")  # what the leader trains on
 
@@ -114,8 +121,10 @@ class State:
         self.done: List[str] = []
         if os.path.exists(self.path):
             if not resume:
-                raise ValueError(f"output_dir: {out} already holds a run (state.json); pass --resume "
-                                 "(resume=True) to continue it, or choose another directory")
+                raise ValueError(
+                    f"output_dir: {out} already holds a run (state.json); pass --resume "
+                    "(resume=True) to continue it, or choose another directory"
+                )
             self.reload()
 
     def reload(self) -> None:
@@ -182,8 +191,11 @@ def rows_hash(rows: List[dict]) -> str:
     """sha256 of the rows' training columns (KEEP_COLUMNS), in order: what a leader rank trained on."""
     h = hashlib.sha256()
     for r in rows:
-        h.update(json.dumps({k: r[k] for k in KEEP_COLUMNS if r.get(k) is not None}, sort_keys=True,
-                            separators=(",", ":")).encode())
+        h.update(
+            json.dumps(
+                {k: r[k] for k in KEEP_COLUMNS if r.get(k) is not None}, sort_keys=True, separators=(",", ":")
+            ).encode()
+        )
         h.update(b"\n")
     return h.hexdigest()
 
@@ -232,8 +244,10 @@ def check_resumable(cfg: RunConfig, out: str) -> None:
     new = cfg.to_dict()
     diff = [f"{k} ({old.get(k)!r} → {new[k]!r})" for k in new if k not in RESUME_MAY_DIFFER and old.get(k) != new[k]]
     if diff:
-        raise ValueError(f"config: resuming {out} with another configuration: {', '.join(diff)}; resume with the "
-                         "run's config.yaml or start a new output_dir")
+        raise ValueError(
+            f"config: resuming {out} with another configuration: {', '.join(diff)}; resume with the "
+            "run's config.yaml or start a new output_dir"
+        )
 
 
 def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
@@ -241,8 +255,9 @@ def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
     if cfg.model == "tiny":
         from ssapo.bench.task import prepare_task
 
-        task = prepare_task(cfg.task_dir or os.path.join(out, "task"), seed=cfg.seed, size=cfg.task_size,
-                            flip_rate=cfg.task_flip_rate)
+        task = prepare_task(
+            cfg.task_dir or os.path.join(out, "task"), seed=cfg.seed, size=cfg.task_size, flip_rate=cfg.task_flip_rate
+        )
         return {
             "init": task["sft_model"],
             "preference_data": cfg.preference_data or task["preferences"],
@@ -287,8 +302,9 @@ def _modules(spec: str):
     return spec if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
 
 
-def pair_margins(model, reference, tok, rows: List[dict], batch_size: int = 32, ref_logps=None,
-                 max_length: Optional[int] = None):
+def pair_margins(
+    model, reference, tok, rows: List[dict], batch_size: int = 32, ref_logps=None, max_length: Optional[int] = None
+):
     """Implicit-reward margins [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]
     of labelled rows (chosen/rejected as text or messages), each completion
     tokenised and cut to `max_length` exactly as the trainer does
@@ -301,8 +317,10 @@ def pair_margins(model, reference, tok, rows: List[dict], batch_size: int = 32, 
     rj = [r["rejected"] for r in rows]
     kw = dict(max_length=max_length)
     if ref_logps is None:
-        ref_logps = (sequence_logps(reference, tok, prompts, ch, batch_size, **kw),
-                     sequence_logps(reference, tok, prompts, rj, batch_size, **kw))
+        ref_logps = (
+            sequence_logps(reference, tok, prompts, ch, batch_size, **kw),
+            sequence_logps(reference, tok, prompts, rj, batch_size, **kw),
+        )
     lw = sequence_logps(model, tok, prompts, ch, batch_size, **kw)
     ll = sequence_logps(model, tok, prompts, rj, batch_size, **kw)
     return (lw - ref_logps[0]) - (ll - ref_logps[1]), ref_logps
@@ -391,9 +409,19 @@ def process_group_timeout() -> Optional[float]:
         return None
 
 
-def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: List[dict], lr: float, epochs: float,
-                leader_loss: str, save_to: str, work_dir: str, spa_lambda: float = 0.5,
-                resolve: Optional[Callable] = None) -> Dict[str, Any]:
+def train_stage(
+    cfg: RunConfig,
+    policy: str,
+    reference: Optional[str],
+    rows: List[dict],
+    lr: float,
+    epochs: float,
+    leader_loss: str,
+    save_to: str,
+    work_dir: str,
+    spa_lambda: float = 0.5,
+    resolve: Optional[Callable] = None,
+) -> Dict[str, Any]:
     """Trains `policy` on `rows` against `reference` (None or the policy's own
     path: the policy's start, with peft the adapter-disabled model) with
     SSAPOTrainer and writes the checkpoint to `save_to` (safetensors,
@@ -423,17 +451,35 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
     # the arguments first: under DeepSpeed ZeRO-3 they switch on zero.Init, so the models below are loaded
     # partitioned over the ranks (not whole on each); without a GPU the group is gloo (DeepSpeed on CPU too)
     args = SSAPOConfig(
-        output_dir=work_dir, learning_rate=lr, num_train_epochs=epochs,
+        output_dir=work_dir,
+        learning_rate=lr,
+        num_train_epochs=epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.accumulation_steps(procs.num_processes),
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, beta=cfg.beta, seed=cfg.seed,
-        data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=cfg.use_cpu, report_to=cfg.report_to,
-        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500, save_total_limit=cfg.save_total_limit,
-        max_length=cfg.max_length, leader_loss=leader_loss, clamp_min=cfg.clamp_min,
-        gradient_checkpointing=cfg.gradient_checkpointing, precompute_ref_log_probs=True, disable_tqdm=False,
-        spa_alpha=cfg.spa_alpha, spa_lambda=spa_lambda, spa_quantile=cfg.spa_quantile, spa_window=cfg.spa_window,
-        spa_warmup_ratio=cfg.spa_warmup_ratio, ddp_timeout=cfg.ddp_timeout,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        beta=cfg.beta,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=cfg.use_cpu,
+        report_to=cfg.report_to,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=cfg.save_total_limit,
+        max_length=cfg.max_length,
+        leader_loss=leader_loss,
+        clamp_min=cfg.clamp_min,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        precompute_ref_log_probs=True,
+        disable_tqdm=False,
+        spa_alpha=cfg.spa_alpha,
+        spa_lambda=spa_lambda,
+        spa_quantile=cfg.spa_quantile,
+        spa_window=cfg.spa_window,
+        spa_warmup_ratio=cfg.spa_warmup_ratio,
+        ddp_timeout=cfg.ddp_timeout,
         ddp_backend="gloo" if procs.num_processes > 1 and not torch.cuda.is_available() else None,
     )
     model, tok = _load(policy, cfg, train=True)
@@ -446,11 +492,17 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=_modules(cfg.lora_target_modules), task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=_modules(cfg.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
     cls = _atom_trainer_class() if resolve is not None else SSAPOTrainer
-    trainer = cls(model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
-                  peft_config=peft_config)
+    trainer = cls(
+        model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config
+    )
     resolver = None
     if resolve is not None:
         resolver = resolve(trainer, rows)
@@ -462,15 +514,20 @@ def train_stage(cfg: RunConfig, policy: str, reference: Optional[str], rows: Lis
         stats["resolves"] = resolver.history
     # through the trainer on every rank: gathers ZeRO-3 / FSDP weights, merges a LoRA adapter into the full
     # base (policy), writes the tokenizer and a model card; atomically
-    save_trained(trainer, save_to, base_model=policy if cfg.use_peft else None,
-                 trust_remote_code=cfg.trust_remote_code)
+    save_trained(trainer, save_to, base_model=policy if cfg.use_peft else None, trust_remote_code=cfg.trust_remote_code)
     procs.wait_for_everyone()
     del trainer, model, ref_model, ds
     if procs.is_main_process:
         shutil.rmtree(work_dir, ignore_errors=True)  # the dataset and the stage's checkpoints: the model is saved
     _free()
-    return {**stats, "steps": steps, "pairs": len(rows), "data_hashes": hashes, "processes": procs.num_processes,
-            "process_group_timeout_s": process_group_timeout()}
+    return {
+        **stats,
+        "steps": steps,
+        "pairs": len(rows),
+        "data_hashes": hashes,
+        "processes": procs.num_processes,
+        "process_group_timeout_s": process_group_timeout(),
+    }
 
 
 def _free() -> None:
@@ -503,8 +560,17 @@ def gold_stats(task: Optional[dict], rows: List[dict]) -> Dict[str, float]:
     return {"gold_accuracy": right / n, "gold_tie_fraction": tie / n, "gold_accuracy_untied": right / max(n - tie, 1)}
 
 
-def _margins(model, reference, tok, rows: List[dict], bs: int, state: Optional[State], d: str, name: str,
-             max_length: Optional[int] = None) -> List[float]:
+def _margins(
+    model,
+    reference,
+    tok,
+    rows: List[dict],
+    bs: int,
+    state: Optional[State],
+    d: str,
+    name: str,
+    max_length: Optional[int] = None,
+) -> List[float]:
     """pair_margins of every row, shared out by chunks of `bs` over the
     processes of `state` (each chunk one batch, so the values do not depend on
     the process count); every process gets all of them, in row order."""
@@ -518,8 +584,14 @@ def _margins(model, reference, tok, rows: List[dict], bs: int, state: Optional[S
     return [m for k in sorted(merged) for m in merged[k]]
 
 
-def heldout_accuracy(cfg: RunConfig, model_path: str, init_path: str, rows: List[dict],
-                     state: Optional[State] = None, work_dir: Optional[str] = None) -> Dict[str, float]:
+def heldout_accuracy(
+    cfg: RunConfig,
+    model_path: str,
+    init_path: str,
+    rows: List[dict],
+    state: Optional[State] = None,
+    work_dir: Optional[str] = None,
+) -> Dict[str, float]:
     """Reward accuracy on held-out labelled pairs: the fraction whose implicit
     reward log π/π_init ranks the labelled chosen above the rejected (ties
     count as wrong, and are counted). Shared out over the processes of
@@ -532,12 +604,28 @@ def heldout_accuracy(cfg: RunConfig, model_path: str, init_path: str, rows: List
     device = _device(cfg, state)
     model, tok = _load(model_path, cfg, device)
     init_model, _ = _load(init_path, cfg, device)
-    m = np.asarray(_margins(model, init_model, tok, rows, max(8, cfg.generation_batch_size), state,
-                            work_dir or os.path.dirname(model_path), "heldout", max_length=cfg.max_length))
+    m = np.asarray(
+        _margins(
+            model,
+            init_model,
+            tok,
+            rows,
+            max(8, cfg.generation_batch_size),
+            state,
+            work_dir or os.path.dirname(model_path),
+            "heldout",
+            max_length=cfg.max_length,
+        )
+    )
     del model, init_model
     _free()
-    return {"heldout_reward_accuracy": float((m > 0).mean()), "heldout_ties": int((m == 0).sum()),
-            "heldout_pairs": len(rows), "heldout_margin_mean": float(m.mean()), "seconds": time.time() - t0}
+    return {
+        "heldout_reward_accuracy": float((m > 0).mean()),
+        "heldout_ties": int((m == 0).sum()),
+        "heldout_pairs": len(rows),
+        "heldout_margin_mean": float(m.mean()),
+        "seconds": time.time() - t0,
+    }
 
 
 def _device(cfg: RunConfig, state: Optional[State]):
@@ -550,8 +638,17 @@ def _device(cfg: RunConfig, state: Optional[State]):
     return dev if dev is not None else "cuda"
 
 
-def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: Optional[str], init_path: str,
-               seed: int, device=None, state: Optional[State] = None, work_dir: Optional[str] = None):
+def sera_round(
+    cfg: RunConfig,
+    rows: List[dict],
+    policy_path: str,
+    before_path: Optional[str],
+    init_path: str,
+    seed: int,
+    device=None,
+    state: Optional[State] = None,
+    work_dir: Optional[str] = None,
+):
     """SeRA's round (REFERENCE.md §2b [CHOICE] spec; SeRA's Algorithm 1 is
     unpublished, so each unknown is a named option):
     1. pool: this round's self-annotated pairs (`sera_pool` = 'round'), or the
@@ -598,8 +695,18 @@ def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: 
     boot, bstats = [], {}
     if rank < world:
         boot, bstats = annotate.annotate_rows(
-            policy, init_model, tok, [r["prompt"] for r in kept], cfg, n=cfg.sera_num_samples, top_p=cfg.sera_top_p,
-            seed=seed, policy_path=policy_path, progress=False, rank=rank, world=world,
+            policy,
+            init_model,
+            tok,
+            [r["prompt"] for r in kept],
+            cfg,
+            n=cfg.sera_num_samples,
+            top_p=cfg.sera_top_p,
+            seed=seed,
+            policy_path=policy_path,
+            progress=False,
+            rank=rank,
+            world=world,
         )
     if state is not None and state.world > 1:
         parts = _exchange(state, d, "sera_boot", {"rows": boot, "stats": bstats})
@@ -619,13 +726,18 @@ def sera_round(cfg: RunConfig, rows: List[dict], policy_path: str, before_path: 
     _free()
     keys = ("prompt", "chosen", "rejected", "margin")
     sel = [{k: r[k] for k in keys if k in r} for r in kept] + [{k: b[k] for k in keys} for b in boot]
-    return sel, {"pairs_in": len(rows), "kept": len(kept), "bootstrapped": len(boot),
-                 "kept_irm_min": float(min(r["irm"] for r in kept)) if kept else 0.0,
-                 **{f"bootstrap_{k}": v for k, v in bstats.items() if not isinstance(v, str)}}
+    return sel, {
+        "pairs_in": len(rows),
+        "kept": len(kept),
+        "bootstrapped": len(boot),
+        "kept_irm_min": float(min(r["irm"] for r in kept)) if kept else 0.0,
+        **{f"bootstrap_{k}": v for k, v in bstats.items() if not isinstance(v, str)},
+    }
 
 
-def _annotate_step(cfg: RunConfig, state: State, rd: str, policy_path: str, ref_path: str, prompts: List,
-                   seed: int) -> Optional[tuple]:
+def _annotate_step(
+    cfg: RunConfig, state: State, rd: str, policy_path: str, ref_path: str, prompts: List, seed: int
+) -> Optional[tuple]:
     """Self-annotation shared out over the processes by prompt chunks; returns
     (rows in prompt order, stats) on the main process, None elsewhere."""
     from ssapo import annotate
@@ -638,8 +750,9 @@ def _annotate_step(cfg: RunConfig, state: State, rd: str, policy_path: str, ref_
         device = _device(cfg, state)
         policy, tok = _load(policy_path, cfg, None if vllm else device)
         ref, _ = _load(ref_path, cfg, None if vllm else device)
-        rows, stats = annotate.annotate_rows(policy, ref, tok, prompts, cfg, seed=seed, policy_path=policy_path,
-                                             rank=state.rank, world=world)
+        rows, stats = annotate.annotate_rows(
+            policy, ref, tok, prompts, cfg, seed=seed, policy_path=policy_path, rank=state.rank, world=world
+        )
         del policy, ref
         _free()
     if world == 1:
@@ -687,8 +800,15 @@ def prepare(cfg: RunConfig, out: str, state: State) -> None:
             tok = _tokenizer(cfg, src["init"])
             prefs = load_preferences(src["preference_data"])
             pool = load_prompts(src["prompt_data"]) if src["prompt_data"] else None
-            split = split_seed_and_rounds(prefs, cfg.seed_size, cfg.round_sizes[: cfg.num_rounds], cfg.seed, pool,
-                                          tokenizer=tok, max_prompt_length=cfg.max_prompt_length)
+            split = split_seed_and_rounds(
+                prefs,
+                cfg.seed_size,
+                cfg.round_sizes[: cfg.num_rounds],
+                cfg.seed,
+                pool,
+                tokenizer=tok,
+                max_prompt_length=cfg.max_prompt_length,
+            )
             from ssapo.chat import prepare_prompts
 
             def shown(rows):
@@ -762,8 +882,17 @@ class Run:
 def _step_seed(run: Run, state: State, t: int) -> None:
     cfg = run.cfg
     t0 = time.time()
-    stats = train_stage(cfg, run.src["init"], run.init, run.seed_rows, cfg.seed_learning_rate, cfg.seed_epochs, "dpo",
-                        run.model(0), os.path.join(run.dir(0), "trainer"))
+    stats = train_stage(
+        cfg,
+        run.src["init"],
+        run.init,
+        run.seed_rows,
+        cfg.seed_learning_rate,
+        cfg.seed_epochs,
+        "dpo",
+        run.model(0),
+        os.path.join(run.dir(0), "trainer"),
+    )
     if state.main:
         write_json(run.metrics_path(0), {"leader": {**stats, "seconds": time.time() - t0}, "split": run.split_report})
 
@@ -780,8 +909,9 @@ def _step_eval(run: Run, state: State, t: int) -> None:
     if t > 0:
         from ssapo import report
 
-        accuracy = [_read_metrics(run.metrics_path(s)).get("eval", {}).get("heldout_reward_accuracy")
-                    for s in range(t + 1)]
+        accuracy = [
+            _read_metrics(run.metrics_path(s)).get("eval", {}).get("heldout_reward_accuracy") for s in range(t + 1)
+        ]
         report.round_report(run.dir(t), t, metrics, run.round_rows(t), accuracy)
 
 
@@ -826,14 +956,17 @@ def _step_sera(run: Run, state: State, t: int) -> None:
     rows = read_jsonl(os.path.join(rd, "annotations.jsonl"))
     pool_rows = rows
     if cfg.sera_pool == "cumulative":
-        pool_rows = [dict(r) for r in run.seed_rows] + [
-            r for s in range(1, t) for r in read_jsonl(os.path.join(out, f"round_{s}", "annotations.jsonl"))
-        ] + rows
+        pool_rows = (
+            [dict(r) for r in run.seed_rows]
+            + [r for s in range(1, t) for r in read_jsonl(os.path.join(out, f"round_{s}", "annotations.jsonl"))]
+            + rows
+        )
     before = None
     if t > 1:
         before = run.model(t - 2)
-    sel, stats = sera_round(cfg, pool_rows, run.model(t - 1), before, run.init, seed=cfg.seed + 100 + t, state=state,
-                            work_dir=rd)
+    sel, stats = sera_round(
+        cfg, pool_rows, run.model(t - 1), before, run.init, seed=cfg.seed + 100 + t, state=state, work_dir=rd
+    )
     if state.main:
         write_jsonl(os.path.join(rd, "sera.jsonl"), sel)
         gs = gold_stats(run.src["task"], [dict(r) for r in sel])
@@ -853,17 +986,39 @@ def _step_lead(run: Run, state: State, t: int) -> None:
     resolve = None
     if cfg.method == "ssapo" and cfg.resolve_every > 0:
         resolve = _resolver_factory(cfg, run.annotation_reference(t)[1], state)
-    stats = train_stage(cfg, previous, reference, run.round_rows(t), cfg.learning_rate, cfg.num_train_epochs_per_round,
-                        leader_loss, run.model(t), os.path.join(rd, "trainer"), spa_lambda=lam, resolve=resolve)
+    stats = train_stage(
+        cfg,
+        previous,
+        reference,
+        run.round_rows(t),
+        cfg.learning_rate,
+        cfg.num_train_epochs_per_round,
+        leader_loss,
+        run.model(t),
+        os.path.join(rd, "trainer"),
+        spa_lambda=lam,
+        resolve=resolve,
+    )
     if state.main:
         metrics = _read_metrics(run.metrics_path(t))
-        metrics["leader"] = {**stats, "seconds": time.time() - t0, "loss": leader_loss,
-                             "reference": cfg.round_reference, **({"spa_lambda": lam} if leader_loss == "spa" else {})}
+        metrics["leader"] = {
+            **stats,
+            "seconds": time.time() - t0,
+            "loss": leader_loss,
+            "reference": cfg.round_reference,
+            **({"spa_lambda": lam} if leader_loss == "spa" else {}),
+        }
         write_json(run.metrics_path(t), metrics)
 
 
-_STEPS = {"seed": _step_seed, "eval": _step_eval, "annotate": _step_annotate, "follow": _step_follow,
-          "sera": _step_sera, "lead": _step_lead}
+_STEPS = {
+    "seed": _step_seed,
+    "eval": _step_eval,
+    "annotate": _step_annotate,
+    "follow": _step_follow,
+    "sera": _step_sera,
+    "lead": _step_lead,
+}
 
 
 def run_step(run: Run, state: State, step: str) -> None:
@@ -874,7 +1029,9 @@ def run_step(run: Run, state: State, step: str) -> None:
     elif head.startswith("round_") and head[6:].isdigit() and name in _STEPS and name != "seed":
         t = int(head[6:])
     else:
-        raise ValueError(f"step: unknown step {step!r} (steps: seed, seed/eval, round_<t>/annotate|follow|sera|lead|eval)")
+        raise ValueError(
+            f"step: unknown step {step!r} (steps: seed, seed/eval, round_<t>/annotate|follow|sera|lead|eval)"
+        )
     _STEPS[name](run, state, t)
     state.mark(step)
 
@@ -920,14 +1077,15 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
         if how is None:  # the follower: here, in the driver
             run_ctx = run_ctx or Run(cfg, out)
             for s in steps:
-                launcher.in_driver(lambda s=s: run_step(run_ctx, state, s), s, state)
+                launcher.in_driver(lambda s=s, ctx=run_ctx: run_step(ctx, state, s), s, state)
             continue
         launcher.launch(steps, how)
         state.reload()
         missing = [s for s in steps if s not in state]
         if missing:
-            raise StepFailed(f"step {missing[0]}: its launch ended without recording it in {state.path}; "
-                             f"see {launcher.last_log}")
+            raise StepFailed(
+                f"step {missing[0]}: its launch ended without recording it in {state.path}; see {launcher.last_log}"
+            )
     return Path(out)
 
 
@@ -948,8 +1106,9 @@ def _resolver_factory(cfg: RunConfig, ann_ref: str, state: State):
         def margins_fn():
             model = trainer.accelerator.unwrap_model(trainer.model)
             was_training = model.training
-            m, cache["ref"] = pair_margins(model, ref, tok, rows, max(8, cfg.generation_batch_size), cache.get("ref"),
-                                           max_length=cfg.max_length)
+            m, cache["ref"] = pair_margins(
+                model, ref, tok, rows, max(8, cfg.generation_batch_size), cache.get("ref"), max_length=cfg.max_length
+            )
             model.train(was_training)
             return m.numpy()
 

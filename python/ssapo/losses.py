@@ -62,9 +62,7 @@ def shift_prob_loss(
     p = torch.sigmoid(beta * h).unsqueeze(-1) - shift
     unmoved = shift == 0
     clamped = ((p < clamp_min) & (mass > 0) & ~unmoved).sum()
-    per_atom = torch.where(
-        unmoved, dpo_loss(h, beta).unsqueeze(-1).expand_as(p), -torch.log(p.clamp(min=clamp_min))
-    )
+    per_atom = torch.where(unmoved, dpo_loss(h, beta).unsqueeze(-1).expand_as(p), -torch.log(p.clamp(min=clamp_min)))
     return (mass * per_atom).sum(-1), clamped
 
 
@@ -114,7 +112,7 @@ def decoupled_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam:
     any softmax): (1 + λ)·logits_θ − λ·logits_ref, detached (it only scores
     confidence). Mixing log-probabilities instead would drop the per-token
     normaliser of the mixed distribution."""
-    return ((1 + lam) * policy_logits.detach() - lam * ref_logits.detach())
+    return (1 + lam) * policy_logits.detach() - lam * ref_logits.detach()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -184,8 +182,9 @@ class ConfidenceWindow:
     adds the batch (the released code's order).
     """
 
-    def __init__(self, size: int = 50, quantile: float = 0.1,
-                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(
+        self, size: int = 50, quantile: float = 0.1, gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ):
         if size < 1:
             raise ValueError(f"size: must be >= 1, got {size}")
         if not 0.0 <= quantile <= 1.0:

@@ -46,8 +46,9 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
-def round_report(rd: str, t: int, metrics: Dict[str, Any], rows: List[dict],
-                 heldout: Optional[Sequence[Optional[float]]] = None) -> List[str]:
+def round_report(
+    rd: str, t: int, metrics: Dict[str, Any], rows: List[dict], heldout: Optional[Sequence[Optional[float]]] = None
+) -> List[str]:
     """Writes summary.md and the plots of round `t` into `rd`; returns the
     names of the files written. `heldout`: held-out reward accuracy of π_0..π_t."""
     import numpy as np

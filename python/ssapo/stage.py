@@ -39,8 +39,9 @@ ENGINES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # distributed types whose state 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ssapo.stage", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ssapo.stage", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run-dir", required=True, help="the run directory (holds config.yaml, data/, state.json)")
     p.add_argument("--step", action="append", required=True, help="a step (repeatable), e.g. seed, round_1/lead")
     args = p.parse_args(argv)
@@ -51,13 +52,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = os.path.abspath(args.run_dir)
     path = os.path.join(out, "config.yaml")
     if not os.path.exists(path):
-        print(f"ssapo.stage: error: --run-dir: no config.yaml in {out} (prepare the run with ssapo train)",
-              file=sys.stderr)
+        print(
+            f"ssapo.stage: error: --run-dir: no config.yaml in {out} (prepare the run with ssapo train)",
+            file=sys.stderr,
+        )
         return 2
     cfg = RunConfig.from_yaml(path)
-    from accelerate import PartialState
-
     import torch
+    from accelerate import PartialState
 
     # first: the process group, with the run's timeout (the trainer reuses this state). Without a GPU:
     # CPU processes on gloo (else accelerate finds no backend and each process thinks it is alone); a
@@ -66,8 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     no_gpu = not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kw = {"backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 and no_gpu and deepspeed else {}
-    procs = PartialState(cpu=cfg.use_cpu or (no_gpu and not deepspeed), timeout=timedelta(seconds=cfg.ddp_timeout),
-                         **kw)
+    procs = PartialState(
+        cpu=cfg.use_cpu or (no_gpu and not deepspeed), timeout=timedelta(seconds=cfg.ddp_timeout), **kw
+    )
     from ssapo.loop import run_steps
 
     run_steps(cfg, out, list(args.step), procs)
@@ -103,9 +106,18 @@ class Launcher:
     the driver on machine 0 and waits for the steps only machine 0 runs
     (follower, one-process launches), reading the shared run directory."""
 
-    def __init__(self, out: str, num_processes: int, engine_config: str, accelerate_args: Sequence[str] = (),
-                 machine_rank: int = 0, num_machines: int = 1, echo: bool = True, poll_s: float = 2.0,
-                 timeout_s: float = 10800.0):
+    def __init__(
+        self,
+        out: str,
+        num_processes: int,
+        engine_config: str,
+        accelerate_args: Sequence[str] = (),
+        machine_rank: int = 0,
+        num_machines: int = 1,
+        echo: bool = True,
+        poll_s: float = 2.0,
+        timeout_s: float = 10800.0,
+    ):
         self.out = out
         self.num_processes = int(num_processes)
         self.engine_config = os.path.abspath(engine_config)
@@ -124,8 +136,10 @@ class Launcher:
             conf = {k: v for k, v in engine.items() if not k.startswith(("deepspeed", "fsdp", "megatron"))}
             conf["distributed_type"] = "MULTI_CPU" if conf.get("use_cpu") else "MULTI_GPU"
             self.data_config = os.path.join(self.out, "launch", "data_parallel.yaml")
-            self._data_text = ("# written by ssapo train: the data-parallel steps' accelerate config (from "
-                               f"{self.engine_config}, without its engine)\n" + yaml.safe_dump(conf, sort_keys=False))
+            self._data_text = (
+                "# written by ssapo train: the data-parallel steps' accelerate config (from "
+                f"{self.engine_config}, without its engine)\n" + yaml.safe_dump(conf, sort_keys=False)
+            )
 
     def write_configs(self) -> None:
         """Writes DIR/launch/data_parallel.yaml (when the engine is not plain ddp), atomically."""
@@ -203,8 +217,9 @@ class Launcher:
         with open(log, "a") as f:
             f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
             f.flush()
-            p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 errors="replace", bufsize=1)
+            p = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+            )
             try:
                 assert p.stdout is not None
                 for line in p.stdout:
@@ -248,8 +263,10 @@ class Launcher:
         deadline = time.time() + self.timeout_s
         while self._pending(steps):
             if time.time() > deadline:
-                raise StepFailed(f"step {self._first_pending(steps)}: machine 0 did not record it within "
-                                 f"{self.timeout_s:.0f} s (ddp_timeout)")
+                raise StepFailed(
+                    f"step {self._first_pending(steps)}: machine 0 did not record it within "
+                    f"{self.timeout_s:.0f} s (ddp_timeout)"
+                )
             time.sleep(self.poll_s)
 
     def _pending(self, steps: List[str]) -> bool:

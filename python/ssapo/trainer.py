@@ -127,8 +127,14 @@ def _flag(cfg, name, value, default):
     return getattr(cfg, name, default) if cfg is not None else default
 
 
-def load_policy_kwargs(cfg=None, *, train: bool = True, bf16: Optional[bool] = None,
-                       load_in_4bit: Optional[bool] = None, trust_remote_code: Optional[bool] = None) -> dict:
+def load_policy_kwargs(
+    cfg=None,
+    *,
+    train: bool = True,
+    bf16: Optional[bool] = None,
+    load_in_4bit: Optional[bool] = None,
+    trust_remote_code: Optional[bool] = None,
+) -> dict:
     """`from_pretrained` keyword arguments for a model of a leader stage.
 
     `cfg`: anything with attributes `bf16`, `load_in_4bit`, `trust_remote_code`
@@ -147,15 +153,20 @@ def load_policy_kwargs(cfg=None, *, train: bool = True, bf16: Optional[bool] = N
     Always `use_safetensors=True`; `trust_remote_code` only when asked."""
     bf16 = bool(_flag(cfg, "bf16", bf16, False))
     four_bit = bool(_flag(cfg, "load_in_4bit", load_in_4bit, False))
-    kw: dict[str, Any] = {"use_safetensors": True,
-                          "trust_remote_code": bool(_flag(cfg, "trust_remote_code", trust_remote_code, False))}
+    kw: dict[str, Any] = {
+        "use_safetensors": True,
+        "trust_remote_code": bool(_flag(cfg, "trust_remote_code", trust_remote_code, False)),
+    }
     if train and four_bit:
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         kw["dtype"] = torch.bfloat16
         kw["device_map"] = {"": PartialState().local_process_index}
     elif train:
@@ -225,7 +236,7 @@ def _true(value) -> bool:
 
 
 def _cpu_deepspeed_backend(args) -> Optional[str]:
-    """"gloo" for a DeepSpeed launch without a GPU when no `ddp_backend` was
+    """ "gloo" for a DeepSpeed launch without a GPU when no `ddp_backend` was
     given, else `args.ddp_backend`. accelerate finds no backend of its own for
     DeepSpeed on CPU and then reports one process, rank 0, in every process;
     with "gloo" it builds the group through `deepspeed.init_distributed` and
@@ -286,21 +297,27 @@ class SSAPOConfig(DPOConfig):
     )
     clamp_min: float = field(
         default=1e-6,
-        metadata={"help": "'shift_prob': lower clamp of σ(βh) − shift (released code: 1e-6); atoms below it "
-                          "give a constant loss and no gradient and are counted in leader_stats."},
+        metadata={
+            "help": "'shift_prob': lower clamp of σ(βh) − shift (released code: 1e-6); atoms below it "
+            "give a constant loss and no gradient and are counted in leader_stats."
+        },
     )
     spa_alpha: float = field(
         default=0.1, metadata={"help": "'spa': label-smoothing strength α on flagged pairs (SPA eq. 10), in [0, 0.5]."}
     )
     spa_lambda: float = field(
         default=0.5,
-        metadata={"help": "'spa': de-coupling λ of this round, logits (1+λ)·logits_θ − λ·logits_ref (SPA eq. 12); "
-                          "the paper uses 1/2, 1/4, 1/8 in rounds 1, 2, 3. >= 0."},
+        metadata={
+            "help": "'spa': de-coupling λ of this round, logits (1+λ)·logits_θ − λ·logits_ref (SPA eq. 12); "
+            "the paper uses 1/2, 1/4, 1/8 in rounds 1, 2, 3. >= 0."
+        },
     )
     spa_quantile: float = field(
         default=0.1,
-        metadata={"help": "'spa': flag pairs whose de-coupled confidence is at or below this quantile of the "
-                          "window (SPA: the lowest 10 %), in [0, 1]."},
+        metadata={
+            "help": "'spa': flag pairs whose de-coupled confidence is at or below this quantile of the "
+            "window (SPA: the lowest 10 %), in [0, 1]."
+        },
     )
     spa_window: int = field(
         default=50, metadata={"help": "'spa': number of most recent confidences (gathered over ranks) τ is taken from."}
@@ -311,8 +328,10 @@ class SSAPOConfig(DPOConfig):
     )
     precompute_ref_log_probs: bool = field(
         default=True,
-        metadata={"help": "Compute the reference log-probabilities once, before training (default True here). "
-                          "Ignored (False) for leader_loss='spa', which needs the reference's logits every step."},
+        metadata={
+            "help": "Compute the reference log-probabilities once, before training (default True here). "
+            "Ignored (False) for leader_loss='spa', which needs the reference's logits every step."
+        },
     )
 
     def __post_init__(self):
@@ -336,15 +355,23 @@ class SSAPOConfig(DPOConfig):
         super().__post_init__()
         loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_type != ["sigmoid"]:
-            raise ValueError(f"loss_type: SSAPOTrainer takes its loss from leader_loss; leave loss_type at "
-                             f"['sigmoid'], got {self.loss_type!r}")
+            raise ValueError(
+                f"loss_type: SSAPOTrainer takes its loss from leader_loss; leave loss_type at "
+                f"['sigmoid'], got {self.loss_type!r}"
+            )
         if self.loss_weights not in (None, [1.0]):
             raise ValueError(f"loss_weights: not used by SSAPOTrainer; leave it unset, got {self.loss_weights!r}")
-        for name, default in (("label_smoothing", 0.0), ("ld_alpha", None), ("f_divergence_type", "reverse_kl"),
-                              ("use_weighting", False)):
+        for name, default in (
+            ("label_smoothing", 0.0),
+            ("ld_alpha", None),
+            ("f_divergence_type", "reverse_kl"),
+            ("use_weighting", False),
+        ):
             if getattr(self, name) != default:
-                raise ValueError(f"{name}: not supported by SSAPOTrainer (the loss is chosen by leader_loss); "
-                                 f"leave it at {default!r}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name}: not supported by SSAPOTrainer (the loss is chosen by leader_loss); "
+                    f"leave it at {default!r}, got {getattr(self, name)!r}"
+                )
 
     @cached_property
     def _setup_devices(self) -> "torch.device":
@@ -364,7 +391,8 @@ def _check_one_device_per_process(args, model) -> None:
             f"args: {args.n_gpu} GPUs are visible to one process that was not launched as one process per GPU "
             "(trl does not support nn.DataParallel). Run `ssapo train --num-processes N` (one process per GPU, "
             "launched with accelerate), or `accelerate launch --num_processes N ...`, or make one GPU visible "
-            "with CUDA_VISIBLE_DEVICES")
+            "with CUDA_VISIBLE_DEVICES"
+        )
 
 
 class _AtomCollator:
@@ -412,8 +440,17 @@ class SSAPOTrainer(DPOTrainer):
     _name = "SSAPO"
     _paper = SSAPO_PAPER
 
-    def __init__(self, model, ref_model=None, args: Optional[SSAPOConfig] = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: Optional[SSAPOConfig] = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = SSAPOConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SSAPO")
@@ -431,14 +468,26 @@ class SSAPOTrainer(DPOTrainer):
                         f"{where}: leader_loss={args.leader_loss!r} needs the column(s) {missing} "
                         "(the follower's atoms, see ssapo.follower), or choose leader_loss='dpo'"
                     )
-        if args.leader_loss == "spa" and ref_model is None and peft_config is None and not isinstance(model, str) \
-                and not is_peft_model(model):
+        if (
+            args.leader_loss == "spa"
+            and ref_model is None
+            and peft_config is None
+            and not isinstance(model, str)
+            and not is_peft_model(model)
+        ):
             # SPA needs the reference's logits at every step: keep a frozen copy of the start
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         _check_one_device_per_process(args, model)
-        super().__init__(model, ref_model=ref_model, args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
-                         **kwargs)
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
         self._check_master_weights()
         self.data_collator = _AtomCollator(self.data_collator)
         gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
@@ -474,7 +523,8 @@ class SSAPOTrainer(DPOTrainer):
                 f"{dtype}, where a step at the paper's learning rates (5e-7, 1e-6) is below the resolution of most "
                 "weights. Load the policy in float32 (ssapo.trainer.load_policy_kwargs(train=True)) and keep "
                 "bf16=True, which runs the compute in bfloat16 (or train under DeepSpeed / FSDP, which keep fp32 "
-                "master weights)")
+                "master weights)"
+            )
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # trl caches the reference log-probs in a file named from the data's fingerprint and the reference's
@@ -497,8 +547,7 @@ class SSAPOTrainer(DPOTrainer):
         state; trl adds the model card), then every rank's leader counters, a
         barrier, the completion marker, and only then the rotation of older
         checkpoints (so a kill mid-save never leaves no complete checkpoint)."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-        from transformers.trainer_utils import rotate_checkpoints
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -516,20 +565,34 @@ class SSAPOTrainer(DPOTrainer):
         write_json(os.path.join(folder, LEADER_STATE.format(self.args.process_index)), self._leader_state())
         for name, obj in self._checkpoint_states.items():
             state = obj.state_dict()
-            atomic_write(os.path.join(folder, f"ssapo_state_{name}_{self.args.process_index}.pt"),
-                         lambda tmp, state=state: torch.save(state, tmp))
+            atomic_write(
+                os.path.join(folder, f"ssapo_state_{name}_{self.args.process_index}.pt"),
+                lambda tmp, state=state: torch.save(state, tmp),
+            )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             write_json(marker, {"global_step": self.state.global_step, "num_processes": self.args.world_size})
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
         self.accelerator.wait_for_everyone()
 
     def _leader_state(self) -> dict:
-        return {"clamped": self._clamped, "atoms": self._atoms, "flagged": self._flagged, "seen": self._seen,
-                "grad_norms": list(self._grad_norms), "step_losses": [float(x) for x in self._step_losses],
-                "confidence": self.confidence.values, "global_step": self.state.global_step,
-                "reference_hash": self._precompute_model_hash, "train_fingerprint": self._train_fingerprint()}
+        return {
+            "clamped": self._clamped,
+            "atoms": self._atoms,
+            "flagged": self._flagged,
+            "seen": self._seen,
+            "grad_norms": list(self._grad_norms),
+            "step_losses": [float(x) for x in self._step_losses],
+            "confidence": self.confidence.values,
+            "global_step": self.state.global_step,
+            "reference_hash": self._precompute_model_hash,
+            "train_fingerprint": self._train_fingerprint(),
+        }
 
     def _train_fingerprint(self) -> Optional[str]:
         # the prepared (tokenized) rows, before trl adds the reference columns; datasets' content fingerprint
@@ -538,29 +601,39 @@ class SSAPOTrainer(DPOTrainer):
     def _load_leader_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, LEADER_STATE.format(self.args.process_index))
         if not os.path.exists(path):
-            logger.warning("%s: no leader counters for process %d (written with another number of processes?); "
-                           "leader_stats count from the resumed step on", checkpoint, self.args.process_index)
+            logger.warning(
+                "%s: no leader counters for process %d (written with another number of processes?); "
+                "leader_stats count from the resumed step on",
+                checkpoint,
+                self.args.process_index,
+            )
             return
         with open(path) as f:
             st = json.load(f)
         # the resumed trainer must be the interrupted one: same start model (hence reference), same data
-        for key, now, what in (("reference_hash", self._precompute_model_hash, "reference model's weights"),
-                               ("train_fingerprint", self._train_fingerprint(), "train_dataset")):
+        for key, now, what in (
+            ("reference_hash", self._precompute_model_hash, "reference model's weights"),
+            ("train_fingerprint", self._train_fingerprint(), "train_dataset"),
+        ):
             if st.get(key) is not None and now is not None and st[key] != now:
                 raise ValueError(
                     f"resume_from_checkpoint: {checkpoint} was written by a run with another {what}; build the "
                     "resumed trainer exactly as the interrupted one (the start model, not the checkpoint's weights, "
-                    "which train() loads; the same rows and atoms)")
+                    "which train() loads; the same rows and atoms)"
+                )
         self._clamped, self._atoms, self._flagged, self._seen = st["clamped"], st["atoms"], st["flagged"], st["seen"]
         self._grad_norms = [float(g) for g in st["grad_norms"]]
-        self._step_losses = [torch.tensor(x, dtype=torch.float32, device=self.accelerator.device)
-                             for x in st["step_losses"]]
+        self._step_losses = [
+            torch.tensor(x, dtype=torch.float32, device=self.accelerator.device) for x in st["step_losses"]
+        ]
         self.confidence._values = [float(v) for v in st["confidence"]]
         for name, obj in self._checkpoint_states.items():
             state_path = os.path.join(checkpoint, f"ssapo_state_{name}_{self.args.process_index}.pt")
             if not os.path.exists(state_path):
-                raise ValueError(f"resume_from_checkpoint: {checkpoint} has no state {name!r} for process "
-                                 f"{self.args.process_index} (add_checkpoint_state({name!r}, ...) was not used there)")
+                raise ValueError(
+                    f"resume_from_checkpoint: {checkpoint} has no state {name!r} for process "
+                    f"{self.args.process_index} (add_checkpoint_state({name!r}, ...) was not used there)"
+                )
             obj.load_state_dict(torch.load(state_path, weights_only=True))
 
     def _reset_stats(self):
@@ -661,8 +734,9 @@ class SSAPOTrainer(DPOTrainer):
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                     ref_logits = self.model(**kw).logits
         ref = losses.sequence_logps(ref_logits[:, :-1], input_ids[:, 1:], cmask[:, 1:]).chunk(2, dim=0)
-        confidence = losses.decoupled_margin(pol_logits, ref_logits, input_ids, cmask, self.args.spa_lambda,
-                                             self.beta, ref_logps=ref)
+        confidence = losses.decoupled_margin(
+            pol_logits, ref_logits, input_ids, cmask, self.args.spa_lambda, self.beta, ref_logps=ref
+        )
         return ref, confidence
 
     def _spa_loss(self, h, confidence, mode):
@@ -725,8 +799,10 @@ class SSAPOTrainer(DPOTrainer):
         elif resume_from_checkpoint is not None and resume_from_checkpoint is not False:
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
             if not _is_complete(resume_from_checkpoint):
-                raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a complete SSAPOTrainer "
-                                 f"checkpoint (no {CHECKPOINT_MARKER}); use last_checkpoint(output_dir)")
+                raise ValueError(
+                    f"resume_from_checkpoint: {resume_from_checkpoint} is not a complete SSAPOTrainer "
+                    f"checkpoint (no {CHECKPOINT_MARKER}); use last_checkpoint(output_dir)"
+                )
         else:
             resume_from_checkpoint = None
         self._reset_stats()
@@ -769,10 +845,18 @@ class SSAPOTrainer(DPOTrainer):
         return out
 
 
-def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, base_model: Optional[str] = None,
-                 model_name: Optional[str] = None, dataset_name: Optional[str] = None,
-                 push_to_hub: Optional[bool] = None, trust_remote_code: bool = False,
-                 save_dtype: str = "float32") -> str:
+def save_trained(
+    trainer: "SSAPOTrainer",
+    path,
+    *,
+    merge_adapter: bool = True,
+    base_model: Optional[str] = None,
+    model_name: Optional[str] = None,
+    dataset_name: Optional[str] = None,
+    push_to_hub: Optional[bool] = None,
+    trust_remote_code: bool = False,
+    save_dtype: str = "float32",
+) -> str:
     """Saves the trained policy of `trainer` to `path` (safetensors, tokenizer,
     model card) atomically, through the trainer's own `_save` / `save_model`.
     Returns `path`.
@@ -862,8 +946,13 @@ def save_trained(trainer: "SSAPOTrainer", path, *, merge_adapter: bool = True, b
 
             repo_id = args.hub_model_id or os.path.basename(path)
             repo = create_repo(repo_id, token=args.hub_token, private=args.hub_private_repo, exist_ok=True)
-            upload_folder(repo_id=repo.repo_id, folder_path=path, token=args.hub_token,
-                          revision=args.hub_revision, commit_message=f"SSAPO: {os.path.basename(path)}")
+            upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=path,
+                token=args.hub_token,
+                revision=args.hub_revision,
+                commit_message=f"SSAPO: {os.path.basename(path)}",
+            )
         acc.wait_for_everyone()
     return path
 
@@ -979,7 +1068,7 @@ def _cast_saved(directory: str, dtype: torch.dtype) -> None:
             header = {k: (st.get_slice(k).get_dtype(), st.get_slice(k).get_shape()) for k in st.keys()}
         if any(kind in _ST_FLOATS and _ST_FLOATS[kind] != dtype for kind, _ in header.values()):
             tensors = _cast_state_dict(load_file(f), dtype)
-            atomic_write(f, lambda t, tensors=tensors: save_file(tensors, t, metadata=metadata))
+            atomic_write(f, lambda t, tensors=tensors, metadata=metadata: save_file(tensors, t, metadata=metadata))
             del tensors
         for kind, shape in header.values():
             total += math.prod(shape) * (size if kind in _ST_FLOATS else _ST_SIZES.get(kind, 1))
@@ -1007,7 +1096,8 @@ def _check_weights_written(tmp: str) -> None:
         raise ValueError(
             "trainer: save_model wrote no safetensors weights (DeepSpeed's are gathered here, whatever "
             "stage3_gather_16bit_weights_on_model_save says; under FSDP set fsdp_state_dict_type: "
-            "FULL_STATE_DICT in the accelerate config)")
+            "FULL_STATE_DICT in the accelerate config)"
+        )
 
 
 def _merge_saved_adapter(peft_model, tmp: str, base_model: Optional[str], trust_remote_code: bool) -> None:
@@ -1026,8 +1116,9 @@ def _merge_saved_adapter(peft_model, tmp: str, base_model: Optional[str], trust_
         if name.startswith("adapter_") or name == "README.md":
             os.replace(os.path.join(tmp, name), os.path.join(adapter_dir, name))
     with unsharded_loading():
-        full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
-                                                    trust_remote_code=trust_remote_code)
+        full = AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
         merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     merged.save_pretrained(tmp, safe_serialization=True)
     del full, merged

@@ -35,8 +35,15 @@ METHODS: Dict[str, dict] = {
 }
 QUICK_METHODS = ["dpo", "iterative-dpo", "iterative-dpo-lr/10", "ssapo", "ssapo-eps0"]
 
-QUICK = {"task_size": "test", "seed_size": 32, "round_sizes": [32, 64], "num_rounds": 2, "batch_size": 8,
-         "per_device_train_batch_size": 8, "max_new_tokens": 6}
+QUICK = {
+    "task_size": "test",
+    "seed_size": 32,
+    "round_sizes": [32, 64],
+    "num_rounds": 2,
+    "batch_size": 8,
+    "per_device_train_batch_size": 8,
+    "max_new_tokens": 6,
+}
 FULL = {"task_size": "tiny", "max_new_tokens": 6}
 
 
@@ -45,8 +52,10 @@ def _config(name: str, base: dict, out: str, task_dir: str, seed: int, flip_rate
 
     ov = dict(METHODS[name])
     scale = ov.pop("learning_rate_scale", None)
-    cfg = load_config("tiny", overrides={**base, **ov, "output_dir": out, "task_dir": task_dir, "seed": seed,
-                                         "task_flip_rate": flip_rate})
+    cfg = load_config(
+        "tiny",
+        overrides={**base, **ov, "output_dir": out, "task_dir": task_dir, "seed": seed, "task_flip_rate": flip_rate},
+    )
     if scale is not None:
         cfg.learning_rate *= scale
     return cfg
@@ -118,8 +127,9 @@ def _ms(v: List[float]) -> str:
     return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
-def report(results: dict, methods: List[str], flips: List[float], seeds: List[int], out: str, cmd: str,
-           seconds: float) -> str:
+def report(
+    results: dict, methods: List[str], flips: List[float], seeds: List[int], out: str, cmd: str, seconds: float
+) -> str:
     """Writes report.md and the plots; returns the Markdown."""
     import matplotlib
 
@@ -129,17 +139,23 @@ def report(results: dict, methods: List[str], flips: List[float], seeds: List[in
     from ssapo.io import atomic_write
 
     lines = [
-        "# ssapo bench: the gold-reward task", "",
+        "# ssapo bench: the gold-reward task",
+        "",
         f"Command: `{cmd}` — {len(seeds)} seeds × {len(flips)} flip rates × {len(methods)} methods, "
-        f"{seconds / 60:.1f} min on this machine.", "",
+        f"{seconds / 60:.1f} min on this machine.",
+        "",
         "Win rate: gold-reward win rate of the final policy's samples against the SFT policy's on held-out prompts "
         "(ties half); LC: the same at equal length (logistic fit on the length difference). "
-        "Mean ± standard deviation over seeds.", "",
+        "Mean ± standard deviation over seeds.",
+        "",
     ]
     for f in flips:
-        lines += [f"## Label flips {f:.0%}", "",
-                  "| method | win rate | LC win rate | gold reward | annotation acc. (round 1 / last) | max grad norm | clamped | moved: mislabelled / correct |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Label flips {f:.0%}",
+            "",
+            "| method | win rate | LC win rate | gold reward | annotation acc. (round 1 / last) | max grad norm | clamped | moved: mislabelled / correct |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for m in methods:
             runs = [results[f][s][m] for s in seeds if m in results[f].get(s, {})]
             if not runs:
@@ -157,13 +173,19 @@ def report(results: dict, methods: List[str], flips: List[float], seeds: List[in
             )
         lines.append("")
         # validity of the task, by its own criteria (never by SSAPO's result)
-        acc = [results[f][s]["iterative-dpo"]["diagnostics"][0]["annotation_accuracy"]
-               for s in seeds if "iterative-dpo" in results[f].get(s, {})]
+        acc = [
+            results[f][s]["iterative-dpo"]["diagnostics"][0]["annotation_accuracy"]
+            for s in seeds
+            if "iterative-dpo" in results[f].get(s, {})
+        ]
         base = [results[f][s]["dpo"]["rounds"][-1]["win_rate"] for s in seeds if "dpo" in results[f].get(s, {})]
         tuned = []
         for s in seeds:
-            c = [results[f][s][m]["rounds"][-1]["win_rate"] for m in ("iterative-dpo", "iterative-dpo-lr/10")
-                 if m in results[f].get(s, {})]
+            c = [
+                results[f][s][m]["rounds"][-1]["win_rate"]
+                for m in ("iterative-dpo", "iterative-dpo-lr/10")
+                if m in results[f].get(s, {})
+            ]
             if c:
                 tuned.append(max(c))
         if acc and base and tuned:
@@ -172,10 +194,15 @@ def report(results: dict, methods: List[str], flips: List[float], seeds: List[in
             lines += [
                 f"Task validity: seed-model self-annotation accuracy {np.mean(acc):.3f} (needs ≥ 0.75: "
                 f"{'holds' if ok1 else 'does NOT hold'}); tuned iterative DPO {np.mean(tuned):.3f} vs seed-only DPO "
-                f"{np.mean(base):.3f} (must beat it: {'holds' if ok2 else 'does NOT hold'}).", "",
+                f"{np.mean(base):.3f} (must beat it: {'holds' if ok2 else 'does NOT hold'}).",
+                "",
             ]
-        eq = [results[f][s]["ssapo-eps0"]["rounds"][-1]["win_rate"] == results[f][s]["iterative-dpo"]["rounds"][-1]["win_rate"]
-              for s in seeds if {"ssapo-eps0", "iterative-dpo"} <= set(results[f].get(s, {}))]
+        eq = [
+            results[f][s]["ssapo-eps0"]["rounds"][-1]["win_rate"]
+            == results[f][s]["iterative-dpo"]["rounds"][-1]["win_rate"]
+            for s in seeds
+            if {"ssapo-eps0", "iterative-dpo"} <= set(results[f].get(s, {}))
+        ]
         if eq:
             lines += [f"Control: SSAPO at ε = 0 equals iterative DPO in {sum(eq)} of {len(eq)} seeds.", ""]
     # plots: win rate per round per method; clean vs noisy
@@ -190,18 +217,27 @@ def report(results: dict, methods: List[str], flips: List[float], seeds: List[in
         ax.set_xlabel("round (0 = seed)")
         ax.set_ylabel("gold win rate vs SFT")
     axes[0][-1].legend(fontsize=7)
-    atomic_write(os.path.join(out, "win_rate_per_round.png"), lambda t: fig.savefig(t, dpi=90, bbox_inches="tight", format="png"))
+    atomic_write(
+        os.path.join(out, "win_rate_per_round.png"), lambda t: fig.savefig(t, dpi=90, bbox_inches="tight", format="png")
+    )
     plt.close(fig)
     if len(flips) > 1:
         fig, ax = plt.subplots(figsize=(max(5, len(methods)), 3.5))
         wdt = 0.8 / len(flips)
         for i, f in enumerate(flips):
-            vals = [np.mean([results[f][s][m]["rounds"][-1]["win_rate"] for s in seeds if m in results[f].get(s, {})] or [np.nan])
-                    for m in methods]
+            vals = [
+                np.mean(
+                    [results[f][s][m]["rounds"][-1]["win_rate"] for s in seeds if m in results[f].get(s, {})]
+                    or [np.nan]
+                )
+                for m in methods
+            ]
             ax.bar(np.arange(len(methods)) + i * wdt, vals, wdt, label=f"flips {f:.0%}")
         ax.set_xticks(np.arange(len(methods)) + 0.4 - wdt / 2, methods, rotation=30, ha="right", fontsize=7)
         ax.legend()
-        atomic_write(os.path.join(out, "clean_vs_noisy.png"), lambda t: fig.savefig(t, dpi=90, bbox_inches="tight", format="png"))
+        atomic_write(
+            os.path.join(out, "clean_vs_noisy.png"), lambda t: fig.savefig(t, dpi=90, bbox_inches="tight", format="png")
+        )
         plt.close(fig)
     lines += ["![win rate per round](win_rate_per_round.png)", ""]
     if len(flips) > 1:
@@ -211,8 +247,15 @@ def report(results: dict, methods: List[str], flips: List[float], seeds: List[in
     return md
 
 
-def bench(out: str, methods: List[str], seeds: List[int], flips: List[float], quick: bool, n_eval: int = 4,
-          cmd: str = "ssapo bench") -> str:
+def bench(
+    out: str,
+    methods: List[str],
+    seeds: List[int],
+    flips: List[float],
+    quick: bool,
+    n_eval: int = 4,
+    cmd: str = "ssapo bench",
+) -> str:
     from tqdm.auto import tqdm
 
     from ssapo.bench.task import prepare_task

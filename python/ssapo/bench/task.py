@@ -79,7 +79,9 @@ def gold_reward(spec: TaskSpec, prompt: str, response: str) -> float:
         if j >= len(ys) or not ys[j].startswith("w") or not ys[j][1:].isdigit() or _idx(ys[j]) >= spec.vocab:
             continue  # a missing or malformed word earns nothing
         d = abs(_idx(ys[j]) - m[_idx(x)])
-        total += (1 - spec.quality_weight) * (1.0 - min(d, spec.vocab - d) / half) + spec.quality_weight * qual[_idx(ys[j])]
+        total += (1 - spec.quality_weight) * (1.0 - min(d, spec.vocab - d) / half) + spec.quality_weight * qual[
+            _idx(ys[j])
+        ]
     return total / len(xs)
 
 

@@ -14,8 +14,12 @@ DOC = __doc__
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark the methods on the gold-reward task", description=DOC,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the methods on the gold-reward task",
+        description=DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--output-dir", default="runs/bench")
     p.add_argument("--quick", action="store_true", help="small task, 5 methods, 2 seeds, clean labels")
     p.add_argument("--methods", default=None, help="comma-separated (default: all; see ssapo.bench.run.METHODS)")
@@ -38,7 +42,11 @@ def run(args) -> int:
         print("ssapo bench: error: --flip-rates: give numbers like 0,0.25", file=sys.stderr)
         return 2
     seeds = list(range(args.seeds or (2 if args.quick else 3)))
-    cmd = "ssapo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("ssapo") else "ssapo bench" + (" --quick" if args.quick else "")
+    cmd = (
+        "ssapo " + " ".join(sys.argv[1:])
+        if sys.argv[0].endswith("ssapo")
+        else "ssapo bench" + (" --quick" if args.quick else "")
+    )
     md = bench(args.output_dir, methods, seeds, flips, args.quick, cmd=cmd)
     print(md)
     return 0

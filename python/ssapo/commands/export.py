@@ -25,8 +25,12 @@ DOC = __doc__
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a model's answers for AlpacaEval 2 / MT-Bench", description=DOC,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="write a model's answers for AlpacaEval 2 / MT-Bench",
+        description=DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--prompts", required=True, help=".jsonl of instructions / questions / prompts")
     p.add_argument("--format", required=True, choices=["alpaca_eval", "mt_bench"])
@@ -62,7 +66,7 @@ def answer(model, tok, turns, max_new_tokens: int, temperature: float) -> list:
             kw["temperature"] = temperature
         with torch.no_grad():
             gen = model.generate(**enc, **kw)
-        text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        text = tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         out.append(text)
         msgs.append({"role": "assistant", "content": text})
     return out
@@ -87,13 +91,24 @@ def run(args) -> int:
     name = args.name or os.path.basename(os.path.normpath(args.model))
     answers = [answer(model, tok, t, args.max_new_tokens, args.temperature) for t in turns]
     if args.format == "alpaca_eval":
-        doc = [{"instruction": t[0], "output": a[0], "generator": name, "dataset": r.get("dataset", "ssapo")}
-               for r, t, a in zip(rows, turns, answers)]
+        doc = [
+            {"instruction": t[0], "output": a[0], "generator": name, "dataset": r.get("dataset", "ssapo")}
+            for r, t, a in zip(rows, turns, answers)
+        ]
         atomic_write(args.output, lambda tmp: json.dump(doc, open(tmp, "w"), indent=2))
     else:
-        lines = [json.dumps({"question_id": r.get("question_id", i), "answer_id": uuid.uuid4().hex, "model_id": name,
-                             "choices": [{"index": 0, "turns": a}], "tstamp": time.time()})
-                 for i, (r, a) in enumerate(zip(rows, answers))]
+        lines = [
+            json.dumps(
+                {
+                    "question_id": r.get("question_id", i),
+                    "answer_id": uuid.uuid4().hex,
+                    "model_id": name,
+                    "choices": [{"index": 0, "turns": a}],
+                    "tstamp": time.time(),
+                }
+            )
+            for i, (r, a) in enumerate(zip(rows, answers))
+        ]
         atomic_write(args.output, lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
     print(f"ssapo export: {len(rows)} answers -> {args.output}")
     return 0

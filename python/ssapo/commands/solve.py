@@ -36,11 +36,21 @@ def add_parser(sub) -> None:
     g.add_argument("--group-size", type=int, default=100, help="consecutive groups of this size (default 100)")
     g.add_argument("--global", dest="global_ball", action="store_true", help="one ball around all samples")
     g.add_argument("--labels-column", default=None, help="column (csv/jsonl) of integer group labels")
-    p.add_argument("--loss", choices=["neg_log", "softplus"], default="neg_log",
-                   help="neg_log: xi are probabilities in [0, 1] (default); softplus: xi are margins")
+    p.add_argument(
+        "--loss",
+        choices=["neg_log", "softplus"],
+        default="neg_log",
+        help="neg_log: xi are probabilities in [0, 1] (default); softplus: xi are margins",
+    )
     p.add_argument("--k", type=int, default=6, help="number of tangents (default 6)")
-    p.add_argument("--support", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="support [LO, HI] (default: [0, 1] for neg_log, [-max|xi|, max|xi|] for softplus)")
+    p.add_argument(
+        "--support",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="support [LO, HI] (default: [0, 1] for neg_log, [-max|xi|, max|xi|] for softplus)",
+    )
     p.add_argument("--threads", type=int, default=None, help="rayon threads (default: all cores)")
     p.add_argument("--output", "-o", default=None, help="output .npz or .parquet (default: print only)")
     p.set_defaults(func=run)
@@ -88,21 +98,38 @@ def _write(path: str, xi, res, loss_repr: str) -> None:
         "loss": loss_repr,
     }
     if path.endswith(".npz"):
+
         def w(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, xi=xi, loc=res.loc, mass=res.mass, shift=res.shift, weights=res.weights,
-                         group_index=res.group_index, **per_group,
-                         **{k: np.asarray(v) for k, v in scalars.items()})
+                np.savez(
+                    f,
+                    xi=xi,
+                    loc=res.loc,
+                    mass=res.mass,
+                    shift=res.shift,
+                    weights=res.weights,
+                    group_index=res.group_index,
+                    **per_group,
+                    **{k: np.asarray(v) for k, v in scalars.items()},
+                )
     elif path.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         loc, mass, shift = np.asarray(res.loc), np.asarray(res.mass), np.asarray(res.shift)
-        table = pa.table({
-            "xi": xi, "loc0": loc[:, 0], "loc1": loc[:, 1], "mass0": mass[:, 0], "mass1": mass[:, 1],
-            "shift0": shift[:, 0], "shift1": shift[:, 1], "weight": np.asarray(res.weights),
-            "group": np.asarray(res.group_index),
-        })
+        table = pa.table(
+            {
+                "xi": xi,
+                "loc0": loc[:, 0],
+                "loc1": loc[:, 1],
+                "mass0": mass[:, 0],
+                "mass1": mass[:, 1],
+                "shift0": shift[:, 0],
+                "shift1": shift[:, 1],
+                "weight": np.asarray(res.weights),
+                "group": np.asarray(res.group_index),
+            }
+        )
         meta = json.dumps({**scalars, **{k: v.tolist() for k, v in per_group.items()}})
         table = table.replace_schema_metadata({"ssapo.follower": meta})
 
@@ -142,8 +169,9 @@ def run(args) -> int:
                 raise ValueError("--support: softplus needs lo < hi (all margins are 0?)")
             loss = dro_core.Loss.softplus(args.k, lo, hi)
         t = time.perf_counter()
-        res = dro_core.solve(xi, args.eps, groups, loss=loss,
-                             support=tuple(args.support) if args.support else None, threads=args.threads)
+        res = dro_core.solve(
+            xi, args.eps, groups, loss=loss, support=tuple(args.support) if args.support else None, threads=args.threads
+        )
         seconds = time.perf_counter() - t
         if args.output:
             try:

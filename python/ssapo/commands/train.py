@@ -44,32 +44,56 @@ LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # = ssapo.stage.LAUNCHED_ENV
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="run the SSAPO loop (or a baseline)", description=DOC, allow_abbrev=False,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="a preset (tiny, mistral-7b, llama3-8b) or the SFT model's local path or hub id")
+    p = sub.add_parser(
+        "train",
+        help="run the SSAPO loop (or a baseline)",
+        description=DOC,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default="tiny", help="a preset (tiny, mistral-7b, llama3-8b) or the SFT model's local path or hub id"
+    )
     p.add_argument("--config", default=None, metavar="YAML", help="a YAML file of RunConfig fields")
     p.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue after the last completed step")
-    p.add_argument("--method", default=None, choices=["ssapo", "dpo", "iterative-dpo", "spa", "sera"],
-                   help="ssapo (default) or a baseline")
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=["ssapo", "dpo", "iterative-dpo", "spa", "sera"],
+        help="ssapo (default) or a baseline",
+    )
     p.add_argument("--use-peft", action="store_true", default=None, help="train a LoRA adapter")
-    p.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow the model repository's own code")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", default=None, help="allow the model repository's own code"
+    )
     from ssapo.config import ACCELERATE_CONFIGS
 
-    p.add_argument("--accelerate-config", default=None, choices=list(ACCELERATE_CONFIGS),
-                   help="the training steps' engine, recipes/accelerate/<name>.yaml, for a multi-process run "
-                        "(default: the recipe's accelerate_config, else ddp)")
-    p.add_argument("--num-processes", type=int, default=None,
-                   help="processes over all machines (default: every visible GPU, 1 on CPU); > 1: each step is "
-                        "its own `accelerate launch`")
+    p.add_argument(
+        "--accelerate-config",
+        default=None,
+        choices=list(ACCELERATE_CONFIGS),
+        help="the training steps' engine, recipes/accelerate/<name>.yaml, for a multi-process run "
+        "(default: the recipe's accelerate_config, else ddp)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="processes over all machines (default: every visible GPU, 1 on CPU); > 1: each step is "
+        "its own `accelerate launch`",
+    )
     p.add_argument("--num-machines", type=int, default=None, help="machines (accelerate launch --num_machines)")
     p.add_argument("--machine-rank", type=int, default=None, help="this machine's rank (--machine_rank)")
     p.add_argument("--main-process-ip", default=None, help="machine 0's address (--main_process_ip)")
     p.add_argument("--main-process-port", type=int, default=None, help="machine 0's port (--main_process_port)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any RunConfig field (repeatable); `--key value` works too")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any RunConfig field (repeatable); `--key value` works too",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -98,7 +122,9 @@ def _visible_gpus() -> int:
 
 
 def _inside_launch() -> bool:
-    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return (
+        os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    )
 
 
 def launcher_of(args, cfg):
@@ -124,12 +150,23 @@ def launcher_of(args, cfg):
     from ssapo.stage import Launcher
 
     extra = []
-    for flag, value in (("--num_machines", args.num_machines), ("--machine_rank", args.machine_rank),
-                        ("--main_process_ip", args.main_process_ip), ("--main_process_port", args.main_process_port)):
+    for flag, value in (
+        ("--num_machines", args.num_machines),
+        ("--machine_rank", args.machine_rank),
+        ("--main_process_ip", args.main_process_ip),
+        ("--main_process_port", args.main_process_port),
+    ):
         if value is not None:
             extra += [flag, str(value)]
-    return Launcher(os.path.abspath(cfg.output_dir), n, accelerate_config_path(cfg.accelerate_config or "ddp"), extra,
-                    machine_rank=rank, num_machines=machines, timeout_s=float(cfg.ddp_timeout))
+    return Launcher(
+        os.path.abspath(cfg.output_dir),
+        n,
+        accelerate_config_path(cfg.accelerate_config or "ddp"),
+        extra,
+        machine_rank=rank,
+        num_machines=machines,
+        timeout_s=float(cfg.ddp_timeout),
+    )
 
 
 def _field_error(e: ValueError) -> bool:
@@ -149,14 +186,19 @@ def run(args, extra: Optional[List[str]] = None) -> int:
             raise ValueError(f"--num-processes: must be >= 1, got {args.num_processes}")
         launcher, procs = None, None
         if inside:  # never launch again: the ranks of this launch run every step together
-            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or \
-                    os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-                raise ValueError("--accelerate-config: inside a DeepSpeed/FSDP launch every step would run under the "
-                                 "engine; run `ssapo train --num-processes N` outside any launch (it launches each "
-                                 "step itself)")
+            if (
+                os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+                or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            ):
+                raise ValueError(
+                    "--accelerate-config: inside a DeepSpeed/FSDP launch every step would run under the "
+                    "engine; run `ssapo train --num-processes N` outside any launch (it launches each "
+                    "step itself)"
+                )
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                from accelerate import PartialState
                 from datetime import timedelta
+
+                from accelerate import PartialState
 
                 procs = PartialState(cpu=cfg.use_cpu, timeout=timedelta(seconds=cfg.ddp_timeout))
         else:
@@ -165,7 +207,8 @@ def run(args, extra: Optional[List[str]] = None) -> int:
         print(f"ssapo train: error: {e}", file=sys.stderr)
         return 2
 
-    from ssapo.loop import StepFailed, run as run_loop
+    from ssapo.loop import StepFailed
+    from ssapo.loop import run as run_loop
 
     try:
         out = run_loop(cfg, resume=args.resume, launcher=launcher, procs=procs)
