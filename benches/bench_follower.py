@@ -45,7 +45,7 @@ G = 100
 
 def self_annotated(n, seed=0):
     """ξ = σ(0.1·|margin|), margin ~ N(0, 10²): probabilities in [0.5, 1) like
-    the follower's input on self-annotated pairs (REFERENCE.md §3b)."""
+    the follower's input on self-annotated pairs (docs/METHOD.md §2.1)."""
     m = np.abs(np.random.default_rng(seed).normal(0.0, 10.0, n))
     return 1.0 / (1.0 + np.exp(-0.1 * m))
 
@@ -60,7 +60,7 @@ def pieces(k):
 
 
 def slsqp_group(xi, eps, k, cap=None):
-    """The released code's solve of one group (REFERENCE.md §3b): SLSQP, 50
+    """The released code's solve of one group (docs/METHOD.md §2.7): SLSQP, 50
     iterations, 1e5 penalties, box q ∈ [−ε, ε], α ∈ [1e-5, 1], start α = 1/K,
     q = 0, result used whether or not `success`.
 

@@ -2,7 +2,7 @@
 and benchmarks. Nothing here shares code with dro_core.
 
 - `ek_lp`: the Esfahani–Kuhn linear program of a convex max-affine loss
-  (DESIGN.md §2), variables α_ik, q⁺_ik, q⁻_ik.
+  (docs/METHOD.md §2.3), variables α_ik, q⁺_ik, q⁻_ik.
 - `transport_lp`: any continuous piecewise-linear loss; each sample sends its
   mass 1/n to points of a grid holding the support's ends, the loss's knots and
   every sample, within a mean transport of ε. Exact because the optimum only

@@ -1,5 +1,5 @@
 """Recipes stay loadable and in step with RunConfig; preset values are the
-paper's (DESIGN.md §3 table, REFERENCE.md §3d); overrides are typed; bad
+paper's (docs/METHOD.md §4.6); overrides are typed; bad
 values name the field; `ssapo train` reports them with exit code 2."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Self-annotation (DESIGN.md §3a, REFERENCE.md §1a and §4.3): sample n
+"""Self-annotation (docs/METHOD.md §4.2; the released pairing defect: §5.5): sample n
 responses per prompt from the current policy π_t, score each response once by
 the implicit reward
 

@@ -51,7 +51,7 @@ def _f(default, help: str, choices: Optional[Sequence[Any]] = None):
 @dataclass
 class RunConfig:
     """The whole SSAPO run. Defaults are the paper's Mistral-7B setting
-    (DESIGN.md §3, REFERENCE.md §0 and §3); the recipes in `recipes/<preset>/`
+    (docs/METHOD.md §4.6); the recipes in `recipes/<preset>/`
     set every value explicitly.
 
     Model: model, ref_model, tokenizer, trust_remote_code, output_dir, method, seed.
@@ -175,7 +175,7 @@ class RunConfig:
     spa_quantile: float = _f(0.1, "SPA: flag the pairs at or below this quantile of de-coupled confidence.")
     spa_window: int = _f(50, "SPA: moving window of confidences (gathered over ranks).")
     spa_warmup_ratio: float = _f(0.2, "SPA: no smoothing during this fraction of a round's optimizer steps.")
-    # -- SeRA (Ko et al., ICLR 2025; Algorithm 1 unpublished: REFERENCE.md §2b, each unknown an option) --
+    # -- SeRA (Ko et al., ICLR 2025; Algorithm 1 unpublished: docs/METHOD.md §5.4, each unknown an option) --
     sera_keep: float = _f(0.7, "SeRA: keep this fraction of the round's pairs, largest implicit-reward margin first.")
     sera_num_samples: int = _f(4, "SeRA: responses sampled per kept prompt for preference bootstrapping.")
     sera_top_p: float = _f(0.95, "SeRA: top-p of the bootstrap samples (temperature: `temperature`).")

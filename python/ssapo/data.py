@@ -244,7 +244,7 @@ class _Picker:
 def split_seed_and_rounds(
     ds, seed_size, round_sizes, seed: int = 42, prompts=None, tokenizer=None, max_prompt_length: Optional[int] = None
 ) -> Split:
-    """The paper's split (REFERENCE.md §0): shuffle the pairs with `seed`; the
+    """The paper's split (docs/METHOD.md §4.5): shuffle the pairs with `seed`; the
     first `seed_size` pairs are the labelled seed; the rounds take consecutive
     blocks of `round_sizes` prompts after it (labels dropped), or from
     `prompts` (shuffled with the same seed) when a separate pool is given; the

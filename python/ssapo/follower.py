@@ -1,4 +1,4 @@
-"""The follower of a round (DESIGN.md §3b): self-annotation margins → ξ →
+"""The follower of a round (docs/METHOD.md §2; the loop step: §4.3): self-annotation margins → ξ →
 `dro_core.solve` → at most two atoms per pair.
 
     from ssapo.follower import follow, save

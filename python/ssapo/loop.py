@@ -1,4 +1,4 @@
-"""The SSAPO loop (DESIGN.md §3): seed DPO, then rounds of annotate → follow → lead.
+"""The SSAPO loop (docs/METHOD.md §4): seed DPO, then rounds of annotate → follow → lead.
 
     from ssapo.config import load_config
     from ssapo.loop import run
@@ -54,11 +54,11 @@ Methods (`method`):
 - `ssapo`: the follower's atoms are attached to every pair; leader `leader_loss`
   (default `shift_prob`, the released code's).
 - `dpo`: the seed stage only (π_0).
-- `iterative-dpo`: self-annotation, no follower, plain DPO (REFERENCE.md §0).
+- `iterative-dpo`: self-annotation, no follower, plain DPO (docs/METHOD.md §5.2).
 - `spa`: self-annotation, SPA's leader (`leader_loss` "spa": de-coupled
   confidence, label smoothing of the least confident pairs) with
   λ_t = spa_lambdas[t−1] (the last value repeats).
-- `sera`: see `sera_round` (REFERENCE.md §2b; our choices are marked there).
+- `sera`: see `sera_round` (docs/METHOD.md §5.4; our choices are marked there).
 
 Processes: annotation is shared out by prompt chunks (each chunk has its own
 sampling seed, so the samples do not depend on N) and gathered on the main
@@ -649,7 +649,7 @@ def sera_round(
     state: Optional[State] = None,
     work_dir: Optional[str] = None,
 ):
-    """SeRA's round (REFERENCE.md §2b [CHOICE] spec; SeRA's Algorithm 1 is
+    """SeRA's round (docs/METHOD.md §5.4, our choices marked; SeRA's Algorithm 1 is
     unpublished, so each unknown is a named option):
     1. pool: this round's self-annotated pairs (`sera_pool` = 'round'), or the
        seed pairs and every round's annotated pairs so far ('cumulative');

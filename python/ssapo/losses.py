@@ -37,7 +37,7 @@ def dpo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
 def shift_prob_loss(
     h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor, clamp_min: float = 1e-6
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The released SSAPO leader (REFERENCE.md §3c; the thesis' eq. 2-6 with α
+    """The released SSAPO leader (docs/METHOD.md §3.2; the thesis' eq. 2-6 with α
     outside the log, as the code has it):
 
         loss_i = Σ_j mass_ij · −log clamp(σ(βh_i) − shift_ij, min=clamp_min).
@@ -67,7 +67,7 @@ def shift_prob_loss(
 
 
 def shift_margin_loss(h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Margin-space shift (ablation, DESIGN.md §3c): Σ_j mass_ij · softplus(−(βh_i − shift_ij)).
+    """Margin-space shift (ablation, docs/METHOD.md §3.3): Σ_j mass_ij · softplus(−(βh_i − shift_ij)).
 
     The shift is in units of βh (the follower's margin space, not probability);
     |∂loss_i/∂h_i| ≤ β·Σ_j mass_ij, so no spikes and no dead atoms.
