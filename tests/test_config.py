@@ -283,6 +283,33 @@ def test_bad_values_name_the_field(overrides, match):
         load_config("tiny", overrides=overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"spa_alpha": 0.7}, r"^spa_alpha: must be in \[0, 0.5\], got 0.7"),
+        ({"spa_quantile": 1.5}, r"^spa_quantile: must be in \[0, 1\], got 1.5"),
+        ({"spa_warmup_ratio": -0.1}, r"^spa_warmup_ratio: must be in \[0, 1\], got -0.1"),
+        (
+            {"leader_loss": "shift_margin"},
+            r"^leader_loss: shift_margin needs follower_space: margin.*got follower_space: prob",
+        ),
+    ],
+)
+def test_run_config_refuses_what_the_trainer_refuses(overrides, match):
+    # the SPA bounds are the trainer's (SSAPOConfig reads them from RunConfig's fields): a value accepted
+    # at start-up no longer fails at round 1; shift_margin's shifts are in units of βh, not probabilities
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**overrides)
+
+
+def test_spa_bounds_are_closed_and_shared():
+    cfg = RunConfig(spa_alpha=0.5, spa_quantile=1.0, spa_warmup_ratio=1.0)
+    assert (cfg.spa_alpha, cfg.spa_quantile, cfg.spa_warmup_ratio) == (0.5, 1.0, 1.0)
+    assert RunConfig(leader_loss="shift_margin", follower_space="margin").leader_loss == "shift_margin"
+    for name in ("spa_alpha", "spa_quantile", "spa_warmup_ratio"):
+        assert "bounds" in FIELDS[name].metadata  # SSAPOConfig checks these same bounds (check_bounds)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="^config: no such file"):
         load_config("tiny", str(tmp_path / "missing.yaml"))

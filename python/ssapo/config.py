@@ -39,10 +39,12 @@ METHODS = ("ssapo", "dpo", "iterative-dpo", "spa", "sera")
 LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "dpo", "spa")
 
 
-def _f(default, help: str, choices: Optional[Sequence[Any]] = None):
+def _f(default, help: str, choices: Optional[Sequence[Any]] = None, bounds: Optional[Sequence[float]] = None):
     meta: Dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if bounds is not None:  # closed interval [lo, hi], checked by check_bounds (RunConfig and SSAPOConfig alike)
+        meta["bounds"] = tuple(bounds)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -170,11 +172,17 @@ class RunConfig:
     clamp_min: float = _f(1e-6, "Clamp of σ(βh) − shift in shift_prob (the released code: 1e-6).")
     resolve_every: int = _f(0, "Re-solve the follower every n optimizer steps of a round; 0 = once per round.")
     # -- SPA (Kim et al., ICLR 2025) --
-    spa_alpha: float = _f(0.1, "SPA: label smoothing α on the flagged pairs.")
+    spa_alpha: float = _f(
+        0.1, "SPA: label smoothing α on the flagged pairs, in [0, 0.5] (0.5 erases the label).", bounds=(0.0, 0.5)
+    )
     spa_lambdas: List[float] = _f([0.5, 0.25, 0.125], "SPA: de-coupling λ of rounds 1, 2, 3, … (the last repeats).")
-    spa_quantile: float = _f(0.1, "SPA: flag the pairs at or below this quantile of de-coupled confidence.")
+    spa_quantile: float = _f(
+        0.1, "SPA: flag the pairs at or below this quantile of de-coupled confidence, in [0, 1].", bounds=(0.0, 1.0)
+    )
     spa_window: int = _f(50, "SPA: moving window of confidences (gathered over ranks).")
-    spa_warmup_ratio: float = _f(0.2, "SPA: no smoothing during this fraction of a round's optimizer steps.")
+    spa_warmup_ratio: float = _f(
+        0.2, "SPA: no smoothing during this fraction of a round's optimizer steps, in [0, 1].", bounds=(0.0, 1.0)
+    )
     # -- SeRA (Ko et al., ICLR 2025; Algorithm 1 unpublished: docs/METHOD.md §5.4, each unknown an option) --
     sera_keep: float = _f(0.7, "SeRA: keep this fraction of the round's pairs, largest implicit-reward margin first.")
     sera_num_samples: int = _f(4, "SeRA: responses sampled per kept prompt for preference bootstrapping.")
@@ -239,6 +247,8 @@ class RunConfig:
             allowed = f.metadata.get("choices")
             if allowed is not None and getattr(self, f.name) not in allowed:
                 bad(f.name, f"must be one of {_show(allowed)}, got {getattr(self, f.name)!r}")
+            if "bounds" in f.metadata:
+                check_bounds(f.name, getattr(self, f.name))
         if not self.model:
             bad("model", "give a preset (tiny, mistral-7b, llama3-8b), a local path or a hub id")
         if self.seed_size < 1:
@@ -285,12 +295,18 @@ class RunConfig:
         for name in ("top_p", "sera_top_p", "sera_keep"):
             if not 0 < getattr(self, name) <= 1:
                 bad(name, f"must be in (0, 1], got {getattr(self, name)}")
-        for name in ("warmup_ratio", "spa_warmup_ratio", "sera_gamma", "lora_dropout", "spa_quantile"):
+        for name in ("warmup_ratio", "sera_gamma", "lora_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("spa_alpha", "task_flip_rate"):
+        for name in ("task_flip_rate",):
             if not 0 <= getattr(self, name) <= 1:
                 bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.leader_loss == "shift_margin" and self.follower_space != "margin":
+            bad(
+                "leader_loss",
+                f"shift_margin needs follower_space: margin (its shifts are in units of βh), got "
+                f"follower_space: {self.follower_space}; use leader_loss: shift_prob with follower_space: prob",
+            )
         if self.eps < 0:
             bad("eps", f"must be >= 0 (0 = plain DPO on the self-labels), got {self.eps}")
         if self.group_size < 0:
@@ -381,6 +397,14 @@ FIELDS: Dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Ru
 # old or alternative key -> field
 ALIASES = {"epochs_per_round": "num_train_epochs_per_round", "num_train_epochs": "num_train_epochs_per_round"}
 _HINTS = typing.get_type_hints(RunConfig)
+
+
+def check_bounds(name: str, value: float, note: str = "") -> None:
+    """ValueError naming `name` unless `value` lies in the closed interval [lo, hi] that
+    RunConfig's field `name` declares (metadata "bounds"); `note` follows the interval."""
+    lo, hi = FIELDS[name].metadata["bounds"]
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: must be in [{lo:g}, {hi:g}]{note}, got {value}")
 
 
 def _show(allowed) -> str:

@@ -91,6 +91,7 @@ from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
 from ssapo import losses
+from ssapo.config import check_bounds
 from ssapo.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -339,16 +340,14 @@ class SSAPOConfig(DPOConfig):
             raise ValueError(f"leader_loss: must be one of {LEADER_LOSSES}, got {self.leader_loss!r}")
         if not 0.0 < self.clamp_min < 1.0:
             raise ValueError(f"clamp_min: must be in (0, 1), got {self.clamp_min}")
-        if not 0.0 <= self.spa_alpha <= 0.5:
-            raise ValueError(f"spa_alpha: must be in [0, 0.5] (0.5 erases the label), got {self.spa_alpha}")
+        # the bounds are RunConfig's (ssapo.config), declared once on its fields
+        check_bounds("spa_alpha", self.spa_alpha, " (0.5 erases the label)")
         if not self.spa_lambda >= 0:
             raise ValueError(f"spa_lambda: must be >= 0 (0 = the policy itself), got {self.spa_lambda}")
-        if not 0.0 <= self.spa_quantile <= 1.0:
-            raise ValueError(f"spa_quantile: must be in [0, 1], got {self.spa_quantile}")
+        check_bounds("spa_quantile", self.spa_quantile)
         if int(self.spa_window) != self.spa_window or self.spa_window < 1:
             raise ValueError(f"spa_window: must be an integer >= 1, got {self.spa_window}")
-        if not 0.0 <= self.spa_warmup_ratio <= 1.0:
-            raise ValueError(f"spa_warmup_ratio: must be in [0, 1], got {self.spa_warmup_ratio}")
+        check_bounds("spa_warmup_ratio", self.spa_warmup_ratio)
         if self.leader_loss == "spa":
             self.precompute_ref_log_probs = False  # the de-coupled model needs reference logits every step
         self.ddp_backend = _cpu_deepspeed_backend(self)  # DeepSpeed on CPU: gloo, else accelerate sees 1 process
