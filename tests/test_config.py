@@ -218,9 +218,11 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.k == 7 and cfg.use_peft is True and cfg.round_sizes == [4, 5] and cfg.num_rounds == 2
     assert cfg.spa_lambdas == [0.5, 0.1] and cfg.group_size == 0 and cfg.save_total_limit is None
     assert cfg.accumulation_steps() == 2
-    # a mapping works too, and the old key of the epochs per round is an alias
-    cfg = load_config("tiny", overrides={"epochs_per_round": "2", "bf16": "no", "seed": 7})
-    assert cfg.num_train_epochs_per_round == 2.0 == cfg.epochs_per_round and cfg.seed == 7
+    # a mapping works too, and trl's key of the epochs per round is an alias
+    cfg = load_config("tiny", overrides={"num_train_epochs": "2", "bf16": "no", "seed": 7})
+    assert cfg.num_train_epochs_per_round == 2.0 and cfg.seed == 7
+    with pytest.raises(ValueError, match="^epochs_per_round: unknown configuration key.*num_train_epochs_per_round"):
+        load_config("tiny", overrides={"epochs_per_round": "2"})  # the 0.1.0 shim is gone
     assert RunConfig(group_size="global").group_size == 0
 
 

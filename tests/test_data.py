@@ -176,13 +176,6 @@ def test_split_is_deterministic_and_depends_on_the_seed(tmp_path):
     assert len(set(keys)) == len(keys)
 
 
-def test_split_accepts_the_first_versions_argument_order(tmp_path):
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS))
-    a = split_seed_and_rounds(ds, 5, [8, 12], 42)
-    b = split_seed_and_rounds(ds, [8, 12], 5, 42)
-    assert list(a.seed["gold"]) == list(b.seed["gold"]) and a.report == b.report
-
-
 def test_separate_prompt_pool(tmp_path):
     ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS))
     pool = load_prompts(

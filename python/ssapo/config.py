@@ -74,8 +74,6 @@ class RunConfig:
     Infra: bf16, use_cpu, gradient_checkpointing, report_to, logging_steps,
         save_total_limit, save_steps, ddp_timeout, accelerate_config.
     Built-in task (the tiny preset): task_size, task_flip_rate, task_dir.
-
-    `epochs_per_round` is an alias of `num_train_epochs_per_round` (attribute and key).
     """
 
     # -- model --
@@ -343,20 +341,7 @@ class RunConfig:
         if self.use_cpu and self.bf16:
             bad("bf16", "set bf16: false with use_cpu: true")
 
-    # -- aliases and derived values --
-    @property
-    def epochs_per_round(self) -> float:
-        return self.num_train_epochs_per_round
-
-    @epochs_per_round.setter
-    def epochs_per_round(self, value: float) -> None:
-        self.num_train_epochs_per_round = value
-
-    @property
-    def ref_model_or_model(self) -> str:
-        """π_init: `ref_model`, else `model`."""
-        return self.ref_model or self.model
-
+    # -- derived values --
     def accumulation_steps(self, num_processes: int = 1) -> int:
         """Gradient accumulation that makes up `batch_size` on `num_processes` devices."""
         if self.gradient_accumulation_steps is not None:
@@ -395,7 +380,7 @@ class RunConfig:
 
 FIELDS: Dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
 # old or alternative key -> field
-ALIASES = {"epochs_per_round": "num_train_epochs_per_round", "num_train_epochs": "num_train_epochs_per_round"}
+ALIASES = {"num_train_epochs": "num_train_epochs_per_round"}
 _HINTS = typing.get_type_hints(RunConfig)
 
 

@@ -254,8 +254,6 @@ def split_seed_and_rounds(
     {"duplicates_skipped", "too_long_skipped", "empty_skipped",
      "seed", "rounds", "test", "test_overlap_dropped"}.
     With no skips this is exactly rows [0, seed_size), then the blocks."""
-    if isinstance(seed_size, (list, tuple)) and not isinstance(round_sizes, (list, tuple)):
-        seed_size, round_sizes = round_sizes, seed_size  # the first version's order (ds, round_sizes, seed_size)
     round_sizes = [int(n) for n in round_sizes]
     if seed_size < 1:
         raise ValueError(f"seed_size: must be >= 1, got {seed_size}")

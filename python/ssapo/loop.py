@@ -332,8 +332,6 @@ def _atom_trainer_class():
     from ssapo.trainer import SSAPOTrainer
 
     class ResolvingTrainer(SSAPOTrainer):
-        atom_table: Dict[str, Any] = {}
-
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
             if "pair_index" not in self._signature_columns:

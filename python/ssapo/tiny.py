@@ -14,7 +14,7 @@ message lists.
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>"]
 
@@ -110,15 +110,6 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def words_of(texts: Iterable[str]) -> List[str]:
-    """The distinct whitespace-separated words of `texts`, in first-seen order."""
-    seen: dict = {}
-    for t in texts:
-        for w in t.split():
-            seen.setdefault(w, None)
-    return list(seen)
 
 
 def load(path: str, trust_remote_code: bool = False, dtype: Optional[str] = None):
