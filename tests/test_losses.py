@@ -10,7 +10,7 @@ from ssapo.losses import (
     decoupled_logits,
     decoupled_margin,
     dpo_loss,
-    sequence_logps,
+    masked_sequence_logps,
     shift_margin_loss,
     shift_prob_loss,
     spa_loss,
@@ -145,7 +145,7 @@ def test_decoupled_logits_are_mixed_in_logit_space():
     # misses the per-token normaliser and is not a distribution
     lp = 1.5 * torch.log_softmax(pol, -1) - 0.5 * torch.log_softmax(ref, -1)
     assert not torch.allclose(torch.log_softmax(mixed, -1), lp)
-    assert sequence_logps(mixed, torch.tensor([[0]]), torch.ones(1, 1)).item() == pytest.approx(
+    assert masked_sequence_logps(mixed, torch.tensor([[0]]), torch.ones(1, 1)).item() == pytest.approx(
         2.5 - math.log(math.exp(2.5) + math.exp(-0.5) + math.exp(-2.0)), rel=1e-6
     )
     assert not decoupled_logits(pol.requires_grad_(), ref, 0.5).requires_grad

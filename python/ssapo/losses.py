@@ -115,7 +115,7 @@ def decoupled_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam:
     return (1 + lam) * policy_logits.detach() - lam * ref_logits.detach()
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ_t mask_t · log softmax(logits_t)[labels_t], in float32 or wider.
 
     logits (N, T, V) are already aligned with labels (N, T): position t
@@ -148,9 +148,9 @@ def decoupled_margin(
     """
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:]
-    mixed = sequence_logps(decoupled_logits(policy_logits, ref_logits, lam)[:, :-1], labels, mask)
+    mixed = masked_sequence_logps(decoupled_logits(policy_logits, ref_logits, lam)[:, :-1], labels, mask)
     if ref_logps is None:
-        ref = sequence_logps(ref_logits.detach()[:, :-1], labels, mask)
+        ref = masked_sequence_logps(ref_logits.detach()[:, :-1], labels, mask)
         ref_c, ref_r = ref.chunk(2, dim=0)
     else:
         ref_c, ref_r = (r.to(mixed) for r in ref_logps)

@@ -732,7 +732,7 @@ class SSAPOTrainer(DPOTrainer):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                     ref_logits = self.model(**kw).logits
-        ref = losses.sequence_logps(ref_logits[:, :-1], input_ids[:, 1:], cmask[:, 1:]).chunk(2, dim=0)
+        ref = losses.masked_sequence_logps(ref_logits[:, :-1], input_ids[:, 1:], cmask[:, 1:]).chunk(2, dim=0)
         confidence = losses.decoupled_margin(
             pol_logits, ref_logits, input_ids, cmask, self.args.spa_lambda, self.beta, ref_logps=ref
         )
