@@ -76,22 +76,17 @@ def transport_lp(xi, eps, loss_fn, knots, lo, hi, counts=None):
 # --- a randomized comparison: instances of every family, one at a time ---
 
 
-def _pieces_neg_log(k):
-    j = np.arange(1, k + 1)
-    return -k / j, 1.0 - np.log(j / k)
+# numpy evaluations of the losses, written independently of the crate (the tests use them too)
 
 
-def _pieces_softplus(k, lo, hi):
-    pts = np.array([(lo + hi) / 2]) if k == 1 else np.linspace(lo, hi, k)
-    a = -1 / (1 + np.exp(pts))
-    return a, np.logaddexp(0, -pts) - a * pts
-
-
-def _np_max_affine(a, b):
+def np_max_affine(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
     return lambda z: np.max(np.asarray(z, float)[:, None] * a[None, :] + b[None, :], axis=1)
 
 
-def _np_interp(x, y):
+def np_interp(x, y):
+    x, y = np.asarray(x, float), np.asarray(y, float)
+
     def f(z):
         z = np.asarray(z, float)
         v = np.interp(z, x, y)
@@ -101,6 +96,18 @@ def _np_interp(x, y):
         return v
 
     return f
+
+
+def neg_log_pieces(k):
+    j = np.arange(1, k + 1)
+    return -k / j, 1.0 - np.log(j / k)
+
+
+def softplus_pieces(k, lo, hi):
+    pts = np.array([(lo + hi) / 2]) if k == 1 else np.linspace(lo, hi, k)
+    a = -1 / (1 + np.exp(pts))  # d/dz softplus(-z) = -sigmoid(-z)
+    b = np.logaddexp(0, -pts) - a * pts
+    return a, b
 
 
 def random_instance(rng):
@@ -118,11 +125,11 @@ def random_instance(rng):
         if fam <= 1:
             k = int(rng.integers(1, 11))
             kind, params, (lo, hi) = "neg_log", (k,), (0.0, 1.0)
-            a, b = _pieces_neg_log(k)
+            a, b = neg_log_pieces(k)
         else:
             k, m = int(rng.integers(1, 9)), float(rng.integers(1, 8))
             kind, params, (lo, hi) = "softplus", (k, -m, m), (-m, m)
-            a, b = _pieces_softplus(k, -m, m)
+            a, b = softplus_pieces(k, -m, m)
         steps = int(rng.choice([4, 5, 10, 20]))
         grid = rng.integers(0, steps + 1, n)
         if rng.random() < 0.3:
@@ -142,21 +149,21 @@ def random_instance(rng):
             kind=kind,
             params=params,
             support=None,
-            f=_np_max_affine(a, b),
+            f=np_max_affine(a, b),
             knots=[],
             pieces=(a, b),
         )
     if fam == 3:  # the paper's loss on continuous probabilities
         k = int(rng.integers(1, 11))
         xi = rng.uniform(0, 1, n) if rng.random() < 0.5 else 1 / (1 + np.exp(-0.1 * np.abs(rng.normal(0, 10, n))))
-        a, b = _pieces_neg_log(k)
+        a, b = neg_log_pieces(k)
         return dict(
             xi=xi,
             eps=float(rng.choice([0.0, 1e-3, 0.01, 0.05, 0.1, 0.3, 2.0])),
             kind="neg_log",
             params=(k,),
             support=None,
-            f=_np_max_affine(a, b),
+            f=np_max_affine(a, b),
             knots=[],
             pieces=(a, b),
         )
@@ -176,7 +183,7 @@ def random_instance(rng):
             kind="max_affine",
             params=(a.tolist(), b.tolist()),
             support=(lo, hi),
-            f=_np_max_affine(a, b),
+            f=np_max_affine(a, b),
             knots=[],
             pieces=(a, b),
         )
@@ -193,7 +200,7 @@ def random_instance(rng):
         kind="interpolate",
         params=(x.tolist(), y.tolist()),
         support=(lo, hi),
-        f=_np_interp(x, y),
+        f=np_interp(x, y),
         knots=x,
         pieces=None,
     )

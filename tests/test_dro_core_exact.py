@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lp_reference import ek_lp, transport_lp
+from lp_reference import ek_lp, neg_log_pieces, np_interp, np_max_affine, softplus_pieces, transport_lp
 
 import dro_core
 
@@ -14,40 +14,6 @@ REL = 1e-7
 
 def close(a, b, rel=REL, floor=1e-9):
     return abs(a - b) <= rel * max(abs(a), abs(b), 1.0) + floor
-
-
-# --- numpy evaluations of the losses, written independently of the crate ---
-
-
-def np_max_affine(a, b):
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    return lambda z: np.max(np.asarray(z, float)[:, None] * a[None, :] + b[None, :], axis=1)
-
-
-def np_interp(x, y):
-    x, y = np.asarray(x, float), np.asarray(y, float)
-
-    def f(z):
-        z = np.asarray(z, float)
-        v = np.interp(z, x, y)
-        left, right = z < x[0], z > x[-1]
-        v[left] = y[0] + (y[1] - y[0]) / (x[1] - x[0]) * (z[left] - x[0])
-        v[right] = y[-1] + (y[-1] - y[-2]) / (x[-1] - x[-2]) * (z[right] - x[-1])
-        return v
-
-    return f
-
-
-def neg_log_pieces(k):
-    j = np.arange(1, k + 1)
-    return -k / j, 1.0 - np.log(j / k)
-
-
-def softplus_pieces(k, lo, hi):
-    pts = np.array([(lo + hi) / 2]) if k == 1 else np.linspace(lo, hi, k)
-    a = -1 / (1 + np.exp(pts))  # d/dz softplus(-z) = -sigmoid(-z)
-    b = np.logaddexp(0, -pts) - a * pts
-    return a, b
 
 
 # --- instance generation ---
