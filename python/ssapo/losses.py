@@ -4,7 +4,9 @@ Notation: h_i is the policy-vs-reference log-ratio margin of pair i,
     h = log πθ(y_w|x)/π_ref(y_w|x) − log πθ(y_l|x)/π_ref(y_l|x),      shape (B,),
 β the DPO temperature, and the follower's atoms of pair i are (shift_ij, mass_ij),
 j = 0..K−1 (K = 2 from `dro_core`: `Solution.shift` / `.mass`), shape (B, K).
-Every loss function returns one loss per pair (shape (B,)); the trainer averages them.
+Every loss function returns one loss per pair (shape (B,)); the trainer averages them,
+except `drdpo_loss`, which combines a batch's losses into one (a log-mean-exp),
+and `kldpo_weights`, which returns the detached weights of a weighted mean.
 
 With shift = 0, mass = (1, 0), weight = 1 and nothing flagged every variant
 equals `dpo_loss` bit for bit: SSAPO at ε = 0 is DPO.
@@ -105,6 +107,87 @@ def spa_loss(h: torch.Tensor, beta: float, flagged: torch.Tensor, alpha: float) 
         return plain
     smoothed = (1 - alpha) * plain + alpha * -F.logsigmoid(-beta * h)
     return torch.where(flagged.to(h.device).bool(), smoothed, plain)
+
+
+def cdpo_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+    label smoothing ε on every pair, the label trusted with probability 1 − ε,
+
+        (1 − ε)·softplus(−βh) + ε·softplus(βh).
+
+    Its minimum in h is finite (βh* = log((1 − ε)/ε)), so no pair is pushed
+    without bound. trl ≥ 0.29 no longer applies `label_smoothing` to its sigmoid
+    loss; this is the loss itself. ε = 0 gives `dpo_loss` exactly."""
+    _check_smoothing(label_smoothing, "cdpo", 0.5, inclusive=True)
+    plain = dpo_loss(h, beta)
+    if label_smoothing == 0:
+        return plain
+    return (1 - label_smoothing) * plain + label_smoothing * -F.logsigmoid(-beta * h)
+
+
+def rdpo_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback"; trl's
+    `loss_type="robust"`): with labels flipped independently at the known rate
+    ε < 1/2, the unbiased estimate of the clean DPO loss,
+
+        [(1 − ε)·softplus(−βh) − ε·softplus(βh)] / (1 − 2ε).
+
+    Unlike cDPO it is unbounded below (a pair believed flipped is pushed the
+    other way at rate ε/(1 − 2ε)). ε = 0 gives `dpo_loss` exactly."""
+    _check_smoothing(label_smoothing, "rdpo", 0.5, inclusive=False)
+    plain = dpo_loss(h, beta)
+    if label_smoothing == 0:
+        return plain
+    return ((1 - label_smoothing) * plain - label_smoothing * -F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
+
+
+def drdpo_loss(per_pair: torch.Tensor, beta_prime: float) -> torch.Tensor:
+    """Dr. DPO (Wu et al. 2024, "Towards Robust Alignment of Language Models:
+    Distributionally Robustifying Direct Preference Optimization"): the
+    batch's DPO losses ℓ_i combined as
+
+        −β′ · log (1/B) Σ_i exp(−ℓ_i/β′)            (a scalar, not one per pair),
+
+    computed with logsumexp. Its gradient weights pair i by
+    softmax(−ℓ/β′)_i: pairs with a large loss (likely mislabelled) count less.
+    β′ → ∞ gives the mean of ℓ (DPO); β′ → 0 the smallest ℓ. The batch is the
+    micro-batch on one process, as in the paper's code (the gradient of a log-
+    mean-exp does not split over processes)."""
+    if not beta_prime > 0:
+        raise ValueError(f"drdpo_beta: must be > 0, got {beta_prime}")
+    if per_pair.dim() != 1 or per_pair.numel() == 0:
+        raise ValueError(f"per_pair: must be a non-empty 1-d tensor of losses, got shape {tuple(per_pair.shape)}")
+    n = per_pair.new_tensor(float(per_pair.numel())).log()
+    return -beta_prime * (torch.logsumexp(-per_pair / beta_prime, dim=0) - n)
+
+
+def kldpo_weights(
+    per_pair: torch.Tensor, tau: float, max_weight: float, all_losses: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """KLDPO's per-pair weights (Xu et al. 2025, "Distributionally Robust Direct
+    Preference Optimization", the KL-ball worst case; as the authors' code has
+    it): detached
+
+        w_i = min(exp((ℓ_i − mean ℓ)/τ), max_weight),
+
+    the mean taken over `all_losses` (the losses of every process's micro-batch,
+    gathered; default: `per_pair` itself). The leader's loss is mean_i w_i·ℓ_i:
+    pairs with a large loss count MORE (the adversary up-weights them), the
+    opposite of Dr. DPO. τ → ∞ gives w = 1 (DPO)."""
+    if not tau > 0:
+        raise ValueError(f"kldpo_tau: must be > 0, got {tau}")
+    if not max_weight >= 1:
+        raise ValueError(f"kldpo_max_weight: must be >= 1, got {max_weight}")
+    ref = per_pair if all_losses is None else all_losses
+    centre = ref.detach().mean()
+    return torch.exp((per_pair.detach() - centre) / tau).clamp(max=max_weight)
+
+
+def _check_smoothing(eps: float, loss: str, hi: float, inclusive: bool) -> None:
+    ok = 0 <= eps <= hi if inclusive else 0 <= eps < hi
+    if not ok:
+        rng = f"[0, {hi}]" if inclusive else f"[0, {hi})"
+        raise ValueError(f"label_smoothing: {loss} needs it in {rng}, got {eps}")
 
 
 def decoupled_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam: float) -> torch.Tensor:

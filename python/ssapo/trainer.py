@@ -13,7 +13,10 @@ lists, as for trl) and, by `leader_loss`:
 - `weights`: `weight`, one float per row (`dro_core.Solution.weights`);
 - `dpo`: nothing more (plain DPO: iterative DPO's rounds, SSAPO's ε = 0 control);
 - `spa`: nothing more (SPA's self-refinement, Kim et al. 2025: label smoothing
-  on the pairs the de-coupled model is least confident about).
+  on the pairs the de-coupled model is least confident about);
+- `rdpo` / `cdpo` / `drdpo` / `kldpo`: nothing more (the robust-DPO baselines of
+  `ssapo.losses`: robust DPO and conservative DPO with trl's `label_smoothing`,
+  Dr. DPO with `drdpo_beta`, KLDPO's weights with `kldpo_tau`/`kldpo_max_weight`).
 Extra columns are carried through trl's tokenization and collator; each pair
 meets its own atoms in the loss.
 
@@ -96,7 +99,7 @@ from ssapo.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
-LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "spa")
+LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "spa", "rdpo", "cdpo", "drdpo", "kldpo")
 ATOM_COLUMNS = ("shift", "mass", "weight")
 NEEDED_COLUMNS = {"shift_prob": ("shift", "mass"), "shift_margin": ("shift", "mass"), "weights": ("weight",)}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ATOM_COLUMNS}
@@ -327,6 +330,18 @@ class SSAPOConfig(DPOConfig):
         default=0.2,
         metadata={"help": "'spa': no smoothing (α = 0) during this fraction of the optimizer steps, in [0, 1]."},
     )
+    drdpo_beta: float = field(
+        default=1.0,
+        metadata={"help": "'drdpo': β′ of Dr. DPO's −β′·log mean exp(−ℓ/β′) over the micro-batch, > 0 (paper: 1)."},
+    )
+    kldpo_tau: float = field(
+        default=0.1,
+        metadata={"help": "'kldpo': temperature τ of the weights exp((ℓ − mean ℓ)/τ), > 0."},
+    )
+    kldpo_max_weight: float = field(
+        default=10.0,
+        metadata={"help": "'kldpo': upper clamp of each weight (the authors' code: 10), >= 1."},
+    )
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={
@@ -348,6 +363,20 @@ class SSAPOConfig(DPOConfig):
         if int(self.spa_window) != self.spa_window or self.spa_window < 1:
             raise ValueError(f"spa_window: must be an integer >= 1, got {self.spa_window}")
         check_bounds("spa_warmup_ratio", self.spa_warmup_ratio)
+        if not self.drdpo_beta > 0:
+            raise ValueError(f"drdpo_beta: must be > 0, got {self.drdpo_beta}")
+        if not self.kldpo_tau > 0:
+            raise ValueError(f"kldpo_tau: must be > 0, got {self.kldpo_tau}")
+        if not self.kldpo_max_weight >= 1:
+            raise ValueError(f"kldpo_max_weight: must be >= 1, got {self.kldpo_max_weight}")
+        smoothing = self.leader_loss in ("rdpo", "cdpo")  # trl's own label_smoothing is their ε
+        if smoothing and not (
+            0 <= self.label_smoothing < 0.5 or (self.leader_loss == "cdpo" and self.label_smoothing == 0.5)
+        ):
+            raise ValueError(
+                f"label_smoothing: leader_loss={self.leader_loss!r} needs it in [0, 0.5)"
+                f"{' (0.5 allowed for cdpo)' if self.leader_loss == 'cdpo' else ''}, got {self.label_smoothing}"
+            )
         if self.leader_loss == "spa":
             self.precompute_ref_log_probs = False  # the de-coupled model needs reference logits every step
         self.ddp_backend = _cpu_deepspeed_backend(self)  # DeepSpeed on CPU: gloo, else accelerate sees 1 process
@@ -361,7 +390,7 @@ class SSAPOConfig(DPOConfig):
         if self.loss_weights not in (None, [1.0]):
             raise ValueError(f"loss_weights: not used by SSAPOTrainer; leave it unset, got {self.loss_weights!r}")
         for name, default in (
-            ("label_smoothing", 0.0),
+            *((("label_smoothing", 0.0),) if not smoothing else ()),
             ("ld_alpha", None),
             ("f_divergence_type", "reverse_kl"),
             ("use_weighting", False),
@@ -696,9 +725,25 @@ class SSAPOTrainer(DPOTrainer):
             per_pair = losses.shift_margin_loss(h, beta, inputs["shift"], inputs["mass"])
         elif kind == "weights":
             per_pair = losses.weighted_dpo_loss(h, beta, inputs["weight"])
+        elif kind == "rdpo":
+            per_pair = losses.rdpo_loss(h, beta, self.args.label_smoothing)
+        elif kind == "cdpo":
+            per_pair = losses.cdpo_loss(h, beta, self.args.label_smoothing)
+        elif kind in ("drdpo", "kldpo"):
+            per_pair = losses.dpo_loss(h, beta)
         else:
             per_pair = self._spa_loss(h, confidence, mode)
-        loss = per_pair.mean()
+        if kind == "drdpo":
+            loss = losses.drdpo_loss(per_pair, self.args.drdpo_beta)
+        elif kind == "kldpo":
+            # the mean ℓ over every process's micro-batch (detached), as the authors' code gathers it
+            everyone = self.accelerator.gather(per_pair.detach()) if self.accelerator.num_processes > 1 else None
+            w = losses.kldpo_weights(per_pair, self.args.kldpo_tau, self.args.kldpo_max_weight, everyone)
+            if mode == "train":
+                m["leader/kldpo_max_weight"].append(w.max().item())  # this process's micro-batch
+            loss = (w * per_pair).mean()
+        else:
+            loss = per_pair.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
 
