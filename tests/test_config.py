@@ -385,3 +385,147 @@ def test_train_builds_the_config_from_flags_and_free_keys():
         cfg.seed,
         cfg.beta,
     ) == (0.05, [1, 2], 5, True, "iterative-dpo", "/tmp/x", True, 3, 0.05)
+
+
+# -- one configuration: errors, bounds and the generated parser --
+
+
+def test_every_configuration_error_is_a_config_error(tmp_path):
+    from ssapo.config import ConfigError
+
+    assert issubclass(ConfigError, ValueError)
+    (tmp_path / "bad.yaml").write_text("epsilon: 0.1\n")
+    for call in (
+        lambda: load_config("tiny", overrides={"eps": "-1"}),
+        lambda: load_config("tiny", overrides={"k": "x"}),
+        lambda: load_config("tiny", str(tmp_path / "bad.yaml")),
+        lambda: load_config("tiny", str(tmp_path / "missing.yaml")),
+        lambda: RunConfig(method="ppo"),
+        lambda: RunConfig(round_sizes=[1], num_rounds=2),
+        lambda: parse_overrides(["eps"]),
+    ):
+        with pytest.raises(ConfigError):
+            call()
+
+
+def _outside(b):
+    """A value just outside Bounds `b` and one on its edge inside (None where there is none)."""
+    if b.lo is not None:
+        return b.lo - (0 if b.lo_open else 1), (None if b.lo_open else b.lo)
+    return b.hi + (0 if b.hi_open else 1), (None if b.hi_open else b.hi)
+
+
+@pytest.mark.parametrize("name", [f for f in FIELDS if "bounds" in FIELDS[f].metadata])
+def test_every_declared_bound_is_checked_by_run_config(name):
+    """RunConfig checks each field's bounds from its metadata: a value just outside is refused naming
+    the field, a closed edge is accepted (a field missing from a hand-written list would pass here)."""
+    from ssapo.config import ConfigError, default_of
+
+    b = FIELDS[name].metadata["bounds"]
+    bad, edge = _outside(b)
+    if isinstance(default_of(name), list):
+        bad, edge = [bad], (None if edge is None else [edge])
+    base = {"round_sizes": [5, 5, 5]} if name == "num_rounds" else {"num_rounds": 1} if name == "round_sizes" else {}
+    if name in ("max_prompt_length", "max_length"):
+        base = {"max_prompt_length": 1, "max_length": 2}
+    if name in ("batch_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        base = {"batch_size": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": None}
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+        RunConfig(**{**base, name: bad})
+    if edge is not None and name != "max_length":  # max_length 1 leaves no room for a prompt
+        assert getattr(RunConfig(**{**base, name: edge}), name) == edge
+
+
+def test_no_bound_is_declared_twice():
+    """The numbers of the bounds live on the fields: __post_init__ compares no field with a literal."""
+    import inspect
+    import io
+    import re
+    import tokenize
+
+    src = inspect.getsource(RunConfig.__post_init__)
+    code = " ".join(t.string for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type != tokenize.STRING)
+    assert not re.search(r"[<>]=?\s*-?\d", code), "a bound written in __post_init__: declare it on the field"
+
+
+def _train(*argv, columns="200"):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": columns}
+    return subprocess.run(
+        [sys.executable, "-m", "ssapo.cli", "train", *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_train_help_lists_every_field_in_its_group():
+    from ssapo.commands.train import _show_value
+    from ssapo.config import default_of, field_groups
+
+    r = _train("--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    text = text[text.index("RunConfig: ") :]  # the fields' groups (the description shows some flags too)
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert f" {flag} " in text, f"{flag} is not in ssapo train --help"
+        after = text.split(f" {flag} ", 1)[1]
+        help_text = " ".join(f.metadata["help"].split())
+        assert help_text in after[: len(help_text) + 200], f"{flag}: its help is not shown"
+        shown = "tiny, a preset" if f.name == "model" else _show_value(default_of(f.name))
+        assert f"default: {shown}]" in after, f"{flag}: its default is not shown"
+        for c in f.metadata.get("choices", ()):
+            assert _show_value(c) in after.split("]", 1)[0], f"{flag}: choice {c!r} is not shown"
+    # in RunConfig's groups, in their order, each group's fields together
+    starts = [text.index(f"RunConfig: {title}:") for title, _ in field_groups()]
+    assert starts == sorted(starts) and len(field_groups()) >= 10
+    for (_, names), lo, hi in zip(field_groups(), starts, starts[1:] + [len(text)]):
+        for name in names:
+            assert f" --{name.replace('_', '-')} " in text[lo:hi]
+    # and train's own options, before the fields
+    own = " ".join(r.stdout.split()).split("RunConfig: ")[0]
+    for flag in ("--config", "--resume", "--num-processes", "--num-machines", "--main-process-ip", "--set"):
+        assert f" {flag} " in own
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--method", "ppo"], "ssapo train: error: method: must be one of ssapo, dpo"),
+        (["--spa-alpha", "0.7"], r"ssapo train: error: spa_alpha: must be in \[0, 0.5\], got 0.7"),
+        (["--top_p", "0"], r"ssapo train: error: top_p: must be in \(0, 1\], got 0"),
+        (["--use-peft", "maybe"], "ssapo train: error: use_peft: cannot read 'maybe' as bool"),
+        (["--follower-space", "logit"], "ssapo train: error: follower_space: must be one of prob, margin"),
+        (["--num-proceses", "2"], "ssapo train: error: num_proceses: unknown option .*did you mean --num-processes"),
+        (["--eps"], "ssapo train: error: argument --eps: expected one argument"),
+        (["--round-sizes", "1", "x"], "ssapo train: error: round_sizes: cannot read '1 x' as a list of int"),
+    ],
+)
+def test_train_bad_flag_is_one_line_naming_it(argv, line):
+    import re
+
+    r = _train("--model", "tiny", *argv)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and re.match(line, r.stderr), r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        (["--round-sizes", "4", "5"], {"round_sizes": [4, 5], "num_rounds": 2}),
+        (["--round-sizes", "4,5,6"], {"round_sizes": [4, 5, 6], "num_rounds": 3}),
+        (["--round_sizes=[7, 8]"], {"round_sizes": [7, 8], "num_rounds": 2}),
+        (["--spa-lambdas", "0.5", "0.25"], {"spa_lambdas": [0.5, 0.25]}),
+        (["--use-peft"], {"use_peft": True}),
+        (["--use-peft", "false", "--trust_remote_code"], {"use_peft": False, "trust_remote_code": True}),
+        (["--group-size", "global", "--save-total-limit", "null"], {"group_size": 0, "save_total_limit": None}),
+        (["--num-train-epochs", "2"], {"num_train_epochs_per_round": 2.0}),
+        (["--set", "k=5", "--k", "4"], {"k": 4}),  # the flag wins over --set
+        (["k=3"], {"k": 3}),
+    ],
+)
+def test_train_flags_parse_to_typed_fields(argv, want):
+    from ssapo.cli import build_parser
+    from ssapo.commands.train import build_config
+
+    base = ["train", "--model", "tiny", "--num-rounds", str(want.get("num_rounds", 1))]
+    args, extra = build_parser().parse_known_args([*base, *argv])
+    cfg = build_config(args, extra)
+    assert {k: getattr(cfg, k) for k in want} == want

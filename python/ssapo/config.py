@@ -8,7 +8,9 @@ defaults, merged from a preset recipe, a YAML file and command-line overrides.
 
 Order of precedence (later wins): the preset's recipe (when `model` names a
 preset), the YAML file, the overrides. Every value is converted to its field's
-type; an unknown key is a `ValueError` that lists the close matches.
+type and checked once, from the field's metadata (`_f`: help, choices, bounds); every error is a
+`ConfigError` (a ValueError) whose message starts with the field: "eps: must be >= 0, got -1"; an
+unknown key lists the close matches.
 
 Recipes live in one place, inside the package: `python/ssapo/recipes/<preset>/config.yaml`
 and `python/ssapo/recipes/accelerate/{ddp,zero3,fsdp,zero3_cpu}.yaml` (maturin ships every
@@ -24,7 +26,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 # preset name -> its recipe
@@ -39,12 +41,70 @@ METHODS = ("ssapo", "dpo", "iterative-dpo", "spa", "sera")
 LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "dpo", "spa")
 
 
-def _f(default, help: str, choices: Optional[Sequence[Any]] = None, bounds: Optional[Sequence[float]] = None):
+class ConfigError(ValueError):
+    """A bad configuration value, key or file. The message starts with the field
+    (or `config`, or the command-line flag) at fault: "eps: must be >= 0, got -1"."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An interval a field's value (each item of a list field) must lie in; None = unbounded."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    @classmethod
+    def of(cls, spec) -> "Bounds":
+        """From "[0, 0.5]", "(0, 1]", "[0, 1)", "> 0", ">= 1", or a tuple (lo, hi) = the closed [lo, hi]."""
+        if isinstance(spec, Bounds):
+            return spec
+        if not isinstance(spec, str):
+            lo, hi = spec
+            return cls(lo, hi)
+        s = spec.strip()
+        for op, lo_open in ((">=", False), (">", True)):
+            if s.startswith(op):
+                return cls(float(s[len(op) :]), None, lo_open, False)
+        if s[0] in "[(" and s[-1] in "])":
+            lo, hi = (float(v) for v in s[1:-1].split(","))
+            return cls(lo, hi, s[0] == "(", s[-1] == ")")
+        raise ValueError(f"bounds: cannot read {spec!r}")
+
+    def __contains__(self, value) -> bool:
+        if self.lo is not None and not (value > self.lo if self.lo_open else value >= self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def text(self) -> str:
+        """'in [0, 0.5]', 'in (0, 1]', '>= 1', '> 0'."""
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def _f(
+    default,
+    help: str,
+    choices: Optional[Sequence[Any]] = None,
+    bounds: Union[str, Sequence[float], None] = None,
+    note: str = "",
+    error: str = "",
+):
+    """A RunConfig field: its default, help, and what RunConfig.__post_init__ checks from the metadata:
+    `choices`, `bounds` (Bounds.of: "[0, 0.5]", "(0, 1]", "> 0", ">= 1", (lo, hi) = closed; a list field's
+    items each; None passes an Optional field), the error's `note` after the interval, or `error` instead of
+    "must be <interval>"."""
     meta: Dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
-    if bounds is not None:  # closed interval [lo, hi], checked by check_bounds (RunConfig and SSAPOConfig alike)
-        meta["bounds"] = tuple(bounds)
+    if bounds is not None:  # checked by check_bounds (RunConfig and SSAPOConfig alike)
+        meta["bounds"] = Bounds.of(bounds)
+        if note:
+            meta["note"] = note
+        if error:
+            meta["error"] = error
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,21 +119,22 @@ class RunConfig:
     Model: model, ref_model, tokenizer, trust_remote_code, output_dir, method, seed.
     Data: preference_data, prompt_data, seed_size, round_sizes, num_rounds,
         max_prompt_length, max_length.
-    Seed stage (DPO on the labelled seed from π_init): seed_epochs, seed_learning_rate.
+    Seed stage (DPO on the labelled seed from π_init): seed_epochs, seed_learning_rate, seed_model.
     Rounds: learning_rate, num_train_epochs_per_round, per_device_train_batch_size,
         gradient_accumulation_steps, batch_size, lr_scheduler_type, warmup_ratio, beta,
         round_reference.
     Annotation: num_samples, temperature, top_p, max_new_tokens, annotation_reference,
-        generation_batch_size, generation_backend, system_turn.
+        generation_batch_size, generation_backend, system_turn, annotator, annotator_args,
+        annotation_flip_rate.
     Follower: beta_follower, eps, k, group_size, follower_space.
     Leader: leader_loss, clamp_min, resolve_every.
     SPA (Kim et al., ICLR 2025): spa_alpha, spa_lambdas, spa_quantile, spa_window, spa_warmup_ratio.
     SeRA (Ko et al., ICLR 2025): sera_keep, sera_num_samples, sera_top_p, sera_gamma,
         sera_gamma_role, sera_pool.
+    Robust DPO (docs/METHOD.md §5.5): label_smoothing, drdpo_beta, kldpo_tau, kldpo_max_weight.
     PEFT: use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules, load_in_4bit.
     Infra: bf16, use_cpu, gradient_checkpointing, report_to, logging_steps,
         save_total_limit, save_steps, ddp_timeout, accelerate_config.
-    Built-in task (the tiny preset): task_size, task_flip_rate, task_dir.
     """
 
     # -- model --
@@ -99,44 +160,64 @@ class RunConfig:
     prompt_data: Optional[str] = _f(
         None, "Separate unlabelled prompt pool for the rounds (default: the prompts of preference_data after the seed)."
     )
-    seed_size: int = _f(2000, "Labelled seed pairs: rows [0, seed_size) after the shuffle (the paper: 2K, 3.3 %).")
+    seed_size: int = _f(
+        2000, "Labelled seed pairs: rows [0, seed_size) after the shuffle (the paper: 2K, 3.3 %).", bounds=">= 1"
+    )
     round_sizes: List[int] = _f(
-        [8000, 20000, 30000], "Prompts per round, consecutive blocks after the seed (the paper: 8K, 20K, 30K)."
+        [8000, 20000, 30000],
+        "Prompts per round, consecutive blocks after the seed (the paper: 8K, 20K, 30K).",
+        bounds=">= 1",
     )
-    num_rounds: int = _f(3, "Self-annotation rounds T (the first num_rounds of round_sizes are used).")
-    max_prompt_length: int = _f(1024, "Prompts longer than this many tokens are skipped (and counted) by the split.")
-    max_length: int = _f(2048, "Maximum prompt + response tokens in training.")
+    num_rounds: int = _f(3, "Self-annotation rounds T (the first num_rounds of round_sizes are used).", bounds=">= 0")
+    max_prompt_length: int = _f(
+        1024, "Prompts longer than this many tokens are skipped (and counted) by the split.", bounds=">= 1"
+    )
+    max_length: int = _f(2048, "Maximum prompt + response tokens in training.", bounds=">= 1")
     # -- seed stage --
-    seed_epochs: float = _f(3.0, "Epochs of seed DPO (the paper: 3 for Mistral, 1 for Llama).")
-    seed_learning_rate: float = _f(5e-7, "Learning rate of seed DPO.")
-    # -- rounds --
-    learning_rate: float = _f(5e-7, "Learning rate of every round (the released Mistral yaml: 3e-7).")
-    num_train_epochs_per_round: float = _f(1.0, "Epochs per round, on that round's own pairs only.")
-    per_device_train_batch_size: int = _f(1, "Micro-batch per device.")
-    gradient_accumulation_steps: Optional[int] = _f(
-        None, "Accumulation steps; default (null): batch_size / (per_device_train_batch_size × processes)."
+    seed_epochs: float = _f(3.0, "Epochs of seed DPO (the paper: 3 for Mistral, 1 for Llama).", bounds="> 0")
+    seed_learning_rate: float = _f(5e-7, "Learning rate of seed DPO.", bounds="> 0")
+    seed_model: Optional[str] = _f(
+        None,
+        "π_0 given (a checkpoint directory): the seed-DPO stage is skipped and round 1 starts from it "
+        "(e.g. one seed model shared by several methods' runs); null: seed DPO trains π_0.",
     )
-    batch_size: int = _f(32, "Effective batch size: per device × accumulation × processes (the paper: 32).")
+    # -- rounds --
+    learning_rate: float = _f(5e-7, "Learning rate of every round (the released Mistral yaml: 3e-7).", bounds="> 0")
+    num_train_epochs_per_round: float = _f(1.0, "Epochs per round, on that round's own pairs only.", bounds="> 0")
+    per_device_train_batch_size: int = _f(1, "Micro-batch per device.", bounds=">= 1")
+    gradient_accumulation_steps: Optional[int] = _f(
+        None,
+        "Accumulation steps; default (null): batch_size / (per_device_train_batch_size × processes).",
+        bounds=">= 1",
+    )
+    batch_size: int = _f(
+        32, "Effective batch size: per device × accumulation × processes (the paper: 32).", bounds=">= 1"
+    )
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule (transformers' names).")
-    warmup_ratio: float = _f(0.1, "Warm-up fraction of each stage's optimizer steps.")
-    beta: float = _f(0.1, "DPO β of the seed stage and the leader (the paper: 0.1 Mistral, 0.05 Llama).")
+    warmup_ratio: float = _f(0.1, "Warm-up fraction of each stage's optimizer steps.", bounds="[0, 1)")
+    beta: float = _f(0.1, "DPO β of the seed stage and the leader (the paper: 0.1 Mistral, 0.05 Llama).", bounds="> 0")
     round_reference: str = _f(
         "previous",
         "Reference of round t's leader: 'previous' = π_{t-1} (the released code) or 'init' = π_init.",
         ("previous", "init"),
     )
     # -- annotation --
-    num_samples: int = _f(2, "Responses sampled per prompt; chosen = best, rejected = worst by implicit reward.")
-    temperature: float = _f(0.7, "Sampling temperature.")
-    top_p: float = _f(1.0, "Nucleus sampling.")
-    max_new_tokens: int = _f(300, "Maximum new tokens per response.")
+    num_samples: int = _f(
+        2,
+        "Responses sampled per prompt; chosen = best, rejected = worst by implicit reward.",
+        bounds=">= 2",
+        error="needs at least 2 responses per prompt to form a pair",
+    )
+    temperature: float = _f(0.7, "Sampling temperature.", bounds="> 0")
+    top_p: float = _f(1.0, "Nucleus sampling.", bounds="(0, 1]")
+    max_new_tokens: int = _f(300, "Maximum new tokens per response.", bounds=">= 1")
     annotation_reference: str = _f(
         "init",
         "Reference of the implicit reward log π_{t-1} − log π_ref: 'init' = π_init (the paper and the released "
         "code) or 'seed' = the seed model π_0.",
         ("init", "seed"),
     )
-    generation_batch_size: int = _f(16, "Prompts per generate() call (transformers backend).")
+    generation_batch_size: int = _f(16, "Prompts per generate() call (transformers backend).", bounds=">= 1")
     generation_backend: str = _f(
         "auto", "auto (vLLM if installed and a GPU is there) | transformers | vllm.", ("auto", "transformers", "vllm")
     )
@@ -147,16 +228,40 @@ class RunConfig:
         "name contains 'llama'.",
         ("auto", "empty", "none"),
     )
+    annotator: str = _f(
+        "implicit",
+        "Who ranks the sampled responses: 'implicit' = the implicit reward log π_{t-1} − log π_ref (the paper), "
+        "or 'module:factory', imported in the process that annotates: factory(annotator_args) returns "
+        "score(prompts, responses) -> rewards (a list of floats per prompt); best/worst and ties as for implicit "
+        "rewards.",
+    )
+    annotator_args: Optional[str] = _f(
+        None, "The string handed to the annotator's factory (e.g. a path); null: the factory is called with None."
+    )
+    annotation_flip_rate: float = _f(
+        0.0,
+        "After each round's annotation, swap chosen and rejected in round(r·n) pairs drawn uniformly (seeded by "
+        "seed and the round), recorded in the 'flipped' column; a robustness knob, 0 = none.",
+        bounds=(0.0, 1.0),
+    )
     # -- follower --
     beta_follower: float = _f(
-        0.1, "β_f of ξ = σ(β_f·margin); the released code hard-codes 0.1 for every model (also Llama at β 0.05)."
+        0.1,
+        "β_f of ξ = σ(β_f·margin); the released code hard-codes 0.1 for every model (also Llama at β 0.05).",
+        bounds="> 0",
     )
     eps: float = _f(
-        0.01, "Wasserstein radius ε per group (the paper's best of {0, 0.01, 0.1}; the released Mistral script: 0.05)."
+        0.01,
+        "Wasserstein radius ε per group (the paper's best of {0, 0.01, 0.1}; the released Mistral script: 0.05).",
+        bounds=">= 0",
+        note="0 = plain DPO on the self-labels",
     )
-    k: int = _f(6, "Tangents K of the follower's piecewise-linear −log.")
+    k: int = _f(6, "Tangents K of the follower's piecewise-linear −log.", bounds=">= 1")
     group_size: int = _f(
-        100, "Follower groups of G consecutive pairs in a stable order (the paper: 100); 0 or 'global' = one ball."
+        100,
+        "Follower groups of G consecutive pairs in a stable order (the paper: 100); 0 or 'global' = one ball.",
+        bounds=">= 0",
+        note="0 or 'global' = one ball",
     )
     follower_space: str = _f(
         "prob", "'prob': ξ = σ(β_f·margin), loss −log ξ (the paper); 'margin': softplus(−margin).", ("prob", "margin")
@@ -167,25 +272,42 @@ class RunConfig:
         "shift_prob (the released code: Σ_j α_j·−log clamp(σ(βh) − δ_j)) | shift_margin | weights | dpo | spa.",
         LEADER_LOSSES,
     )
-    clamp_min: float = _f(1e-6, "Clamp of σ(βh) − shift in shift_prob (the released code: 1e-6).")
-    resolve_every: int = _f(0, "Re-solve the follower every n optimizer steps of a round; 0 = once per round.")
+    clamp_min: float = _f(1e-6, "Clamp of σ(βh) − shift in shift_prob (the released code: 1e-6).", bounds="(0, 1)")
+    resolve_every: int = _f(
+        0,
+        "Re-solve the follower every n optimizer steps of a round; 0 = once per round.",
+        bounds=">= 0",
+        note="0 = once per round",
+    )
     # -- SPA (Kim et al., ICLR 2025) --
     spa_alpha: float = _f(
         0.1, "SPA: label smoothing α on the flagged pairs, in [0, 0.5] (0.5 erases the label).", bounds=(0.0, 0.5)
     )
-    spa_lambdas: List[float] = _f([0.5, 0.25, 0.125], "SPA: de-coupling λ of rounds 1, 2, 3, … (the last repeats).")
+    spa_lambdas: List[float] = _f(
+        [0.5, 0.25, 0.125],
+        "SPA: de-coupling λ of rounds 1, 2, 3, … (the last repeats).",
+        bounds=">= 0",
+        error="needs one or more values >= 0",
+    )
     spa_quantile: float = _f(
         0.1, "SPA: flag the pairs at or below this quantile of de-coupled confidence, in [0, 1].", bounds=(0.0, 1.0)
     )
-    spa_window: int = _f(50, "SPA: moving window of confidences (gathered over ranks).")
+    spa_window: int = _f(50, "SPA: moving window of confidences (gathered over ranks).", bounds=">= 1")
     spa_warmup_ratio: float = _f(
         0.2, "SPA: no smoothing during this fraction of a round's optimizer steps, in [0, 1].", bounds=(0.0, 1.0)
     )
     # -- SeRA (Ko et al., ICLR 2025; Algorithm 1 unpublished: docs/METHOD.md §5.4, each unknown an option) --
-    sera_keep: float = _f(0.7, "SeRA: keep this fraction of the round's pairs, largest implicit-reward margin first.")
-    sera_num_samples: int = _f(4, "SeRA: responses sampled per kept prompt for preference bootstrapping.")
-    sera_top_p: float = _f(0.95, "SeRA: top-p of the bootstrap samples (temperature: `temperature`).")
-    sera_gamma: float = _f(0.3, "SeRA: γ; its role is set by sera_gamma_role.")
+    sera_keep: float = _f(
+        0.7, "SeRA: keep this fraction of the round's pairs, largest implicit-reward margin first.", bounds="(0, 1]"
+    )
+    sera_num_samples: int = _f(
+        4,
+        "SeRA: responses sampled per kept prompt for preference bootstrapping.",
+        bounds=">= 2",
+        error="needs at least 2",
+    )
+    sera_top_p: float = _f(0.95, "SeRA: top-p of the bootstrap samples (temperature: `temperature`).", bounds="(0, 1]")
+    sera_gamma: float = _f(0.3, "SeRA: γ; its role is set by sera_gamma_role.", bounds="[0, 1)")
     sera_gamma_role: str = _f(
         "ensemble",
         "SeRA γ [our choice]: 'ensemble' — margin (1−γ)·m_{t−1} + γ·m_{t−2}; 'mix' — bootstrapped pairs are a γ "
@@ -197,11 +319,22 @@ class RunConfig:
         "SeRA [our choice]: select from this round's pairs ('round') or from every round's so far ('cumulative').",
         ("round", "cumulative"),
     )
+    # -- robust-DPO baselines (docs/METHOD.md §5.5) --
+    label_smoothing: float = _f(
+        0.1,
+        "rdpo: the assumed flip rate ε of the labels, in [0, 0.5); cdpo: the smoothing ε on every pair, in [0, 0.5].",
+        bounds="[0, 0.5]",
+    )
+    drdpo_beta: float = _f(
+        1.0, "drdpo: β′ of −β′·log mean exp(−ℓ/β′) over the micro-batch (the paper: 1).", bounds="> 0"
+    )
+    kldpo_tau: float = _f(0.1, "kldpo: temperature τ of the per-pair weights exp((ℓ − mean ℓ)/τ).", bounds="> 0")
+    kldpo_max_weight: float = _f(10.0, "kldpo: upper clamp of each weight (the authors' code: 10).", bounds=">= 1")
     # -- peft --
     use_peft: bool = _f(False, "Train a LoRA adapter; the reference is the adapter-disabled model.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_r: int = _f(16, "LoRA rank.", bounds=">= 1")
+    lora_alpha: int = _f(32, "LoRA alpha.", bounds=">= 1")
+    lora_dropout: float = _f(0.05, "LoRA dropout.", bounds="[0, 1)")
     lora_target_modules: str = _f("all-linear", "LoRA target modules (peft's syntax; comma-separated names).")
     load_in_4bit: bool = _f(False, "Load the base model in 4 bits (QLoRA; needs use_peft and a GPU).")
     # -- infra --
@@ -209,17 +342,23 @@ class RunConfig:
     use_cpu: bool = _f(False, "Train on CPU.")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing.")
     report_to: str = _f("none", "Passed to transformers: none | wandb | tensorboard | all.")
-    logging_steps: int = _f(1, "Log every n optimizer steps.")
-    save_total_limit: Optional[int] = _f(None, "Keep at most this many trainer checkpoints per stage (null: all).")
+    logging_steps: int = _f(1, "Log every n optimizer steps.", bounds=">= 1")
+    save_total_limit: Optional[int] = _f(
+        None, "Keep at most this many trainer checkpoints per stage (null: all).", bounds=">= 1"
+    )
     save_steps: int = _f(
         0,
         "Checkpoint the trainer every n optimizer steps of a stage (a resumed run continues from the last one); "
         "0 = no mid-stage checkpoints.",
+        bounds=">= 0",
+        note="0 = no mid-stage checkpoints",
     )
     ddp_timeout: int = _f(
         10800,
         "Seconds a process waits for the others at a collective (the process group's timeout; NCCL's default "
         "is 600). Long single-process phases run as their own launches, so no rank waits on them.",
+        bounds=">= 1",
+        note="seconds",
     )
     accelerate_config: Optional[str] = _f(
         None,
@@ -228,105 +367,41 @@ class RunConfig:
         "runs; needs deepspeed and ninja, slow, not a training setup.",
         (None, *ACCELERATE_CONFIGS),
     )
-    # -- the built-in task of the tiny preset (ssapo.bench.task) --
-    task_size: str = _f("tiny", "Size of the built-in task of the tiny preset: tiny | test.", ("tiny", "test"))
-    task_flip_rate: float = _f(0.0, "Label-flip rate of the tiny preset's built-in task (the benchmark's noise).")
-    task_dir: Optional[str] = _f(
-        None, "Where the tiny preset's task is built or found (default: <output_dir>/task); shared runs reuse it."
-    )
 
     def __post_init__(self):
         def bad(name, msg):
-            raise ValueError(f"{name}: {msg}")
+            raise ConfigError(f"{name}: {msg}")
 
-        if isinstance(self.group_size, str):
-            self.group_size = _convert("group_size", self.group_size)
+        # every field once, from its metadata: its type, its choices, its bounds (nothing listed by hand)
         for f in dataclasses.fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed is not None and getattr(self, f.name) not in allowed:
-                bad(f.name, f"must be one of {_show(allowed)}, got {getattr(self, f.name)!r}")
-            if "bounds" in f.metadata:
-                check_bounds(f.name, getattr(self, f.name))
+            setattr(self, f.name, _convert(f.name, getattr(self, f.name)))
+            check_value(f.name, getattr(self, f.name))
+        # what no single field can say: relations between fields
         if not self.model:
             bad("model", "give a preset (tiny, mistral-7b, llama3-8b), a local path or a hub id")
-        if self.seed_size < 1:
-            bad("seed_size", f"must be >= 1, got {self.seed_size}")
-        if self.num_rounds < 0:
-            bad("num_rounds", f"must be >= 0, got {self.num_rounds}")
         if len(self.round_sizes) < self.num_rounds:
             bad(
                 "round_sizes",
                 f"needs one size per round: {len(self.round_sizes)} sizes for num_rounds={self.num_rounds}; "
                 "add sizes or lower num_rounds",
             )
-        if any(s < 1 for s in self.round_sizes):
-            bad("round_sizes", f"sizes must be >= 1, got {self.round_sizes}")
-        for name in (
-            "max_prompt_length",
-            "max_length",
-            "max_new_tokens",
-            "per_device_train_batch_size",
-            "batch_size",
-            "generation_batch_size",
-            "logging_steps",
-            "spa_window",
-            "k",
-            "lora_r",
-            "lora_alpha",
-        ):
-            if getattr(self, name) < 1:
-                bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:
             bad("max_prompt_length", f"must be below max_length ({self.max_length}), got {self.max_prompt_length}")
-        for name in (
-            "seed_learning_rate",
-            "learning_rate",
-            "beta",
-            "beta_follower",
-            "temperature",
-            "seed_epochs",
-            "num_train_epochs_per_round",
-            "clamp_min",
-        ):
-            if not getattr(self, name) > 0:
-                bad(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("top_p", "sera_top_p", "sera_keep"):
-            if not 0 < getattr(self, name) <= 1:
-                bad(name, f"must be in (0, 1], got {getattr(self, name)}")
-        for name in ("warmup_ratio", "sera_gamma", "lora_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("task_flip_rate",):
-            if not 0 <= getattr(self, name) <= 1:
-                bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.annotator != "implicit" and not _is_import_spec(self.annotator):
+            bad(
+                "annotator",
+                f"must be 'implicit' or 'module:callable' (e.g. my_pkg.judges:make), got {self.annotator!r}",
+            )
         if self.leader_loss == "shift_margin" and self.follower_space != "margin":
             bad(
                 "leader_loss",
                 f"shift_margin needs follower_space: margin (its shifts are in units of βh), got "
                 f"follower_space: {self.follower_space}; use leader_loss: shift_prob with follower_space: prob",
             )
-        if self.eps < 0:
-            bad("eps", f"must be >= 0 (0 = plain DPO on the self-labels), got {self.eps}")
-        if self.group_size < 0:
-            bad("group_size", f"must be >= 0 (0 or 'global' = one ball), got {self.group_size}")
-        if self.resolve_every < 0:
-            bad("resolve_every", f"must be >= 0 (0 = once per round), got {self.resolve_every}")
-        if self.num_samples < 2:
-            bad("num_samples", f"needs at least 2 responses per prompt to form a pair, got {self.num_samples}")
-        if self.sera_num_samples < 2:
-            bad("sera_num_samples", f"needs at least 2, got {self.sera_num_samples}")
-        if not self.spa_lambdas or any(v < 0 for v in self.spa_lambdas):
+        if not self.spa_lambdas:
             bad("spa_lambdas", f"needs one or more values >= 0, got {self.spa_lambdas}")
-        if self.save_steps < 0:
-            bad("save_steps", f"must be >= 0 (0 = no mid-stage checkpoints), got {self.save_steps}")
-        if self.ddp_timeout < 1:
-            bad("ddp_timeout", f"must be >= 1 second, got {self.ddp_timeout}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            bad("save_total_limit", f"must be >= 1 or null, got {self.save_total_limit}")
         micro = self.per_device_train_batch_size
         if self.gradient_accumulation_steps is not None:
-            if self.gradient_accumulation_steps < 1:
-                bad("gradient_accumulation_steps", f"must be >= 1 or null, got {self.gradient_accumulation_steps}")
             micro *= self.gradient_accumulation_steps
         if self.batch_size % micro:
             bad(
@@ -348,7 +423,7 @@ class RunConfig:
             return self.gradient_accumulation_steps
         per_step = self.per_device_train_batch_size * num_processes
         if self.batch_size % per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size: {self.batch_size} is not a multiple of per_device_train_batch_size × "
                 f"processes ({self.per_device_train_batch_size} × {num_processes})"
             )
@@ -384,12 +459,78 @@ ALIASES = {"num_train_epochs": "num_train_epochs_per_round"}
 _HINTS = typing.get_type_hints(RunConfig)
 
 
-def check_bounds(name: str, value: float, note: str = "") -> None:
-    """ValueError naming `name` unless `value` lies in the closed interval [lo, hi] that
-    RunConfig's field `name` declares (metadata "bounds"); `note` follows the interval."""
-    lo, hi = FIELDS[name].metadata["bounds"]
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}: must be in [{lo:g}, {hi:g}]{note}, got {value}")
+def _is_import_spec(spec: str) -> bool:
+    """Whether `spec` reads 'module.path:attribute' (both parts dotted Python names)."""
+    mod, sep, attr = str(spec).partition(":")
+    names = mod.split(".") + attr.split(".")
+    return bool(sep) and all(n.isidentifier() for n in names)
+
+
+def check_bounds(name: str, value, note: Optional[str] = None) -> None:
+    """ConfigError naming `name` unless `value` (each item of a list) lies in the Bounds that RunConfig's
+    field `name` declares (metadata "bounds"); None passes an Optional field. `note` (default: the field's
+    own, as " (note)") follows the interval."""
+    meta = FIELDS[name].metadata
+    b: Bounds = meta["bounds"]
+    if value is None and _optional(name):
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if all(v in b for v in items):
+        return
+    if meta.get("error"):
+        raise ConfigError(f"{name}: {meta['error']}, got {value}")
+    if note is None:
+        note = f" ({meta['note']})" if meta.get("note") else ""
+    what = f"every value must be {b.text()}" if isinstance(value, (list, tuple)) else f"must be {b.text()}"
+    raise ConfigError(f"{name}: {what}{' or null' if _optional(name) else ''}{note}, got {value}")
+
+
+def check_value(name: str, value) -> None:
+    """ConfigError naming `name` unless `value` is one of the field's choices and lies in its bounds
+    (what RunConfig checks field by field, for callers that take a field's value on its own)."""
+    meta = FIELDS[name].metadata
+    allowed = meta.get("choices")
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{name}: must be one of {_show(allowed)}, got {value!r}")
+    if "bounds" in meta:
+        check_bounds(name, value)
+
+
+def default_of(name: str):
+    """RunConfig's default of field `name` (the one place defaults are declared)."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def field_groups() -> List[Tuple[str, List[str]]]:
+    """RunConfig's fields grouped as its docstring lists them ("Title: a, b, c." lines, continued by
+    indented lines), in that order; a field the docstring misses comes last, under "Other"."""
+    import inspect
+    import re
+
+    entries: List[List[str]] = []
+    for line in inspect.cleandoc(RunConfig.__doc__ or "").splitlines():
+        head = re.match(r"^(\S[^:]*?):\s+(\S.*)$", line)
+        if head:
+            entries.append([head.group(1), head.group(2)])
+        elif line.startswith(" ") and entries:
+            entries[-1][1] += " " + line.strip()
+        else:
+            entries.append(["", ""])  # a line of prose ends the entry before it
+    groups, seen = [], set()
+    for title, text in entries:
+        names = [n.strip().rstrip(".") for n in text.split(",")]
+        names = [n for n in names if n in FIELDS and n not in seen]
+        if title and names:
+            groups.append((title, names))
+            seen.update(names)
+    rest = [n for n in FIELDS if n not in seen]
+    return groups + ([("Other", rest)] if rest else [])
+
+
+def _optional(name: str) -> bool:
+    hint = _HINTS[name]
+    return typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
 
 
 def _show(allowed) -> str:
@@ -397,7 +538,7 @@ def _show(allowed) -> str:
 
 
 def _convert(name: str, value: Any) -> Any:
-    """A YAML or command-line value converted to the field's type (ValueError naming the field otherwise)."""
+    """A YAML or command-line value converted to the field's type (ConfigError naming the field otherwise)."""
     hint = _HINTS[name]
     given = value
     args = typing.get_args(hint)
@@ -435,7 +576,10 @@ def _convert(name: str, value: Any) -> Any:
                 if text.startswith("["):
                     import yaml
 
-                    value = yaml.safe_load(text)
+                    try:
+                        value = yaml.safe_load(text)
+                    except yaml.YAMLError:
+                        raise ValueError from None
                 else:
                     value = [v for v in text.replace(",", " ").split() if v]
             if not isinstance(value, (list, tuple)):
@@ -450,7 +594,7 @@ def _convert(name: str, value: Any) -> Any:
         kind = getattr(hint, "__name__", str(hint))
         if typing.get_origin(hint) is list:
             kind = f"a list of {typing.get_args(hint)[0].__name__} (e.g. '1,2,3')"
-        raise ValueError(f"{name}: cannot read {given!r} as {kind}") from None
+        raise ConfigError(f"{name}: cannot read {given!r} as {kind}") from None
     return value
 
 
@@ -462,7 +606,7 @@ def _field_name(key: str, source: str) -> str:
         hint = (
             f"; did you mean {', '.join(close)}?" if close else " (see `ssapo train --help` or ssapo.config.RunConfig)"
         )
-        raise ValueError(f"{key}: unknown configuration key in {source}{hint}")
+        raise ConfigError(f"{key}: unknown configuration key in {source}{hint}")
     return name
 
 
@@ -479,28 +623,28 @@ def read_yaml(path: str) -> Dict[str, Any]:
     import yaml
 
     if not os.path.isfile(path):
-        raise ValueError(f"config: no such file: {path}")
+        raise ConfigError(f"config: no such file: {path}")
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ValueError(f"config: {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config: {path} must hold a mapping of keys to values")
+        raise ConfigError(f"config: {path} must hold a mapping of keys to values")
     return data
 
 
 def recipe_path(preset: str) -> str:
     if preset not in PRESETS:
-        raise ValueError(f"model: {preset!r} is not a preset ({', '.join(PRESETS)})")
+        raise ConfigError(f"model: {preset!r} is not a preset ({', '.join(PRESETS)})")
     return PRESETS[preset]
 
 
 def accelerate_config_path(name: str) -> str:
     if name not in ACCELERATE_CONFIGS:
-        raise ValueError(f"accelerate_config: must be one of {', '.join(ACCELERATE_CONFIGS)}, got {name!r}")
+        raise ConfigError(f"accelerate_config: must be one of {', '.join(ACCELERATE_CONFIGS)}, got {name!r}")
     return ACCELERATE_CONFIGS[name]
 
 
@@ -524,9 +668,9 @@ def parse_overrides(tokens: Sequence[str]) -> Dict[str, Any]:
         elif "=" in tok:
             k, v = tok.split("=", 1)
         else:
-            raise ValueError(f"{tok}: expected --key value or key=value")
+            raise ConfigError(f"{tok}: expected --key value or key=value")
         if not k:
-            raise ValueError(f"{tokens[i]}: expected --key value or key=value")
+            raise ConfigError(f"{tokens[i]}: expected --key value or key=value")
         out[k.replace("-", "_")] = v
         i += 1
     return out
@@ -551,7 +695,7 @@ def load_config(
     if overrides:
         if not isinstance(overrides, Mapping):
             if isinstance(overrides, str):
-                raise ValueError("overrides: give a mapping or a list of tokens, not one string")
+                raise ConfigError("overrides: give a mapping or a list of tokens, not one string")
             overrides = parse_overrides(overrides)
         values = merge(values, overrides, "the overrides")
     return RunConfig(**values)

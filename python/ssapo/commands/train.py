@@ -6,11 +6,15 @@
     ssapo train --model llama3-8b --accelerate-config zero3 --num-processes 8 --preference-data /data/uf.jsonl
     ssapo train --model ./my-sft-model --method iterative-dpo --use-peft --preference-data uf.parquet
 
-Any RunConfig field can be set as `--field value`, `--field=value` or
-`--set field=value` (see `ssapo.config.RunConfig` for the fields and their
-help). Order of precedence: the preset's recipe
+Every RunConfig field is an option, generated from the dataclass and listed
+below in RunConfig's groups with its help, type, bounds and default:
+`--field-name value` (or `--field_name value`, `--field-name=value`, `--set
+field_name=value`), a bool alone (`--use-peft`) is true, a list takes
+`1,2,3` or `1 2 3`. Order of precedence: the preset's recipe
 (python/ssapo/recipes/<preset>/config.yaml), then --config, then the command
-line. A bad value is reported with the field's name and exit code 2.
+line (--set, then the --field flags), merged by ssapo.config.load_config. A
+bad value or an unknown option is one line naming the field (with the close
+matches), exit code 2.
 
 Processes. `ssapo train` uses every visible GPU (torch.cuda.device_count();
 one process on a CPU run, use_cpu: true); --num-processes N overrides it.
@@ -37,10 +41,92 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+from ssapo.config import ConfigError
 
 DOC = __doc__
 LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # = ssapo.stage.LAUNCHED_ENV
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written; option help wrapped at spaces only (never inside
+    'iterative-dpo' or a number)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
+def _one_line_error(parser: argparse.ArgumentParser):
+    def error(message: str):
+        parser.exit(2, f"ssapo train: error: {message}\n")
+
+    return error
+
+
+def _show_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _kind(name: str):
+    """(metavar, nargs, const, type text) of RunConfig field `name` on the command line."""
+    import typing
+
+    from ssapo.config import _HINTS, FIELDS, _show
+
+    hint, optional = _HINTS[name], False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        hint, optional = next(a for a in args if a is not type(None)), True
+    choices = FIELDS[name].metadata.get("choices")
+    if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0].__name__
+        return item.upper(), "+", None, f"list of {item}: '1,2,3' or 1 2 3"
+    text = hint.__name__ + (" or null" if optional else "")
+    if name == "group_size":
+        text += " or 'global'"
+    if hint is bool:
+        return "BOOL", "?", "true", "bool; the flag alone = true"
+    if choices is not None:
+        return "{" + ",".join(_show(choices).split(", ")) + "}", None, None, text
+    return hint.__name__.upper(), None, None, text
+
+
+def add_field_arguments(p: argparse.ArgumentParser) -> Dict[str, str]:
+    """One `--field-name` option per RunConfig field (also spelt `--field_name`, and the ALIASES), in
+    the groups of RunConfig's docstring, each with its help, type, default and choices. Values are
+    kept as given (strings): ssapo.config converts and checks them, once, with every other source.
+    Returns {dest: field}."""
+    from ssapo.config import ALIASES, FIELDS, default_of, field_groups
+
+    dests: Dict[str, str] = {}
+    for title, names in field_groups():
+        g = p.add_argument_group(f"RunConfig: {title}")
+        for name in names:
+            metavar, nargs, const, kind = _kind(name)
+            meta = FIELDS[name].metadata
+            extra = f"; {meta['bounds'].text()}" if "bounds" in meta else ""
+            default = "tiny" if name == "model" else argparse.SUPPRESS  # --model picks the preset
+            shown = "tiny, a preset" if name == "model" else _show_value(default_of(name))
+            help = f"{meta['help']} [{kind}{extra}; default: {shown}]".replace("%", "%%")
+            kw = dict(dest=name, default=default, nargs=nargs, metavar=metavar)
+            if const is not None:
+                kw["const"] = const
+            g.add_argument(f"--{name.replace('_', '-')}", help=help, **kw)
+            spellings = {f"--{name}"} | {f"--{a}" for a, n in ALIASES.items() if n == name}
+            spellings |= {s.replace("_", "-") for s in spellings}
+            for alias in sorted(spellings - {f"--{name.replace('_', '-')}"}):
+                g.add_argument(alias, help=argparse.SUPPRESS, **kw)
+            dests[name] = name
+    return dests
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -49,70 +135,99 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="run the SSAPO loop (or a baseline)",
         description=DOC,
         allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
+        usage="ssapo train [--model M] [--config YAML] [--FIELD VALUE ...] [--set FIELD=VALUE] [--resume] "
+        "[--num-processes N ...]",
     )
-    p.add_argument(
-        "--model", default="tiny", help="a preset (tiny, mistral-7b, llama3-8b) or the SFT model's local path or hub id"
+    p.error = _one_line_error(p)
+    run_opts = p.add_argument_group("the run")
+    run_opts.add_argument(
+        "--config", default=None, metavar="YAML", help="a YAML file of RunConfig fields (over the preset's recipe)"
     )
-    p.add_argument("--config", default=None, metavar="YAML", help="a YAML file of RunConfig fields")
-    p.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
-    p.add_argument("--resume", action="store_true", help="continue after the last completed step")
-    p.add_argument(
-        "--method",
-        default=None,
-        choices=["ssapo", "dpo", "iterative-dpo", "spa", "sera"],
-        help="ssapo (default) or a baseline",
-    )
-    p.add_argument("--use-peft", action="store_true", default=None, help="train a LoRA adapter")
-    p.add_argument(
-        "--trust-remote-code", action="store_true", default=None, help="allow the model repository's own code"
-    )
-    from ssapo.config import ACCELERATE_CONFIGS
-
-    p.add_argument(
-        "--accelerate-config",
-        default=None,
-        choices=list(ACCELERATE_CONFIGS),
-        help="the training steps' engine, recipes/accelerate/<name>.yaml, for a multi-process run "
-        "(default: the recipe's accelerate_config, else ddp)",
-    )
-    p.add_argument(
+    run_opts.add_argument("--resume", action="store_true", help="continue after the last completed step")
+    run_opts.add_argument(
         "--num-processes",
         type=int,
         default=None,
         help="processes over all machines (default: every visible GPU, 1 on CPU); > 1: each step is "
         "its own `accelerate launch`",
     )
-    p.add_argument("--num-machines", type=int, default=None, help="machines (accelerate launch --num_machines)")
-    p.add_argument("--machine-rank", type=int, default=None, help="this machine's rank (--machine_rank)")
-    p.add_argument("--main-process-ip", default=None, help="machine 0's address (--main_process_ip)")
-    p.add_argument("--main-process-port", type=int, default=None, help="machine 0's port (--main_process_port)")
-    p.add_argument(
+    run_opts.add_argument("--num-machines", type=int, default=None, help="machines (accelerate launch --num_machines)")
+    run_opts.add_argument("--machine-rank", type=int, default=None, help="this machine's rank (--machine_rank)")
+    run_opts.add_argument("--main-process-ip", default=None, help="machine 0's address (--main_process_ip)")
+    run_opts.add_argument("--main-process-port", type=int, default=None, help="machine 0's port (--main_process_port)")
+    run_opts.add_argument(
         "--set",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="set any RunConfig field (repeatable); `--key value` works too",
+        metavar="FIELD=VALUE",
+        help="set any RunConfig field (repeatable; the --field flags below win over it)",
     )
+    add_field_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
-def build_config(args, extra: Optional[List[str]] = None):
-    """The RunConfig of these arguments: recipe → --config → --set / --key value → the named flags."""
-    from ssapo.config import load_config, parse_overrides
+def _unknown(key: str) -> ConfigError:
+    """The error of an option that is neither a RunConfig field nor one of train's own, with the close matches."""
+    import difflib
 
-    overrides = parse_overrides(list(extra or []))
+    from ssapo.config import ALIASES, FIELDS
+
+    name = key.strip().lstrip("-").replace("-", "_")
+    own = ["config", "resume", "set", "num_processes", "num_machines", "machine_rank", "main_process_ip"]
+    own.append("main_process_port")
+    close = difflib.get_close_matches(name, [*FIELDS, *ALIASES, *own], n=3)
+    hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
+    return ConfigError(f"{name}: unknown option of ssapo train (not a RunConfig field){hint} (see ssapo train --help)")
+
+
+def build_config(args, extra: Optional[List[str]] = None):
+    """The RunConfig of these arguments. The command line's values become one mapping of overrides
+    (`field=value` tokens, then --set, then the --field flags: later wins) that ssapo.config.load_config
+    merges over the preset's recipe and --config, converts and checks: the one place where values meet."""
+    from ssapo.config import ALIASES, FIELDS, load_config, parse_overrides
+
+    overrides = {}
+    for key, value in parse_overrides(list(extra or [])).items():  # what the parser did not know
+        if key.strip().lstrip("-").replace("-", "_") not in {*FIELDS, *ALIASES}:
+            raise _unknown(key)
+        overrides[key] = value
     for item in args.set or []:
         if "=" not in item:
-            raise ValueError(f"--set {item}: expected KEY=VALUE")
+            raise ConfigError(f"--set {item}: expected FIELD=VALUE")
         k, v = item.split("=", 1)
         overrides[k.strip().lstrip("-").replace("-", "_")] = v
-    for name in ("output_dir", "method", "use_peft", "trust_remote_code", "accelerate_config"):
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[name] = value
+    for name in FIELDS:
+        if name != "model" and hasattr(args, name):
+            value = getattr(args, name)
+            overrides[name] = " ".join(value) if isinstance(value, list) else value
     return load_config(args.model, args.config, overrides)
+
+
+def with_tiny_task(cfg, task_dir: Optional[str] = None, size: str = "tiny", procs=None):
+    """The tiny preset's run: builds (or finds) the gold-reward task
+    (ssapo.bench.task.prepare_task, seeded by cfg.seed) in `task_dir`
+    (default <output_dir>/task) and returns `cfg` with model = the task's SFT
+    model and preference_data / prompt_data = its files (where cfg leaves them
+    null): ordinary paths, so the loop never knows the task. Inside a launch
+    (`procs`) the main process builds it, the others wait and find it."""
+    import dataclasses
+
+    from ssapo.bench.task import prepare_task
+
+    d = os.path.abspath(task_dir or os.path.join(cfg.output_dir, "task"))
+    if procs is None or procs.is_main_process:
+        task = prepare_task(d, seed=cfg.seed, size=size)
+    if procs is not None:
+        procs.wait_for_everyone()
+        task = prepare_task(d, seed=cfg.seed, size=size)
+    return dataclasses.replace(
+        cfg,
+        model=task["sft_model"],
+        preference_data=cfg.preference_data or task["preferences"],
+        prompt_data=cfg.prompt_data or task["prompts"],
+    )
 
 
 def _visible_gpus() -> int:
@@ -129,22 +244,22 @@ def _inside_launch() -> bool:
 
 def launcher_of(args, cfg):
     """The ssapo.stage.Launcher of these arguments, or None for one process (every step in this process).
-    ValueError naming the flag for a bad combination."""
+    ConfigError naming the flag for a bad combination."""
     from ssapo.config import accelerate_config_path
 
     machines = args.num_machines or 1
     rank = args.machine_rank or 0
     if machines < 1:
-        raise ValueError(f"--num-machines: must be >= 1, got {machines}")
+        raise ConfigError(f"--num-machines: must be >= 1, got {machines}")
     if not 0 <= rank < machines:
-        raise ValueError(f"--machine-rank: must be in [0, {machines}), got {rank}")
+        raise ConfigError(f"--machine-rank: must be in [0, {machines}), got {rank}")
     if machines > 1 and not args.main_process_ip:
-        raise ValueError("--main-process-ip: needed with --num-machines > 1 (machine 0's address)")
+        raise ConfigError("--main-process-ip: needed with --num-machines > 1 (machine 0's address)")
     n = args.num_processes
     if n is None:
         n = 1 if cfg.use_cpu else max(1, _visible_gpus()) * machines
     if n < machines:
-        raise ValueError(f"--num-processes: {n} processes for {machines} machines")
+        raise ConfigError(f"--num-processes: {n} processes for {machines} machines")
     if n == 1:
         return None
     from ssapo.stage import Launcher
@@ -169,28 +284,20 @@ def launcher_of(args, cfg):
     )
 
 
-def _field_error(e: ValueError) -> bool:
-    """Whether `e` is a configuration error ("<field>: ..."), not a bug."""
-    from ssapo.config import FIELDS
-
-    head = str(e).split(":", 1)[0].strip().lstrip("-").replace("-", "_")
-    return head in FIELDS or head in ("config", "overrides") or str(e).split(":", 1)[0].startswith("--")
-
-
 def run(args, extra: Optional[List[str]] = None) -> int:
     extra = list(extra if extra is not None else getattr(args, "extra", None) or [])
     inside = _inside_launch()
     try:
         cfg = build_config(args, extra)
         if args.num_processes is not None and args.num_processes < 1:
-            raise ValueError(f"--num-processes: must be >= 1, got {args.num_processes}")
+            raise ConfigError(f"--num-processes: must be >= 1, got {args.num_processes}")
         launcher, procs = None, None
         if inside:  # never launch again: the ranks of this launch run every step together
             if (
                 os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
                 or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
             ):
-                raise ValueError(
+                raise ConfigError(
                     "--accelerate-config: inside a DeepSpeed/FSDP launch every step would run under the "
                     "engine; run `ssapo train --num-processes N` outside any launch (it launches each "
                     "step itself)"
@@ -203,10 +310,13 @@ def run(args, extra: Optional[List[str]] = None) -> int:
                 procs = PartialState(cpu=cfg.use_cpu, timeout=timedelta(seconds=cfg.ddp_timeout))
         else:
             launcher = launcher_of(args, cfg)
-    except ValueError as e:
+        if cfg.model == "tiny":  # the preset's task, built here; the loop gets its paths
+            cfg = with_tiny_task(cfg, procs=procs)
+    except ConfigError as e:
         print(f"ssapo train: error: {e}", file=sys.stderr)
         return 2
 
+    from ssapo.io import InputError
     from ssapo.loop import StepFailed
     from ssapo.loop import run as run_loop
 
@@ -218,9 +328,7 @@ def run(args, extra: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("ssapo train: interrupted; continue with --resume", file=sys.stderr)
         return 130
-    except ValueError as e:
-        if not _field_error(e):
-            raise
+    except (ConfigError, InputError) as e:  # a bad value or input file found by a step: one line, no traceback
         print(f"ssapo train: error: {e}", file=sys.stderr)
         return 2
     print(f"ssapo train: done; outputs in {out}")
