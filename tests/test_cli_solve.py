@@ -54,13 +54,37 @@ def test_csv_and_jsonl_to_parquet(files):
         assert meta["value"] == ref.value and meta["lam"] == ref.lam.tolist()
 
 
-def test_global_and_softplus(files, capsys):
+def test_global_and_margin_space(files, capsys):
     margins = np.random.default_rng(1).normal(0, 3, 100)
     np.save(files / "m.npy", margins)
-    assert main(["solve", str(files / "m.npy"), "--loss", "softplus", "--global", "--eps", "0.1"]) == 0
+    assert main(["solve", str(files / "m.npy"), "--space", "margin", "--global", "--eps", "0.1"]) == 0
     m = float(np.max(np.abs(margins)))
     ref = dro_core.solve(margins, 0.1, loss=dro_core.Loss.softplus(6, -m, m))
     assert f"{ref.value:.10g}" in capsys.readouterr().out
+
+
+def test_spaces_are_the_followers(files, capsys):
+    """`--space` takes the follower's names and its loss (ssapo.follower.loss_of): all-zero margins are
+    the follower's flat log 2, not an error; the defaults are RunConfig's; the old names are gone."""
+    from ssapo.config import RunConfig
+    from ssapo.follower import follow
+
+    np.save(files / "zero.npy", np.zeros(10))
+    out = files / "zero.npz"
+    assert main(["solve", str(files / "zero.npy"), "--space", "margin", "--output", str(out)]) == 0
+    z = np.load(out)
+    _, diag = follow(np.zeros(10), eps=RunConfig().eps, space="margin", beta_follower=1.0)
+    assert float(z["value"]) == diag["value"] == pytest.approx(np.log(2.0))
+    assert str(z["loss"]) == "Loss.max_affine(k=1)"
+    capsys.readouterr()
+    assert main(["solve", str(files / "xi.npy")]) == 0  # eps, group_size, k: RunConfig's defaults
+    d = RunConfig()
+    ref = dro_core.solve(XI, d.eps, d.group_size, loss=dro_core.Loss.neg_log(d.k))
+    assert f"value              {ref.value:.10g}" in capsys.readouterr().out
+    for old in (["--loss", "softplus"], ["--space", "neg_log"], ["--space", "softplus"]):
+        with pytest.raises(SystemExit) as e:
+            main(["solve", str(files / "xi.npy"), *old])
+        assert e.value.code == 2
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,14 @@
 """`ssapo solve`: the follower on a file of ξ values.
 
     ssapo solve xi.npy --eps 0.01 --group-size 100 --output atoms.npz
-    ssapo solve pairs.jsonl --column margin --loss softplus --global --output atoms.parquet
+    ssapo solve pairs.jsonl --column xi --space margin --global --output atoms.parquet
+
+Spaces, as the follower's (`follower_space`; ssapo.follower, docs/METHOD.md §2):
+`prob` (default): ξ are preference probabilities in [0, 1], loss −log ξ by K
+tangents; `margin`: ξ are margins β·h, loss softplus(−ξ) by K tangents over
+[−max|ξ|, max|ξ|] (flat log 2 when every ξ is 0). The loss is the follower's
+own (`ssapo.follower.loss_of`); --eps, --group-size and --k default to
+RunConfig's eps, group_size and k.
 
 Writes, atomically:
 - .npz: per sample `loc`, `mass`, `shift` (N, 2), `weights`, `group_index` (N,);
@@ -31,25 +38,31 @@ def add_parser(sub) -> None:
     )
     p.add_argument("input", help=".npy (1-D), .csv (header) or .jsonl file of xi values")
     p.add_argument("--column", default=None, help="column of .csv/.jsonl input (default: xi)")
-    p.add_argument("--eps", type=float, default=0.01, help="radius of each group's ball (default 0.01)")
+    from ssapo.config import FIELDS, default_of
+
+    eps, group_size, k, space = (default_of(n) for n in ("eps", "group_size", "k", "follower_space"))
+    p.add_argument("--eps", type=float, default=eps, help=f"radius of each group's ball (default {eps})")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--group-size", type=int, default=100, help="consecutive groups of this size (default 100)")
+    g.add_argument(
+        "--group-size", type=int, default=group_size, help=f"consecutive groups of this size (default {group_size})"
+    )
     g.add_argument("--global", dest="global_ball", action="store_true", help="one ball around all samples")
     g.add_argument("--labels-column", default=None, help="column (csv/jsonl) of integer group labels")
     p.add_argument(
-        "--loss",
-        choices=["neg_log", "softplus"],
-        default="neg_log",
-        help="neg_log: xi are probabilities in [0, 1] (default); softplus: xi are margins",
+        "--space",
+        choices=list(FIELDS["follower_space"].metadata["choices"]),
+        default=space,
+        help=f"the follower's space: prob = xi are probabilities in [0, 1], loss -log xi; margin = xi are "
+        f"margins, loss softplus(-xi) (default {space})",
     )
-    p.add_argument("--k", type=int, default=6, help="number of tangents (default 6)")
+    p.add_argument("--k", type=int, default=k, help=f"number of tangents (default {k})")
     p.add_argument(
         "--support",
         type=float,
         nargs=2,
         metavar=("LO", "HI"),
         default=None,
-        help="support [LO, HI] (default: [0, 1] for neg_log, [-max|xi|, max|xi|] for softplus)",
+        help="the adversary's support [LO, HI] (default: [0, 1] for prob, [-max|xi|, max|xi|] for margin)",
     )
     p.add_argument("--threads", type=int, default=None, help="rayon threads (default: all cores)")
     p.add_argument("--output", "-o", default=None, help="output .npz or .parquet (default: print only)")
@@ -144,6 +157,7 @@ def run(args) -> int:
     import numpy as np
 
     import dro_core
+    from ssapo.follower import loss_of
     from ssapo.io import read_column
 
     try:
@@ -161,13 +175,7 @@ def run(args) -> int:
             groups = groups.astype(np.int64)
         else:
             groups = args.group_size
-        if args.loss == "neg_log":
-            loss = dro_core.Loss.neg_log(args.k)
-        else:
-            lo, hi = args.support if args.support else (-float(np.max(np.abs(xi))), float(np.max(np.abs(xi))))
-            if len(xi) and not lo < hi:
-                raise ValueError("--support: softplus needs lo < hi (all margins are 0?)")
-            loss = dro_core.Loss.softplus(args.k, lo, hi)
+        loss = loss_of(xi, args.k, args.space)  # the follower's loss of this space, nothing of our own
         t = time.perf_counter()
         res = dro_core.solve(
             xi, args.eps, groups, loss=loss, support=tuple(args.support) if args.support else None, threads=args.threads
