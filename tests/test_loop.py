@@ -20,7 +20,6 @@ from ssapo.io import read_jsonl
 from ssapo.loop import run
 
 SMALL = {
-    "task_size": "test",
     "seed_size": "32",
     "round_sizes": "32 32",
     "num_rounds": "2",
@@ -45,11 +44,32 @@ STEPS = [
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("task"))
+    """The gold-reward task (test size), built once; runs get its paths as a user's run would."""
+    from ssapo.bench.task import prepare_task
+
+    d = str(tmp_path_factory.mktemp("task"))
+    prepare_task(d, seed=42, size="test")
+    return d
+
+
+def task_paths(task_dir):
+    """The task's SFT model and data as RunConfig fields."""
+    return {
+        "model": os.path.join(task_dir, "sft"),
+        "preference_data": os.path.join(task_dir, "preferences.jsonl"),
+        "prompt_data": os.path.join(task_dir, "prompts.jsonl"),
+    }
+
+
+def task_args(task_dir):
+    """`ssapo train` arguments of a tiny-recipe run on the task at task_dir."""
+    from ssapo.config import recipe_path
+
+    return ["--config", recipe_path("tiny"), *[f"--{k}={v}" for k, v in task_paths(task_dir).items()]]
 
 
 def cfg(out, task_dir, **kw):
-    return load_config("tiny", overrides={**SMALL, "output_dir": str(out), "task_dir": task_dir, **kw})
+    return load_config("tiny", overrides={**SMALL, **task_paths(task_dir), "output_dir": str(out), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +119,8 @@ def test_two_rounds_write_everything(reference_run):
         assert all(abs(r["chosen_reward"] - r["rejected_reward"] - r["margin"]) < 1e-9 for r in rows)
         m = json.load(open(os.path.join(rd, "metrics.json")))
         a, f, ld = m["annotation"], m["follower"], m["leader"]
-        assert a["pairs"] == len(rows) == a["prompts"] - a["dropped_all_tied"] and 0 <= a["gold_accuracy"] <= 1
+        assert a["pairs"] == len(rows) == a["prompts"] - a["dropped_all_tied"] and not any("gold" in k for k in a)
+        assert a["flipped"] == 0 and not any(r["flipped"] for r in rows) and a["annotator"] == "implicit"
         assert f["n"] == len(rows) and abs(f["dual_gap"]) < 1e-9 and len(f["lam"]) == f["groups"]
         assert ld["param_displacement"] > 0 and ld["max_grad_norm"] > 0 and 0 <= ld["clamped_fraction"] <= 1
         assert ld["steps"] == len(ld["loss_history"]) == 4 and ld["loss"] == "shift_prob"
@@ -164,8 +185,8 @@ def test_resolve_every_moves_the_atoms(tmp_path, task_dir):
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, task_dir, reference_run):
     ref, _ = reference_run
     out = tmp_path / "killed"
-    args = [f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir}.items()]
-    cmd = [sys.executable, "-m", "ssapo.cli", "train", "--model", "tiny", "--output-dir", str(out), *args]
+    args = [*task_args(task_dir), *[f"--{k}={v}" for k, v in SMALL.items()]]
+    cmd = [sys.executable, "-m", "ssapo.cli", "train", "--output-dir", str(out), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state = out / "state.json"
@@ -280,6 +301,54 @@ def test_baselines_run_in_the_same_loop(tmp_path, task_dir, method):
         assert m["leader"]["pairs"] == s["kept"] + s["bootstrapped"] == len(read_jsonl(out / "round_1" / "sera.jsonl"))
     else:
         assert m["leader"]["spa_flagged_fraction"] > 0 and m["leader"]["spa_lambda"] == 0.5
+
+
+def test_a_given_seed_model_skips_the_seed_stage(tmp_path, task_dir):
+    """seed_model: π_0 given; round 1 starts from it, so it equals the round 1 of the run that trained it."""
+    kw = dict(method="iterative-dpo", num_rounds="1", round_sizes="32")
+    a = run(cfg(tmp_path / "a", task_dir, **kw))
+    b = run(cfg(tmp_path / "b", task_dir, seed_model=str(a / "seed" / "model"), **kw))
+    assert json.load(open(b / "state.json"))["done"] == [
+        "seed/eval",
+        "round_1/annotate",
+        "round_1/lead",
+        "round_1/eval",
+    ]
+    assert not (b / "seed" / "model").exists()
+    assert (a / "round_1" / "annotations.jsonl").read_text() == (b / "round_1" / "annotations.jsonl").read_text()
+    assert same_weights(a / "round_1" / "model", b / "round_1" / "model")
+    ev = lambda d: json.load(open(d / "seed" / "metrics.json"))["eval"]["heldout_reward_accuracy"]  # noqa: E731
+    assert ev(a) == ev(b)
+    with pytest.raises(ValueError, match="^seed_model: no checkpoint directory"):
+        run(cfg(tmp_path / "c", task_dir, seed_model=str(tmp_path / "missing"), **kw))
+
+
+def test_an_annotator_hook_labels_the_round_and_flips_are_recorded(tmp_path, task_dir, monkeypatch):
+    """annotator: module:factory ranks the samples (here: reward = scale × the response's length); then
+    annotation_flip_rate turns round(r·n) of the pairs around, in the `flipped` column."""
+    import types
+
+    mod = types.ModuleType("length_judge")
+
+    def make(args):
+        scale = float(args)
+        return lambda prompts, responses: [[scale * len(r) for r in rs] for rs in responses]
+
+    mod.make = make
+    monkeypatch.setitem(sys.modules, "length_judge", mod)
+    text = lambda m: m if isinstance(m, str) else m[-1]["content"]  # noqa: E731
+    over = dict(method="iterative-dpo", num_rounds="1", round_sizes="32", annotator="length_judge:make")
+    out = run(cfg(tmp_path / "j", task_dir, annotator_args="2.5", annotation_flip_rate="0.25", **over))
+    rows = read_jsonl(out / "round_1" / "annotations.jsonl")
+    m = json.load(open(out / "round_1" / "metrics.json"))["annotation"]
+    assert m["annotator"] == "length_judge:make" and m["pairs"] == len(rows) > 0
+    flipped = [r for r in rows if r["flipped"]]
+    assert len(flipped) == m["flipped"] == round(0.25 * len(rows))
+    for r in rows:
+        assert r["chosen_reward"] == 2.5 * len(text(r["chosen"])) and r["rejected_reward"] == 2.5 * len(
+            text(r["rejected"])
+        )
+        assert (r["margin"] < 0) == r["flipped"] and r["margin"] == r["chosen_reward"] - r["rejected_reward"]
 
 
 @pytest.mark.parametrize("role", ["ensemble", "mix", "threshold"])
@@ -447,17 +516,26 @@ def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
         assert r.returncode == 2 and r.stderr.startswith(f"ssapo train: error: {flag}:"), r.stderr
         assert "Traceback" not in r.stderr
     # inside a launch it never launches again: every step runs in the launched processes
+    import ssapo.bench.task as bench_task
     import ssapo.loop as loop
 
-    calls = []
+    calls, built = [], []
     monkeypatch.setattr(
-        loop, "run", lambda cfg, resume=False, launcher=None, procs=None: calls.append((launcher, procs)) or tmp_path
+        loop,
+        "run",
+        lambda cfg, resume=False, launcher=None, procs=None: calls.append((launcher, procs, cfg)) or tmp_path,
     )
+    fake = {"sft_model": str(tmp_path / "t" / "sft"), "preferences": "p.jsonl", "prompts": "q.jsonl"}
+    monkeypatch.setattr(bench_task, "prepare_task", lambda d, seed, size: built.append((d, seed, size)) or fake)
     monkeypatch.setenv(train.LAUNCHED_ENV, "1")
     args, extra = build_parser().parse_known_args(
         ["train", "--model", "tiny", "--num-processes", "2", "--output-dir", str(tmp_path / "in")]
     )
-    assert train.run(args, extra) == 0 and calls == [(None, None)]
+    assert train.run(args, extra) == 0 and [c[:2] for c in calls] == [(None, None)]
+    # the tiny preset's command builds the task in <output_dir>/task and hands the loop its paths
+    assert built == [(str(tmp_path / "in" / "task"), 42, "tiny")]
+    c = calls[0][2]
+    assert (c.model, c.preference_data, c.prompt_data) == (fake["sft_model"], "p.jsonl", "q.jsonl")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # ... and refuses to run every step under ZeRO-3
     assert train.run(args, extra) == 2 and len(calls) == 1
 
@@ -479,13 +557,12 @@ def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypa
     out = tmp_path / "run"
     argv = [
         "train",
-        "--model",
-        "tiny",
         "--num-processes",
         "2",
         "--output-dir",
         str(out),
-        *[f"--{k}={v}" for k, v in {**SMALL, "task_dir": task_dir}.items()],
+        *task_args(task_dir),
+        *[f"--{k}={v}" for k, v in SMALL.items()],
     ]
     args, extra = build_parser().parse_known_args(argv)
     assert train.run(args, extra) == 1
@@ -498,7 +575,6 @@ def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypa
 
 
 MP = {
-    "task_size": "test",
     "seed_size": "16",
     "round_sizes": "16 16",
     "num_rounds": "2",
@@ -520,18 +596,17 @@ def two_process_run(tmp_path_factory, task_dir):
     def get(method):
         if method not in runs:
             out = tmp_path_factory.mktemp("mp") / method
-            over = {**MP, "task_dir": task_dir, "method": method}
+            over = {**MP, "method": method}
             cmd = [
                 sys.executable,
                 "-m",
                 "ssapo.cli",
                 "train",
-                "--model",
-                "tiny",
                 "--num-processes",
                 "2",
                 "--output-dir",
                 str(out),
+                *task_args(task_dir),
                 *[f"--{k}={v}" for k, v in over.items()],
             ]
             env = {
@@ -620,7 +695,7 @@ def test_two_processes_annotate_and_follow_as_one(two_process_run, tmp_path, tas
             "tiny",
             overrides={
                 **MP,
-                "task_dir": task_dir,
+                **task_paths(task_dir),
                 "num_rounds": "1",
                 "round_sizes": "16",
                 "output_dir": str(tmp_path / "one"),
@@ -662,7 +737,7 @@ def test_the_driver_runs_the_leader_under_zero3_and_the_rest_data_parallel(tmp_p
             "num_rounds": "1",
             "round_sizes": "16",
             "use_cpu": "false",
-            "task_dir": task_dir,
+            **task_paths(task_dir),
             "output_dir": str(out),
         },
     )

@@ -164,7 +164,7 @@ class State:
 
 def steps_of(cfg: RunConfig) -> List[str]:
     """Every step of a run of `cfg`, in order."""
-    steps = ["seed", "seed/eval"]
+    steps = ["seed/eval"] if cfg.seed_model else ["seed", "seed/eval"]
     if cfg.method == "dpo":
         return steps
     for t in range(1, cfg.num_rounds + 1):
@@ -251,22 +251,17 @@ def check_resumable(cfg: RunConfig, out: str) -> None:
 
 
 def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
-    """π_init and the data sources; the tiny preset builds (or finds) its task first."""
+    """π_init and the data sources: paths (the tiny preset's task is built by its command, not here)."""
     if cfg.model == "tiny":
-        from ssapo.bench.task import prepare_task
-
-        task = prepare_task(
-            cfg.task_dir or os.path.join(out, "task"), seed=cfg.seed, size=cfg.task_size, flip_rate=cfg.task_flip_rate
+        raise ValueError(
+            "model: 'tiny' is a preset whose task `ssapo train --model tiny` builds "
+            "(ssapo.commands.train.with_tiny_task); the loop takes the SFT model's path"
         )
-        return {
-            "init": task["sft_model"],
-            "preference_data": cfg.preference_data or task["preferences"],
-            "prompt_data": cfg.prompt_data or task["prompts"],
-            "task": task,
-        }
     if not cfg.preference_data:
-        raise ValueError("preference_data: needed for a model other than the tiny preset")
-    return {"init": cfg.model, "preference_data": cfg.preference_data, "prompt_data": cfg.prompt_data, "task": None}
+        raise ValueError("preference_data: needed (labelled pairs for the seed stage and the held-out evaluation)")
+    if cfg.seed_model and not os.path.isdir(cfg.seed_model):
+        raise ValueError(f"seed_model: no checkpoint directory at {cfg.seed_model}")
+    return {"init": cfg.model, "preference_data": cfg.preference_data, "prompt_data": cfg.prompt_data}
 
 
 def _tokenizer(cfg: RunConfig, path: str):
@@ -538,26 +533,6 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def gold_stats(task: Optional[dict], rows: List[dict]) -> Dict[str, float]:
-    """Annotation accuracy against the gold reward (the tiny task only); also
-    sets each row's chosen_gold / rejected_gold."""
-    if not task or not rows:
-        return {}
-    from ssapo.bench.task import gold_reward, load_spec
-
-    spec = load_spec(task["task"])
-    text = lambda m: m if isinstance(m, str) else m[-1]["content"]  # noqa: E731
-    right = tie = 0
-    for r in rows:
-        p = text(r["prompt"])
-        gc, gr = gold_reward(spec, p, text(r["chosen"])), gold_reward(spec, p, text(r["rejected"]))
-        r["chosen_gold"], r["rejected_gold"] = gc, gr
-        right += gc > gr
-        tie += gc == gr
-    n = len(rows)
-    return {"gold_accuracy": right / n, "gold_tie_fraction": tie / n, "gold_accuracy_untied": right / max(n - tie, 1)}
-
-
 def _margins(
     model,
     reference,
@@ -738,7 +713,8 @@ def _annotate_step(
 ) -> Optional[tuple]:
     """Self-annotation shared out over the processes by prompt chunks; returns
     (rows in prompt order, stats) on the main process, None elsewhere."""
-    from ssapo import annotate
+    from ssapo import annotate, chat
+    from ssapo.annotators import load_annotator, text_scorer
 
     vllm = annotate.use_vllm(cfg.generation_backend)
     world = 1 if vllm else state.world
@@ -748,8 +724,19 @@ def _annotate_step(
         device = _device(cfg, state)
         policy, tok = _load(policy_path, cfg, None if vllm else device)
         ref, _ = _load(ref_path, cfg, None if vllm else device)
+        fn = load_annotator(cfg)
+        scorer = text_scorer(fn, tok, chat.stop_token_ids(policy, tok)) if fn is not None else None
         rows, stats = annotate.annotate_rows(
-            policy, ref, tok, prompts, cfg, seed=seed, policy_path=policy_path, rank=state.rank, world=world
+            policy,
+            ref,
+            tok,
+            prompts,
+            cfg,
+            seed=seed,
+            policy_path=policy_path,
+            rank=state.rank,
+            world=world,
+            scorer=scorer,
         )
         del policy, ref
         _free()
@@ -848,7 +835,9 @@ class Run:
         return os.path.join(self.out, "seed" if t == 0 else f"round_{t}")
 
     def model(self, t: int) -> str:
-        """π_t's checkpoint: seed/model for t = 0, else round_<t>/model."""
+        """π_t's checkpoint: seed/model (or the given seed_model) for t = 0, else round_<t>/model."""
+        if t == 0 and self.cfg.seed_model:
+            return self.cfg.seed_model
         return os.path.join(self.dir(t), "model")
 
     def metrics_path(self, t: int) -> str:
@@ -914,8 +903,9 @@ def _step_eval(run: Run, state: State, t: int) -> None:
 
 
 def _step_annotate(run: Run, state: State, t: int) -> None:
-    """π_{t−1} annotates round t's prompts (shared out by chunks)."""
+    """π_{t−1} annotates round t's prompts (shared out by chunks); then annotation_flip_rate turns pairs around."""
     from ssapo import annotate
+    from ssapo.annotators import flip_pairs
 
     cfg, rd = run.cfg, run.dir(t)
     os.makedirs(rd, exist_ok=True)
@@ -927,9 +917,13 @@ def _step_annotate(run: Run, state: State, t: int) -> None:
         if not rows:
             raise RuntimeError(f"round {t}: every prompt's responses tied; no pairs to train on")
         stats = annotate.finish_stats(stats, rows)
-        stats.update(gold_stats(run.src["task"], rows))
-        write_jsonl(os.path.join(rd, "annotations.jsonl"), [{k: v for k, v in r.items() if k != "index"} for r in rows])
-        write_json(run.metrics_path(t), {"annotation": {**stats, "reference": kind, "seconds": time.time() - t0}})
+        rows = flip_pairs(
+            [{k: v for k, v in r.items() if k != "index"} for r in rows], cfg.annotation_flip_rate, (cfg.seed, t)
+        )
+        stats["flipped"] = sum(r["flipped"] for r in rows)
+        write_jsonl(os.path.join(rd, "annotations.jsonl"), rows)
+        stats.update(reference=kind, annotator=cfg.annotator, seconds=time.time() - t0)
+        write_json(run.metrics_path(t), {"annotation": stats})
 
 
 def _step_follow(run: Run, state: State, t: int) -> None:
@@ -967,9 +961,8 @@ def _step_sera(run: Run, state: State, t: int) -> None:
     )
     if state.main:
         write_jsonl(os.path.join(rd, "sera.jsonl"), sel)
-        gs = gold_stats(run.src["task"], [dict(r) for r in sel])
         metrics = _read_metrics(run.metrics_path(t))
-        metrics["sera"] = {**stats, **{f"selected_{k}": v for k, v in gs.items()}, "seconds": time.time() - t0}
+        metrics["sera"] = {**stats, "seconds": time.time() - t0}
         write_json(run.metrics_path(t), metrics)
 
 

@@ -48,14 +48,15 @@ FULL = {"task_size": "tiny", "max_new_tokens": 6}
 
 
 def _config(name: str, base: dict, out: str, task_dir: str, seed: int, flip_rate: float = 0.0):
+    from ssapo.bench.task import prepare_task
     from ssapo.config import load_config
 
     ov = dict(METHODS[name])
     scale = ov.pop("learning_rate_scale", None)
-    cfg = load_config(
-        "tiny",
-        overrides={**base, **ov, "output_dir": out, "task_dir": task_dir, "seed": seed, "task_flip_rate": flip_rate},
-    )
+    base = dict(base)
+    task = prepare_task(task_dir, seed=seed, size=base.pop("task_size"), flip_rate=flip_rate)
+    paths = {"model": task["sft_model"], "preference_data": task["preferences"], "prompt_data": task["prompts"]}
+    cfg = load_config("tiny", overrides={**base, **ov, **paths, "output_dir": out, "seed": seed})
     if scale is not None:
         cfg.learning_rate *= scale
     return cfg

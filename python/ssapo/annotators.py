@@ -1,0 +1,104 @@
+"""Who labels a round's pairs, and the robustness knob applied after (docs/METHOD.md §4.2).
+
+    from ssapo.annotators import load_annotator, text_scorer, flip_pairs
+    fn = load_annotator(cfg)            # None for cfg.annotator == "implicit"
+    rows = flip_pairs(rows, cfg.annotation_flip_rate, seed=(cfg.seed, t))
+
+`annotator` (a RunConfig field, so it crosses the `python -m ssapo.stage`
+process boundary in DIR/config.yaml):
+- `implicit` (default): the implicit reward log π_{t−1} − log π_ref
+  (`ssapo.annotate.implicit_reward`);
+- `module:factory`: imported in the process that annotates; `factory(cfg.annotator_args)`
+  (a string, e.g. a path, or None) is called once per step in each annotating
+  process and returns `score(prompts, responses) -> rewards`: `prompts` a list
+  of prompts as annotations.jsonl writes them (a string, or chat messages),
+  `responses[i]` the distinct decoded response texts of prompts[i],
+  `rewards[i]` one float per response. The scorer is called once per
+  generation batch (`generation_batch_size` prompts). Best and worst are then
+  picked, and ties handled, exactly as for implicit rewards
+  (`ssapo.annotate.pick_pairs`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, List, Optional, Sequence
+
+TextScorer = Callable[[List, List[List[str]]], Sequence[Sequence[float]]]
+
+
+def load_annotator(cfg) -> Optional[TextScorer]:
+    """The scorer that cfg.annotator names (None: the implicit reward). ValueError naming `annotator`."""
+    spec = cfg.annotator
+    if spec == "implicit":
+        return None
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"annotator: cannot import {mod_name!r} ({e}); is it on PYTHONPATH in every process?") from e
+    for a in attr.split("."):
+        if not hasattr(obj, a):
+            raise ValueError(f"annotator: {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, a)
+    fn = obj(cfg.annotator_args)
+    if not callable(fn):
+        raise ValueError(f"annotator: {spec}({cfg.annotator_args!r}) returned {type(fn).__name__}, not a scorer")
+    return fn
+
+
+def text_scorer(fn: TextScorer, tok, stop_ids: Sequence[int] = ()):
+    """`fn` (texts) as an `ssapo.annotate.score` scorer (token ids, flattened).
+
+    `annotate.score` hands over each prompt's distinct responses consecutively,
+    with the same prompt object: those are regrouped per prompt (by identity, so
+    two equal prompts of different rows stay two prompts), decoded as the
+    annotation rows decode them, and the rewards flattened back."""
+    from ssapo.annotate import _text
+
+    def score(flat_prompts, flat_responses):
+        prompts: List = []
+        groups: List[List[str]] = []
+        for p, ids in zip(flat_prompts, flat_responses):
+            if not prompts or prompts[-1] is not p:
+                prompts.append(p)
+                groups.append([])
+            groups[-1].append(_text(tok, ids, stop_ids))
+        rewards = list(fn(prompts, groups))
+        if len(rewards) != len(groups) or any(len(r) != len(g) for r, g in zip(rewards, groups)):
+            raise ValueError(
+                f"annotator: returned {[len(r) for r in rewards]} rewards for responses {[len(g) for g in groups]} "
+                "(one list per prompt, one float per response)"
+            )
+        return [float(v) for r in rewards for v in r]
+
+    return score
+
+
+def flip_pairs(rows: List[dict], rate: float, seed: Sequence[int]) -> List[dict]:
+    """`rows` with exactly round(rate·n) pairs, drawn uniformly (numpy's
+    default_rng(seed)), turned around: chosen ⇄ rejected with their rewards and
+    response indices, margin negated. Every row gets `flipped` (bool)."""
+    import numpy as np
+
+    if not 0 <= rate <= 1:
+        raise ValueError(f"annotation_flip_rate: must be in [0, 1], got {rate}")
+    n = len(rows)
+    k = round(rate * n)
+    picked = set(np.random.default_rng(list(seed)).choice(n, size=k, replace=False).tolist()) if k else set()
+    out = []
+    for i, r in enumerate(rows):
+        r = dict(r)
+        if i in picked:
+            for a, b in (
+                ("chosen", "rejected"),
+                ("chosen_reward", "rejected_reward"),
+                ("chosen_index", "rejected_index"),
+            ):
+                if a in r or b in r:
+                    r[a], r[b] = r.get(b), r.get(a)
+            if "margin" in r:
+                r["margin"] = -r["margin"]
+        r["flipped"] = i in picked
+        out.append(r)
+    return out
