@@ -442,3 +442,86 @@ def test_vllm_scores_match_the_transformers_path(tmp_path):
     ours = sequence_logps(model, tok, flat_p, flat_r)
     theirs = torch.tensor([v for vs in lps for v in vs], dtype=torch.float64)
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
+
+
+# -- length-aware ranking (RunConfig annotation_reward, annotation_length_penalty) --
+
+
+def test_length_aware_rewards_on_literal_values():
+    from ssapo.annotate import length_aware
+    from ssapo.config import ConfigError
+
+    rewards, lengths = [3.0, 1.0, 2.0, -1.0], [10, 1, 4, 0]
+    assert length_aware(rewards, lengths) == rewards  # the default: the released code's Σ log π/π_ref
+    assert length_aware(rewards, lengths, "mean") == [0.3, 1.0, 0.5, 0.0]  # no scored token: 0
+    assert length_aware(rewards, lengths, "sum", 0.25) == [0.5, 0.75, 1.0, -1.0]  # r − α·|y|
+    assert length_aware(rewards, lengths, "mean", 0.1) == pytest.approx([-0.7, 0.9, 0.1, 0.0])
+    # the pair picked changes as it should: the long answer wins on the sum, loses once length counts
+    r3, n3 = rewards[:3], lengths[:3]
+    assert pick_pairs([length_aware(r3, n3)])[0] == [(0, 1)]
+    assert pick_pairs([length_aware(r3, n3, "mean")])[0] == [(1, 0)]
+    assert pick_pairs([length_aware(r3, n3, "sum", 0.25)])[0] == [(2, 0)]
+    with pytest.raises(ConfigError, match="^annotation_reward: must be one of sum, mean, got 'median'"):
+        length_aware(r3, n3, "median")
+    with pytest.raises(ConfigError, match="^annotation_length_penalty: must be >= 0, got -1"):
+        length_aware(r3, n3, "sum", -1)
+    with pytest.raises(ValueError, match="^lengths: 2 lengths for 3 rewards"):
+        length_aware(r3, [1, 2])
+
+
+def test_annotation_ranks_by_the_length_aware_implicit_reward(tiny):
+    """annotate_rows with the implicit reward: 'mean' divides each response's Σ log π/π_ref by its
+    scored tokens and α subtracts α·|y|, from the cfg or the keywords; the rows carry those rewards."""
+    from ssapo import annotate as A
+    from ssapo.config import load_config
+
+    model, tok = tiny
+    other = tiny_llama(tok, hidden_size=32, num_layers=1, seed=4).eval()
+    a, b, c, d = (tok.convert_tokens_to_ids(w) for w in "abcd")
+    eos = tok.eos_token_id
+    prompts = ["a b", "c", "d e", "b"]
+    resp = [[[d, eos], [c] * 8 + [eos], [b] * 6 + [eos]]] * 4  # short, long, middling
+    kw = dict(n=3, responses=resp, progress=False, batch_size=2, max_length=64)
+    flat_p = [p for p, rs in zip(prompts, resp) for _ in rs]
+    flat_r = [r for rs in resp for r in rs]
+    total = (A.sequence_logps(model, tok, flat_p, flat_r) - A.sequence_logps(other, tok, flat_p, flat_r)).tolist()
+    lengths = [n for _, n in A.tokenize_for_scoring(tok, flat_p, flat_r, 64)]
+    assert lengths == [len(r) for r in flat_r]  # nothing cut: |y| is every generated token, the stop included
+
+    def expect(values):
+        pairs = pick_pairs([values[3 * i : 3 * i + 3] for i in range(len(prompts))])[0]
+        return [
+            (b, w, pytest.approx(values[3 * i + b]), pytest.approx(values[3 * i + w])) for i, (b, w) in enumerate(pairs)
+        ]
+
+    def got(rows):
+        return [(r["chosen_index"], r["rejected_index"], r["chosen_reward"], r["rejected_reward"]) for r in rows]
+
+    plain, _ = annotate_rows(model, other, tok, prompts, **kw)
+    assert got(plain) == expect(total)  # the default ranks by the sum, as before
+    mean, _ = annotate_rows(model, other, tok, prompts, reward="mean", **kw)
+    assert got(mean) == expect([t / n for t, n in zip(total, lengths)])
+    assert [g[:2] for g in got(mean)] != [g[:2] for g in got(plain)]  # normalising changed some pairs
+    alpha = 0.5
+    pen, _ = annotate_rows(model, other, tok, prompts, length_penalty=alpha, **kw)
+    assert got(pen) == expect([t - alpha * n for t, n in zip(total, lengths)])
+    cfg = load_config("tiny", overrides={"annotation_reward": "mean", "annotation_length_penalty": "0.5"})
+    both, _ = annotate_rows(model, other, tok, prompts, cfg, **kw)
+    assert got(both) == expect([t / n - alpha * n for t, n in zip(total, lengths)])
+    assert all(r["margin"] == r["chosen_reward"] - r["rejected_reward"] > 0 for r in both)
+    # a strong enough penalty makes the shortest response the chosen one in every prompt
+    short, _ = annotate_rows(model, other, tok, prompts, length_penalty=100.0, **kw)
+    assert [len(resp[r["index"]][r["chosen_index"]]) for r in short] == [2, 2, 2, 2]
+
+
+def test_annotation_defaults_are_run_configs():
+    from ssapo.annotate import _settings
+    from ssapo.config import ConfigError, default_of
+
+    s = _settings(None)
+    assert s["n"] == default_of("num_samples") and s["max_new_tokens"] == default_of("max_new_tokens")
+    assert (s["reward"], s["length_penalty"], s["backend"]) == ("sum", 0.0, default_of("generation_backend"))
+    with pytest.raises(ConfigError, match="^num_samples: needs at least 2"):
+        _settings(None, n=1)
+    with pytest.raises(ConfigError, match="^generation_backend: must be one of"):
+        _settings(None, backend="sglang")

@@ -1,4 +1,4 @@
-"""Self-annotation (docs/METHOD.md §4.2; the released pairing defect: §5.5): sample n
+"""Self-annotation (docs/METHOD.md §4.2; the released pairing defect: §5.6): sample n
 responses per prompt from the current policy π_t, score each response once by
 the implicit reward
 
@@ -7,6 +7,14 @@ the implicit reward
 summed over the response tokens (the stop token included when it was
 generated; no β, no length normalisation, as the released code), and keep the
 best response as chosen and the worst as rejected.
+
+Length-aware ranking (`length_aware`; RunConfig `annotation_reward`,
+`annotation_length_penalty`, shared by every self-annotating method): with
+|y| the response's scored tokens, rank by r(y) ('sum', the default: the
+above) or r(y)/|y| ('mean': length-normalised), minus α·|y| (SPA's length
+penalty, its appendix; α = 0 by default). The defaults are the released
+code's ranking, bit for bit. A given `scorer` (another judge) is ranked as it
+returns its rewards.
 
     from ssapo.annotate import annotate
     ds, stats = annotate(policy, init_model, tok, prompts, cfg)   # cfg: a RunConfig
@@ -485,17 +493,50 @@ def sequence_logps(
     return torch.cat(res) if res else torch.zeros(0, dtype=torch.float64)
 
 
+def length_aware(
+    rewards: Sequence[float], lengths: Sequence[int], reward: str = "sum", length_penalty: float = 0.0
+) -> List[float]:
+    """The rewards self-annotation ranks by: `reward` "sum" = r as given, "mean" = r / |y| (0 for a
+    response with no scored token), then − `length_penalty`·|y| (SPA's r − α·|y|); `lengths` = |y|,
+    the scored response tokens. "sum" with α = 0 returns the rewards unchanged."""
+    from ssapo.config import check_value
+
+    check_value("annotation_reward", reward)
+    check_value("annotation_length_penalty", length_penalty)
+    if len(rewards) != len(lengths):
+        raise ValueError(f"lengths: {len(lengths)} lengths for {len(rewards)} rewards")
+    out = []
+    for r, n in zip(rewards, lengths):
+        r = float(r)
+        if reward == "mean":
+            r = r / n if n > 0 else 0.0
+        out.append(r - length_penalty * n if length_penalty else r)
+    return out
+
+
 def implicit_reward(
-    policy, reference, tok, batch_size: int = 32, max_length: Optional[int] = None, chunk_tokens: Optional[int] = 1024
+    policy,
+    reference,
+    tok,
+    batch_size: int = 32,
+    max_length: Optional[int] = None,
+    chunk_tokens: Optional[int] = 1024,
+    reward: str = "sum",
+    length_penalty: float = 0.0,
 ) -> Scorer:
-    """The scorer r(y) = Σ log π_policy(y|x) − Σ log π_reference(y|x)."""
+    """The scorer r(y) = Σ log π_policy(y|x) − Σ log π_reference(y|x), made length-aware by `reward`
+    and `length_penalty` (`length_aware`, over the response tokens scored after the cut to `max_length`)."""
 
     def score_fn(prompts, responses):
         kw = dict(max_length=max_length, chunk_tokens=chunk_tokens)
-        return (
+        r = (
             sequence_logps(policy, tok, prompts, responses, batch_size, **kw)
             - sequence_logps(reference, tok, prompts, responses, batch_size, **kw)
         ).tolist()
+        if reward == "sum" and not length_penalty:
+            return r
+        lengths = [n for _, n in tokenize_for_scoring(tok, prompts, responses, max_length)]
+        return length_aware(r, lengths, reward, length_penalty)
 
     return score_fn
 
@@ -549,7 +590,10 @@ def _text(tok, ids: Sequence[int], stop: Sequence[int] = ()) -> str:
 
 
 def _settings(cfg, **kw) -> dict:
-    """Generation settings: keyword arguments win over the RunConfig's fields."""
+    """Annotation settings: keyword arguments win over `cfg`'s fields, which win over RunConfig's
+    defaults (declared there only); each checked against its field's choices and bounds."""
+    from ssapo.config import check_value, default_of
+
     names = {
         "n": "num_samples",
         "temperature": "temperature",
@@ -560,28 +604,16 @@ def _settings(cfg, **kw) -> dict:
         "seed": "seed",
         "max_length": "max_length",
         "system_turn": "system_turn",
-    }
-    defaults = {
-        "n": 2,
-        "temperature": 0.7,
-        "top_p": 1.0,
-        "max_new_tokens": 300,
-        "batch_size": 16,
-        "backend": "transformers",
-        "seed": 0,
-        "max_length": None,
-        "system_turn": "auto",
+        "reward": "annotation_reward",
+        "length_penalty": "annotation_length_penalty",
     }
     out = {}
     for k, field in names.items():
         v = kw.get(k)
         if v is None:
             v = getattr(cfg, field, None) if cfg is not None else None
-        out[k] = defaults[k] if v is None else v
-    if out["n"] < 2:
-        raise ValueError(f"num_samples: needs at least 2 responses per prompt, got {out['n']}")
-    if out["max_length"] is not None and int(out["max_length"]) < 1:
-        raise ValueError(f"max_length: must be >= 1, got {out['max_length']}")
+        out[k] = default_of(field) if v is None else v
+        check_value(field, out[k])
     return out
 
 
@@ -609,6 +641,8 @@ def annotate_rows(
     system_turn: Optional[str] = None,
     device=None,
     chunk_tokens: Optional[int] = 1024,
+    reward: Optional[str] = None,
+    length_penalty: Optional[float] = None,
 ) -> Tuple[List[dict], Dict[str, float]]:
     """`annotate` as a list of rows, each with `index` (the prompt's position in
     `prompts`), for process `rank` of `world` (its chunks only; merge the
@@ -623,7 +657,9 @@ def annotate_rows(
     system turn when `system_turn` (default `cfg.system_turn`, else 'auto')
     asks for it. Scored sequences are cut to `max_length` (default
     `cfg.max_length`) as in training; `overlong_prompts` counts prompts that
-    alone fill it (no response token left to score: every response ties)."""
+    alone fill it (no response token left to score: every response ties). The implicit reward
+    is ranked length-aware by `reward` and `length_penalty` (default `cfg.annotation_reward`,
+    `cfg.annotation_length_penalty`; see `length_aware`); the rows' rewards and margin are those values."""
     s = _settings(
         cfg,
         n=n,
@@ -635,6 +671,8 @@ def annotate_rows(
         seed=seed,
         max_length=max_length,
         system_turn=system_turn,
+        reward=reward,
+        length_penalty=length_penalty,
     )
     bs = max(1, int(s["batch_size"]))
     mode = s["system_turn"]
@@ -643,7 +681,14 @@ def annotate_rows(
     stop_ids = chat.stop_token_ids(policy, tok)
     stop = set(stop_ids)
     scorer = scorer or implicit_reward(
-        policy, init_model, tok, batch_size=max(bs, 8), max_length=s["max_length"], chunk_tokens=chunk_tokens
+        policy,
+        init_model,
+        tok,
+        batch_size=max(bs, 8),
+        max_length=s["max_length"],
+        chunk_tokens=chunk_tokens,
+        reward=s["reward"],
+        length_penalty=float(s["length_penalty"]),
     )
     vllm = responses is None and use_vllm(s["backend"])
     t0 = time.time()

@@ -125,7 +125,7 @@ class RunConfig:
         round_reference.
     Annotation: num_samples, temperature, top_p, max_new_tokens, annotation_reference,
         generation_batch_size, generation_backend, system_turn, annotator, annotator_args,
-        annotation_flip_rate.
+        annotation_flip_rate, annotation_reward, annotation_length_penalty.
     Follower: beta_follower, eps, k, group_size, follower_space.
     Leader: leader_loss, clamp_min, resolve_every.
     SPA (Kim et al., ICLR 2025): spa_alpha, spa_lambdas, spa_quantile, spa_window, spa_warmup_ratio.
@@ -243,6 +243,19 @@ class RunConfig:
         "After each round's annotation, swap chosen and rejected in round(r·n) pairs drawn uniformly (seeded by "
         "seed and the round), recorded in the 'flipped' column; a robustness knob, 0 = none.",
         bounds=(0.0, 1.0),
+    )
+    annotation_reward: str = _f(
+        "sum",
+        "How self-annotation ranks a prompt's responses by the implicit reward (every self-annotating method): "
+        "'sum' = Σ_tok log π_t/π_ref over the response (the paper, the released code); 'mean' = that sum over "
+        "the response's scored tokens (length-normalised: no reward for ending early).",
+        ("sum", "mean"),
+    )
+    annotation_length_penalty: float = _f(
+        0.0,
+        "α of SPA's length penalty (Kim et al., appendix): rank by reward − α·|y|, |y| = the response's scored "
+        "tokens, after annotation_reward; 0 = none. The pairs' rewards and margins are these values.",
+        bounds=">= 0",
     )
     # -- follower --
     beta_follower: float = _f(
