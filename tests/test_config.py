@@ -531,3 +531,17 @@ def test_train_flags_parse_to_typed_fields(argv, want):
     args, extra = build_parser().parse_known_args([*base, *argv])
     cfg = build_config(args, extra)
     assert {k: getattr(cfg, k) for k in want} == want
+
+
+def test_cli_reports_a_config_error_of_any_command_in_one_line(monkeypatch, capsys):
+    import ssapo.commands.train as train
+    from ssapo.cli import main
+    from ssapo.config import ConfigError
+
+    def run(args, extra=None):
+        raise ConfigError("eps: must be >= 0, got -1")
+
+    monkeypatch.setattr(train, "run", run)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err == "ssapo train: error: eps: must be >= 0, got -1\n"

@@ -34,7 +34,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return int(args.func(args) or 0)
+    from ssapo.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # a bad setting a command did not report itself: one line, no traceback
+        print(f"ssapo {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
