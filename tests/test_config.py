@@ -13,6 +13,7 @@ import yaml
 from ssapo.config import (
     ACCELERATE_CONFIGS,
     FIELDS,
+    METHODS,
     PRESETS,
     RECIPES_DIR,
     RunConfig,
@@ -257,7 +258,7 @@ def test_parse_overrides():
         ({"k": "0"}, "^k: must be >= 1"),
         ({"epz": "1"}, "^epz: unknown configuration key .*did you mean eps"),
         ({"lerning_rate": "1"}, "did you mean learning_rate"),
-        ({"method": "ppo"}, "^method: must be one of ssapo, dpo, iterative-dpo, spa, sera, got 'ppo'"),
+        ({"method": "ppo"}, f"^method: must be one of {', '.join(METHODS)}, got 'ppo'"),  # the methods table's
         ({"num_samples": "1"}, "^num_samples: needs at least 2"),
         ({"round_sizes": "5", "num_rounds": "2"}, "^round_sizes: needs one size per round"),
         ({"round_sizes": "5,x"}, "^round_sizes: cannot read '5,x' as a list of int"),
@@ -490,7 +491,7 @@ def test_train_help_lists_every_field_in_its_group():
 @pytest.mark.parametrize(
     "argv, line",
     [
-        (["--method", "ppo"], "ssapo train: error: method: must be one of ssapo, dpo"),
+        (["--method", "ppo"], f"ssapo train: error: method: must be one of {', '.join(METHODS)}, got 'ppo'"),
         (["--spa-alpha", "0.7"], r"ssapo train: error: spa_alpha: must be in \[0, 0.5\], got 0.7"),
         (["--top_p", "0"], r"ssapo train: error: top_p: must be in \(0, 1\], got 0"),
         (["--use-peft", "maybe"], "ssapo train: error: use_peft: cannot read 'maybe' as bool"),

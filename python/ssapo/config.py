@@ -611,9 +611,15 @@ def _convert(name: str, value: Any) -> Any:
     return value
 
 
-def _field_name(key: str, source: str) -> str:
+def key_name(key, aliases: bool = True) -> str:
+    """The field a command-line or YAML key names, the one place spellings are normalised:
+    '--round-sizes', 'round-sizes', 'round_sizes' -> 'round_sizes'; an alias -> its field (`aliases`)."""
     name = str(key).strip().lstrip("-").replace("-", "_")
-    name = ALIASES.get(name, name)
+    return ALIASES.get(name, name) if aliases else name
+
+
+def _field_name(key: str, source: str) -> str:
+    name = key_name(key)
     if name not in FIELDS:
         close = difflib.get_close_matches(name, list(FIELDS) + list(ALIASES), n=3)
         hint = (
@@ -684,7 +690,7 @@ def parse_overrides(tokens: Sequence[str]) -> Dict[str, Any]:
             raise ConfigError(f"{tok}: expected --key value or key=value")
         if not k:
             raise ConfigError(f"{tokens[i]}: expected --key value or key=value")
-        out[k.replace("-", "_")] = v
+        out[key_name(k, aliases=False)] = v
         i += 1
     return out
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ssapo.config import ConfigError
 
@@ -164,19 +164,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="set any RunConfig field (repeatable; the --field flags below win over it)",
     )
     add_field_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, own_options=[a.dest for a in run_opts._group_actions])
     return p
 
 
-def _unknown(key: str) -> ConfigError:
-    """The error of an option that is neither a RunConfig field nor one of train's own, with the close matches."""
+def _unknown(key: str, own: Sequence[str] = ()) -> ConfigError:
+    """The error of an option that is neither a RunConfig field nor one of train's `own`, with the close matches."""
     import difflib
 
-    from ssapo.config import ALIASES, FIELDS
+    from ssapo.config import ALIASES, FIELDS, key_name
 
-    name = key.strip().lstrip("-").replace("-", "_")
-    own = ["config", "resume", "set", "num_processes", "num_machines", "machine_rank", "main_process_ip"]
-    own.append("main_process_port")
+    name = key_name(key, aliases=False)
     close = difflib.get_close_matches(name, [*FIELDS, *ALIASES, *own], n=3)
     hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
     return ConfigError(f"{name}: unknown option of ssapo train (not a RunConfig field){hint} (see ssapo train --help)")
@@ -186,18 +184,18 @@ def build_config(args, extra: Optional[List[str]] = None):
     """The RunConfig of these arguments. The command line's values become one mapping of overrides
     (`field=value` tokens, then --set, then the --field flags: later wins) that ssapo.config.load_config
     merges over the preset's recipe and --config, converts and checks: the one place where values meet."""
-    from ssapo.config import ALIASES, FIELDS, load_config, parse_overrides
+    from ssapo.config import FIELDS, key_name, load_config, parse_overrides
 
     overrides = {}
-    for key, value in parse_overrides(list(extra or [])).items():  # what the parser did not know
-        if key.strip().lstrip("-").replace("-", "_") not in {*FIELDS, *ALIASES}:
-            raise _unknown(key)
-        overrides[key] = value
+    sets = []
     for item in args.set or []:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        overrides[k.strip().lstrip("-").replace("-", "_")] = v
+        sets.append(item.split("=", 1))
+    for key, value in [*parse_overrides(list(extra or [])).items(), *sets]:  # what the parser did not know
+        if key_name(key) not in FIELDS:
+            raise _unknown(key, getattr(args, "own_options", ()))
+        overrides[key_name(key)] = value
     for name in FIELDS:
         if name != "model" and hasattr(args, name):
             value = getattr(args, name)
