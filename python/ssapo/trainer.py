@@ -363,12 +363,8 @@ class SSAPOConfig(DPOConfig):
         if int(self.spa_window) != self.spa_window or self.spa_window < 1:
             raise ValueError(f"spa_window: must be an integer >= 1, got {self.spa_window}")
         check_bounds("spa_warmup_ratio", self.spa_warmup_ratio)
-        if not self.drdpo_beta > 0:
-            raise ValueError(f"drdpo_beta: must be > 0, got {self.drdpo_beta}")
-        if not self.kldpo_tau > 0:
-            raise ValueError(f"kldpo_tau: must be > 0, got {self.kldpo_tau}")
-        if not self.kldpo_max_weight >= 1:
-            raise ValueError(f"kldpo_max_weight: must be >= 1, got {self.kldpo_max_weight}")
+        for name in ("drdpo_beta", "kldpo_tau", "kldpo_max_weight"):  # bounds declared once, on RunConfig's fields
+            check_bounds(name, getattr(self, name))
         smoothing = self.leader_loss in ("rdpo", "cdpo")  # trl's own label_smoothing is their ε
         if smoothing and not (
             0 <= self.label_smoothing < 0.5 or (self.leader_loss == "cdpo" and self.label_smoothing == 0.5)
@@ -407,6 +403,29 @@ class SSAPOConfig(DPOConfig):
         # transformers passes it to accelerate except with use_cpu, where it is set here first
         _init_cpu_process_group(self)
         return TrainingArguments._setup_devices.func(self)
+
+
+# SSAPOConfig's leader fields that RunConfig declares under the same name (their help and bounds live there)
+SHARED_LEADER_FIELDS = (
+    "clamp_min",
+    "spa_alpha",
+    "spa_quantile",
+    "spa_window",
+    "spa_warmup_ratio",
+    "drdpo_beta",
+    "kldpo_tau",
+    "kldpo_max_weight",
+)
+
+
+def leader_fields(cfg, leader_loss: str) -> dict:
+    """The SSAPOConfig keyword arguments a leader stage of RunConfig `cfg` takes
+    from it: `leader_loss`, the shared fields, and trl's `label_smoothing` (the
+    ε of rdpo/cdpo; left at trl's 0 for every other loss, which refuses it)."""
+    kw = {"leader_loss": leader_loss, **{name: getattr(cfg, name) for name in SHARED_LEADER_FIELDS}}
+    if leader_loss in ("rdpo", "cdpo"):
+        kw["label_smoothing"] = cfg.label_smoothing
+    return kw
 
 
 def _check_one_device_per_process(args, model) -> None:
