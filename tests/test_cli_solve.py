@@ -36,6 +36,9 @@ def test_npy_to_npz(files, capsys):
     np.testing.assert_array_equal(z["loc"], ref.loc)
     np.testing.assert_array_equal(z["mass"], ref.mass)
     np.testing.assert_array_equal(z["lam"], ref.lam)
+    np.testing.assert_array_equal(z["weight"], ref.weights)  # the atoms' names (ssapo.atoms), not dro_core's
+    np.testing.assert_array_equal(z["group"], ref.group_index)
+    assert "weights" not in z and "group_index" not in z
     assert float(z["value"]) == ref.value and float(z["dual_gap"]) == ref.dual_gap
     assert not [p for p in files.iterdir() if p.name.startswith(".")]  # no temp files left
 

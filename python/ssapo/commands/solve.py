@@ -11,7 +11,8 @@ own (`ssapo.follower.loss_of`); --eps, --group-size and --k default to
 RunConfig's eps, group_size and k.
 
 Writes, atomically:
-- .npz: per sample `loc`, `mass`, `shift` (N, 2), `weights`, `group_index` (N,);
+- .npz: per sample `xi`, `loc`, `mass`, `shift` (N, 2), `weight`, `group` (N,) (the follower's atom
+  names, ssapo.atoms, as in follower.npz);
   per group `group_values`, `lam`, `budget_used`, `group_sizes`, `group_labels`;
   scalars `value`, `empirical_value`, `dual_value`, `dual_gap`, `eps`, `support`, and `loss` (its repr).
 - .parquet: one row per sample (xi, loc0, loc1, mass0, mass1, shift0, shift1, weight,
@@ -120,8 +121,8 @@ def _write(path: str, xi, res, loss_repr: str) -> None:
                     loc=res.loc,
                     mass=res.mass,
                     shift=res.shift,
-                    weights=res.weights,
-                    group_index=res.group_index,
+                    weight=res.weights,
+                    group=res.group_index,
                     **per_group,
                     **{k: np.asarray(v) for k, v in scalars.items()},
                 )
