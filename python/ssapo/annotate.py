@@ -830,10 +830,11 @@ def annotate(policy, init_model, tok, prompts: Sequence, cfg=None, **kw):
     """Self-annotates `prompts` with `policy` (rewards against `init_model`).
     Settings come from `cfg` (a RunConfig: num_samples, temperature, top_p,
     max_new_tokens, generation_batch_size, generation_backend, seed,
-    max_length, system_turn, use_cpu) and/or keywords (n, temperature, top_p,
-    max_new_tokens, batch_size, backend, seed, max_length, system_turn,
-    device, policy_path for vLLM, scorer, responses, progress; see
-    `annotate_rows`).
+    max_length, system_turn, use_cpu, annotation_reward,
+    annotation_length_penalty; a field left out takes RunConfig's default) and/or
+    keywords (n, temperature, top_p, max_new_tokens, batch_size, backend, seed,
+    max_length, system_turn, reward, length_penalty, device, policy_path for
+    vLLM, scorer, responses, progress; see `annotate_rows`).
 
     Returns (dataset, stats): a `datasets.Dataset` with prompt, chosen,
     rejected (chat messages when the prompt is one, else strings),
