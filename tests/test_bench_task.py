@@ -79,32 +79,81 @@ def test_length_controlled_win_rate_removes_a_length_effect():
     assert abs(r["lc_win_rate"] - 0.5) < 0.05
 
 
-def test_noise_reaches_the_runs(tmp_path):
-    from ssapo.bench.run import _config
-    from ssapo.loop import resolve_model
+SMALL_DESIGN = {"sft_examples": 256, "sft_epochs": 2, "labelled": 128, "prompts": 64, "val": 32, "test": 32}
+SMALL_RUN = {
+    "seed_size": 16,
+    "round_sizes": [32],
+    "num_rounds": 1,
+    "batch_size": 8,
+    "per_device_train_batch_size": 8,
+    "max_new_tokens": 4,
+    "seed_epochs": 1,
+    "learning_rate": 5e-4,
+}
 
-    c = _config("iterative-dpo", {"task_size": "test"}, str(tmp_path / "r"), str(tmp_path / "t"), 0, 0.25)
-    task = resolve_model(c, str(tmp_path / "r"))["task"]
-    with open(task["preferences"]) as f:
+
+def _small(**kw):
+    import dataclasses
+
+    from ssapo.bench.suite import PRESETS
+
+    return dataclasses.replace(PRESETS["quick"], design=SMALL_DESIGN, run=SMALL_RUN, n_eval=2, **kw)
+
+
+def test_noise_reaches_the_runs(tmp_path):
+    from ssapo.bench.suite import Job, config_of, task_for
+
+    p = _small()
+    task = task_for(p, str(tmp_path), 0, 0.25)
+    c = config_of(p, Job(0, 0.25, 0.4, "iterative-dpo"), str(tmp_path), task)
+    with open(c.preference_data) as f:
         flips = [json.loads(line)["flipped"] for line in f]
     assert 0.15 < np.mean(flips) < 0.35
+    assert c.annotation_flip_rate == 0.4 and c.model == task["sft_model"]
+    oracle = config_of(p, Job(0, 0.0, 0.0, "oracle-iterative"), str(tmp_path), task_for(p, str(tmp_path), 0, 0.0))
+    assert oracle.annotator == "ssapo.bench.oracle:gold_annotator" and oracle.annotator_args.endswith("task.json")
+    gold = config_of(p, Job(0, 0.0, 0.0, "oracle-dpo"), str(tmp_path), task)
+    assert gold.preference_data.endswith("gold_preferences.jsonl") and gold.seed_size == 16 + 32
 
 
-def test_quick_bench_end_to_end(tmp_path):
+def test_gold_annotator_scores_by_the_gold_reward(tmp_path):
+    from ssapo.bench.oracle import gold_annotator
+
+    p = prepare_task(tmp_path / "t", seed=1, size="test", design={"sft_examples": 64, "sft_epochs": 1})
+    spec = TaskSpec(seed=1, size="test")
+    m = spec.mapping()
+    good = " ".join(f"w{m[i]}" for i in (1, 2, 3))
+    score = gold_annotator(p["task"])
+    out = score([[{"role": "user", "content": "w1 w2 w3"}], "w1 w2 w3"], [[good, "w0"], ["", good]])
+    assert out == [[gold_reward(spec, "w1 w2 w3", good), gold_reward(spec, "w1 w2 w3", "w0")], [0.0, out[0][0]]]
+    with pytest.raises(ValueError, match="annotator_args"):
+        gold_annotator(str(tmp_path / "missing.json"))
+
+
+def test_small_bench_end_to_end(tmp_path):
+    """Every row the report compares against, the ε = 0 control, a self-annotation noise
+    condition, resumption without retraining (a very small setting)."""
     from ssapo.bench.run import bench
 
     out = str(tmp_path / "bench")
-    md = bench(out, ["dpo", "iterative-dpo", "ssapo-eps0"], seeds=[0], flips=[0.0], quick=True, n_eval=2)
-    assert "| iterative-dpo |" in md and "Task validity:" in md
-    assert "SSAPO at ε = 0 equals iterative DPO in 1 of 1 seeds" in md
-    assert os.path.exists(os.path.join(out, "win_rate_per_round.png"))
+    methods = ["dpo", "oracle-dpo", "oracle-iterative", "iterative-dpo", "ssapo-eps0"]
+    kw = dict(methods=methods, seeds=[0], conditions=[(0.0, 0.0), (0.0, 0.4)], progress=False)
+    p = _small()
+    md = bench(out, "quick", design=p.design, run=p.run, n_eval=2, **kw)
+    assert "| iterative-dpo |" in md and "| oracle-iterative |" in md and "Headroom" in md
+    assert "Design criteria:" in md and "SSAPO at ε = 0 equals iterative DPO in 1 of 1 seeds" in md
+    assert "40% of each round's self-annotations flipped" in md
+    for png in ("headroom.png", "annotation_accuracy.png", "win_rate_per_round.png"):
+        assert os.path.exists(os.path.join(out, png))
     t = time.time()
-    assert (
-        bench(out, ["dpo", "iterative-dpo", "ssapo-eps0"], seeds=[0], flips=[0.0], quick=True, n_eval=2).split(
-            "min on"
-        )[1]
-        == md.split("min on")[1]
-    )
-    assert time.time() - t < 60  # resumed: nothing retrained
-    ev = json.load(open(os.path.join(out, "flip0", "seed0", "iterative-dpo", "eval.json")))
-    assert len(ev["rounds"]) == 3 and 0 <= ev["rounds"][-1]["win_rate"] <= 1
+    again = bench(out, "quick", design=p.design, run=p.run, n_eval=2, **kw)
+    assert again.split("min on")[1] == md.split("min on")[1]
+    assert time.time() - t < 30  # resumed: nothing retrained
+    ev = json.load(open(os.path.join(out, "seed0", "seedflip0_annflip0", "iterative-dpo", "eval.json")))
+    assert len(ev["rounds"]) == 2 and 0 <= ev["rounds"][-1]["win_rate"] <= 1 and "val" in ev
+    noisy = json.load(open(os.path.join(out, "seed0", "seedflip0_annflip0.4", "iterative-dpo", "eval.json")))
+    assert noisy["per_round"][0]["annotation"]["flipped_fraction"] == pytest.approx(0.4, abs=0.03)
+    oracle = json.load(open(os.path.join(out, "seed0", "seedflip0_annflip0", "oracle-iterative", "eval.json")))
+    assert oracle["per_round"][0]["annotation"]["accuracy"] == 1.0  # labelled by the gold reward itself
+    # seed-only rows do not self-annotate: one run serves both conditions
+    assert not os.path.exists(os.path.join(out, "seed0", "seedflip0_annflip0.4", "dpo"))

@@ -78,3 +78,62 @@ def mislabelled_movement(spec, rows: List[dict], mass: np.ndarray, loc: np.ndarr
     out["moved_mislabelled"] = float(moved[wrong].mean()) if wrong.any() else float("nan")
     out["moved_correct"] = float(moved[~wrong].mean()) if (~wrong).any() else float("nan")
     return out
+
+
+def _text(m) -> str:
+    return m if isinstance(m, str) else m[-1]["content"]
+
+
+def annotation_gold_stats(spec, rows: List[dict]) -> Dict[str, float]:
+    """A round's pairs (annotations.jsonl or sera.jsonl rows) against the gold reward, computed
+    after the run: accuracy (gold(chosen) > gold(rejected)), gold-tie fraction, accuracy on the
+    untied pairs, the flipped fraction and the accuracy of the unflipped pairs (rows with
+    `flipped`), the mean word count of chosen and rejected answers."""
+    from ssapo.bench.task import gold_reward
+
+    if not rows:
+        return {}
+    gc = np.array([gold_reward(spec, _text(r["prompt"]), _text(r["chosen"])) for r in rows])
+    gr = np.array([gold_reward(spec, _text(r["prompt"]), _text(r["rejected"])) for r in rows])
+    right, tie = gc > gr, gc == gr
+    out = {
+        "pairs": len(rows),
+        "accuracy": float(right.mean()),
+        "tie_fraction": float(tie.mean()),
+        "accuracy_untied": float(right[~tie].mean()) if (~tie).any() else float("nan"),
+        "chosen_words": float(np.mean([len(_text(r["chosen"]).split()) for r in rows])),
+        "rejected_words": float(np.mean([len(_text(r["rejected"]).split()) for r in rows])),
+    }
+    if "margin" in rows[0]:
+        out["margin_mean"] = float(np.mean([r["margin"] for r in rows]))
+    if "flipped" in rows[0]:
+        fl = np.array([bool(r["flipped"]) for r in rows])
+        out["flipped_fraction"] = float(fl.mean())
+        out["accuracy_unflipped"] = float(right[~fl].mean()) if (~fl).any() else float("nan")
+    return out
+
+
+def follower_movement(spec, rows: List[dict], mass: np.ndarray, loc: np.ndarray, xi: np.ndarray) -> Dict[str, float]:
+    """`mislabelled_movement`, and with a `flipped` column the same for the pairs the
+    annotation_flip_rate knob turned around against the rest."""
+    out = mislabelled_movement(spec, rows, mass, loc, xi)
+    if rows and "flipped" in rows[0]:
+        moved = (mass[:, 0] < 1) | (loc[:, 0] != xi)
+        fl = np.array([bool(r["flipped"]) for r in rows])
+        out["moved_flipped"] = float(moved[fl].mean()) if fl.any() else float("nan")
+        out["moved_unflipped"] = float(moved[~fl].mean()) if (~fl).any() else float("nan")
+    out["moved"] = float(((mass[:, 0] < 1) | (loc[:, 0] != xi)).mean()) if len(rows) else float("nan")
+    return out
+
+
+def param_displacement(path: str, start: str) -> float:
+    """‖θ − θ_start‖ / ‖θ_start‖ over every weight of two checkpoints (safetensors)."""
+    import os
+
+    from safetensors.numpy import load_file
+
+    a = load_file(os.path.join(path, "model.safetensors"))
+    b = load_file(os.path.join(start, "model.safetensors"))
+    num = sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in b)
+    den = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in b)
+    return float(np.sqrt(num / den)) if den > 0 else float("nan")

@@ -13,24 +13,32 @@ random, so it samples diverse answers and has room to improve. "Human" labels
 come from Bradley–Terry on r* with temperature `bt_temperature`, then a
 fraction `flip_rate` of them is flipped.
 
-`prepare_task(out_dir, seed, size, flip_rate)` writes everything a run needs and
-caches it (a finished task is never rebuilt unless `force`).
+`prepare_task(out_dir, seed, size, flip_rate, design)` writes everything a run
+needs and caches it (a finished task is never rebuilt unless `force`). The
+prompts of the test set, the validation set (every tuning choice), the labelled
+pool (the seed) and the round pool are disjoint: one sample without
+replacement from the vocab^n_words possible prompts, cut into four slices. The
+SFT model and the unlabelled files do not depend on the flip rate, so one task
+directory serves every flip rate (preferences_flip<r>.jsonl per rate; the
+flipped rows of a lower rate are flipped at every higher one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 SIZES = {
-    # labelled pool, prompt pool, test prompts, SFT examples, SFT epochs
-    "tiny": dict(labelled=2048, prompts=1024, test=256, sft_examples=4096, sft_epochs=4),
-    "test": dict(labelled=256, prompts=256, test=64, sft_examples=1024, sft_epochs=4),
+    # labelled pool, round prompt pool, validation prompts, test prompts, SFT examples, SFT epochs
+    "tiny": dict(labelled=2048, prompts=1024, val=256, test=256, sft_examples=4096, sft_epochs=4),
+    "test": dict(labelled=256, prompts=256, val=64, test=64, sft_examples=1024, sft_epochs=4),
 }
+SIZE_KEYS = ("labelled", "prompts", "val", "test", "sft_examples", "sft_epochs")
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class TaskSpec:
     quality_weight: float = 0.5
     hidden_size: int = 64
     num_layers: int = 2
-    version: int = 2
+    version: int = 3
 
     def words(self) -> List[str]:
         return [f"w{i}" for i in range(self.vocab)]
@@ -123,13 +131,16 @@ def label_pairs(spec: TaskSpec, rng: random.Random, prompt: str, a: str, b: str)
     }
 
 
-def sft(spec: TaskSpec, out_dir: str) -> str:
-    """Trains the SFT policy with a plain torch loop and saves it (safetensors + tokenizer)."""
+def sft(spec: TaskSpec, out_dir: str, sizes: Optional[dict] = None) -> str:
+    """Trains the SFT policy with a plain torch loop and saves it (safetensors + tokenizer);
+    `sizes` (default SIZES[spec.size]) gives sft_examples and sft_epochs. Its prompts are
+    drawn from every possible prompt (test ones included): SFT is the task's π_init, not
+    the preference training the benchmark measures."""
     import torch
 
     from ssapo.tiny import build_tokenizer, save_pretrained, tiny_llama
 
-    sz = SIZES[spec.size]
+    sz = sizes or SIZES[spec.size]
     rng = random.Random(spec.seed)
     tok = build_tokenizer(spec.words())
     model = tiny_llama(tok, hidden_size=spec.hidden_size, num_layers=spec.num_layers, seed=spec.seed)
@@ -162,44 +173,149 @@ def sft(spec: TaskSpec, out_dir: str) -> str:
     return save_pretrained(model, tok, out_dir)
 
 
-def prepare_task(out_dir, seed: int = 0, size: str = "tiny", flip_rate: float = 0.0, force: bool = False) -> dict:
+def prompt_of(spec: TaskSpec, i: int) -> str:
+    """The i-th of the vocab^n_words possible prompts (word j = digit j of i in base vocab)."""
+    words = []
+    for _ in range(spec.n_words):
+        i, d = divmod(i, spec.vocab)
+        words.append(f"w{d}")
+    return " ".join(words)
+
+
+def prompt_partition(spec: TaskSpec, sizes: dict) -> Dict[str, List[str]]:
+    """Disjoint prompt sets {"test", "val", "labelled", "prompts"} of the sizes given: one
+    sample without replacement from every possible prompt (seeded by the spec's seed),
+    cut in that order. ValueError naming `design` when the prompt space is too small."""
+    space = spec.vocab**spec.n_words
+    order = ("test", "val", "labelled", "prompts")
+    need = sum(int(sizes[k]) for k in order)
+    if need > space:
+        raise ValueError(
+            f"design: {need} distinct prompts needed (test + val + labelled + prompts), but vocab^n_words = "
+            f"{spec.vocab}^{spec.n_words} = {space}; raise vocab or n_words, or lower the sizes"
+        )
+    rng = random.Random(30_000 + spec.seed)
+    idx = rng.sample(range(space), need)
+    out, s = {}, 0
+    for k in order:
+        out[k] = [prompt_of(spec, i) for i in idx[s : s + int(sizes[k])]]
+        s += int(sizes[k])
+    return out
+
+
+def preferences_file(out_dir: str, flip_rate: float) -> str:
+    name = "preferences.jsonl" if flip_rate == 0 else f"preferences_flip{flip_rate:g}.jsonl"
+    return os.path.join(os.fspath(out_dir), name)
+
+
+def labelled_rows(spec: TaskSpec, prompts: List[str], flip_rate: float) -> List[dict]:
+    """The labelled pool: two SFT-like answers per prompt, Bradley–Terry labels on the gold
+    reward, then a fraction flip_rate of them turned around. The answers and BT draws do not
+    depend on the flip rate, and row i is flipped when u_i < flip_rate for one fixed uniform
+    u_i, so the rows flipped at 10 % are flipped at 25 % too."""
+    rng = random.Random(1_000 + spec.seed)
+    flips = random.Random(5_000 + spec.seed)
+    clean = dataclasses.replace(spec, flip_rate=0.0)
+    rows = []
+    for p in prompts:
+        a, b = _answer(rng, spec, p, spec.sft_correct), _answer(rng, spec, p, spec.sft_correct)
+        r = label_pairs(clean, rng, p, a, b)
+        if flips.random() < flip_rate:
+            r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+            r["chosen_gold"], r["rejected_gold"] = r["rejected_gold"], r["chosen_gold"]
+            r["flipped"] = True
+        rows.append(r)
+    return rows
+
+
+def gold_rows(spec: TaskSpec, prompts: List[str]) -> List[dict]:
+    """Pairs labelled by the gold reward itself (no Bradley–Terry noise, no flips; gold ties
+    dropped): the data of the "DPO on gold labels for every pair" oracle."""
+    rng = random.Random(7_000 + spec.seed)
+    rows = []
+    for p in prompts:
+        a, b = _answer(rng, spec, p, spec.sft_correct), _answer(rng, spec, p, spec.sft_correct)
+        ga, gb = gold_reward(spec, p, a), gold_reward(spec, p, b)
+        if ga == gb:
+            continue
+        c, r = (a, b) if ga > gb else (b, a)
+        rows.append(
+            {
+                "prompt": messages(p),
+                "chosen": answer_message(c),
+                "rejected": answer_message(r),
+                "chosen_gold": max(ga, gb),
+                "rejected_gold": min(ga, gb),
+                "flipped": False,
+            }
+        )
+    return rows
+
+
+def prepare_task(
+    out_dir,
+    seed: int = 0,
+    size: str = "tiny",
+    flip_rate: float = 0.0,
+    force: bool = False,
+    design: Optional[dict] = None,
+) -> dict:
     """Builds (or finds) the task in `out_dir`; returns the paths:
-    sft_model (dir), preferences (.jsonl: prompt, chosen, rejected as chat
-    messages, chosen_gold, rejected_gold, flipped), prompts (.jsonl: prompt),
-    test_prompts (.jsonl: prompt), task (task.json: the spec)."""
+    sft_model (dir), preferences (.jsonl at this flip rate: prompt, chosen, rejected as
+    chat messages, chosen_gold, rejected_gold, flipped), gold_preferences (.jsonl: the
+    labelled pool's and the round pool's prompts, each with a pair labelled by gold),
+    prompts (.jsonl: the round pool), val_prompts and test_prompts (.jsonl: prompt), task
+    (task.json: the spec and sizes). `design` overrides TaskSpec fields and SIZES keys
+    (e.g. {"vocab": 20, "prompts": 2048}). The SFT model and every file but the
+    preferences are shared by all flip rates."""
     if size not in SIZES:
         raise ValueError(f"size: must be one of {sorted(SIZES)}, got {size!r}")
     if not 0.0 <= flip_rate <= 1.0:
         raise ValueError(f"flip_rate: must be in [0, 1], got {flip_rate}")
-    spec = TaskSpec(seed=seed, size=size, flip_rate=flip_rate)
+    design = dict(design or {})
+    fields = {f.name for f in dataclasses.fields(TaskSpec)} - {"seed", "size", "flip_rate", "version"}
+    bad = sorted(set(design) - fields - set(SIZE_KEYS))
+    if bad:
+        raise ValueError(f"design: unknown keys {bad}; known: {sorted(fields | set(SIZE_KEYS))}")
+    sizes = {**SIZES[size], **{k: int(v) for k, v in design.items() if k in SIZE_KEYS}}
+    spec = TaskSpec(seed=seed, size=size, **{k: v for k, v in design.items() if k in fields})
     out_dir = os.fspath(out_dir)
     paths = {
         "sft_model": os.path.join(out_dir, "sft"),
-        "preferences": os.path.join(out_dir, "preferences.jsonl"),
+        "preferences": preferences_file(out_dir, flip_rate),
+        "gold_preferences": os.path.join(out_dir, "gold_preferences.jsonl"),
         "prompts": os.path.join(out_dir, "prompts.jsonl"),
+        "val_prompts": os.path.join(out_dir, "val_prompts.jsonl"),
         "test_prompts": os.path.join(out_dir, "test_prompts.jsonl"),
         "task": os.path.join(out_dir, "task.json"),
     }
-    record = {**asdict(spec), "sizes": SIZES[size]}
-    if not force and os.path.exists(paths["task"]):
-        with open(paths["task"]) as f:
-            if json.load(f) == record:
-                return paths
-    os.makedirs(out_dir, exist_ok=True)
-    sz = SIZES[size]
-    rng = random.Random(1_000 + seed)
-    prefs = []
-    for _ in range(sz["labelled"]):
-        p = _prompt(rng, spec)
-        a, b = _answer(rng, spec, p, spec.sft_correct), _answer(rng, spec, p, spec.sft_correct)
-        prefs.append(label_pairs(spec, rng, p, a, b))
     from ssapo.io import write_json, write_jsonl
 
-    write_jsonl(paths["preferences"], prefs)
-    write_jsonl(paths["prompts"], [{"prompt": messages(_prompt(rng, spec))} for _ in range(sz["prompts"])])
-    write_jsonl(paths["test_prompts"], [{"prompt": messages(_prompt(rng, spec))} for _ in range(sz["test"])])
-    sft(spec, paths["sft_model"])
-    write_json(paths["task"], record)  # last: marks the task complete
+    record = {**asdict(spec), "sizes": sizes}
+    built = False
+    if not force and os.path.exists(paths["task"]):
+        with open(paths["task"]) as f:
+            built = json.load(f) == record
+    if not built:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):  # another design's preferences must not survive
+            if name.startswith("preferences"):
+                os.remove(os.path.join(out_dir, name))
+        part = prompt_partition(spec, sizes)
+        write_jsonl(paths["gold_preferences"], gold_rows(spec, part["labelled"] + part["prompts"]))
+        write_jsonl(paths["prompts"], [{"prompt": messages(p)} for p in part["prompts"]])
+        write_jsonl(paths["val_prompts"], [{"prompt": messages(p)} for p in part["val"]])
+        write_jsonl(paths["test_prompts"], [{"prompt": messages(p)} for p in part["test"]])
+        write_jsonl(
+            os.path.join(out_dir, "labelled_prompts.jsonl"), [{"prompt": messages(p)} for p in part["labelled"]]
+        )
+        sft(spec, paths["sft_model"], sizes)
+        write_json(paths["task"], record)  # last: marks the task complete
+    if not os.path.exists(paths["preferences"]):
+        from ssapo.io import read_jsonl
+
+        labelled = [r["prompt"][0]["content"] for r in read_jsonl(os.path.join(out_dir, "labelled_prompts.jsonl"))]
+        write_jsonl(paths["preferences"], labelled_rows(spec, labelled, flip_rate))
     return paths
 
 

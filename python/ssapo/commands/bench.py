@@ -1,14 +1,21 @@
-"""`ssapo bench`: SSAPO, its ablations and the baselines (DPO, iterative DPO,
-SPA, SeRA) on the offline gold-reward task; resumable; writes report.md and PNG plots.
+"""`ssapo bench`: SSAPO, the baselines (seed-only DPO, iterative DPO, SPA, SeRA, the
+robust-DPO losses) and two oracles on the offline gold-reward task, under label
+noise in the seed and in the self-annotations; resumable; writes report.md,
+summary.json and PNG plots into the output directory.
 
-    ssapo bench --quick                       # a few minutes: 5 methods, 2 seeds, clean labels, small task
-    ssapo bench --output-dir runs/bench       # all methods, 3 seeds, 0 % and 25 % label flips
+    ssapo bench --quick                       # every method family, 2 seeds, small task, clean labels
+    ssapo bench --output-dir runs/bench       # the default preset: 5 seeds, 4 conditions
+    ssapo bench --full                        # learning-rate and ε sweeps (long)
+    ssapo bench --methods ssapo,iterative-dpo --seeds 0,3,7 --flip-rates 0.25 --annotation-flip-rates 0.2
+
+The presets and methods are in ssapo.bench.suite (PRESETS, all_methods()).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 DOC = __doc__
 
@@ -21,32 +28,71 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--output-dir", default="runs/bench")
-    p.add_argument("--quick", action="store_true", help="small task, 5 methods, 2 seeds, clean labels")
-    p.add_argument("--methods", default=None, help="comma-separated (default: all; see ssapo.bench.run.METHODS)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 2)")
-    p.add_argument("--flip-rates", default=None, help="comma-separated label-flip rates (default 0,0.25; quick 0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small task, 2 seeds, clean labels (a few minutes)")
+    g.add_argument("--full", action="store_true", help="every method, lr and ε sweeps in every condition (hours)")
+    p.add_argument("--methods", default=None, help="comma-separated (default: the preset's; see ssapo.bench.suite)")
+    p.add_argument(
+        "--seeds", default=None, help="a count (5 = seeds 0..4) or seed values (0,3,7); default: the preset's"
+    )
+    p.add_argument(
+        "--flip-rates", default=None, help="comma-separated seed-label flip rates (default: the preset's conditions)"
+    )
+    p.add_argument(
+        "--annotation-flip-rates",
+        default=None,
+        help="comma-separated self-annotation flip rates (annotation_flip_rate; default: the preset's conditions)",
+    )
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ssapo.bench.run import METHODS, QUICK_METHODS, bench
-
-    methods = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else list(METHODS))
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        print(f"ssapo bench: error: --methods: unknown {bad}; known: {', '.join(METHODS)}", file=sys.stderr)
-        return 2
+def _rates(text: str, flag: str):
     try:
-        flips = [float(x) for x in (args.flip_rates or ("0" if args.quick else "0,0.25")).split(",")]
+        rates = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        print("ssapo bench: error: --flip-rates: give numbers like 0,0.25", file=sys.stderr)
+        raise ValueError(f"{flag}: give rates in [0, 1] like 0,0.25, got {text!r}") from None
+    if not rates or any(not 0 <= r <= 1 for r in rates):
+        raise ValueError(f"{flag}: give rates in [0, 1] like 0,0.25, got {text!r}")
+    return rates
+
+
+def options(args):
+    """(preset, seeds, methods) from the command line; ValueError naming the flag at fault."""
+    import dataclasses
+
+    from ssapo.bench.stats import parse_seeds
+    from ssapo.bench.suite import PRESETS, all_methods
+
+    preset = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    known = all_methods()
+    methods = [m for m in preset.methods if m in known]
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in known]
+        if bad or not methods:
+            raise ValueError(f"--methods: unknown {bad or args.methods!r}; known: {', '.join(known)}")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(preset.seeds))
+    if args.flip_rates is not None or args.annotation_flip_rates is not None:
+        sf = _rates(args.flip_rates, "--flip-rates") if args.flip_rates is not None else [0.0]
+        af = _rates(args.annotation_flip_rates, "--annotation-flip-rates") if args.annotation_flip_rates else []
+        conds = [(f, 0.0, None) for f in sf] + [(0.0, a, None) for a in af if a > 0]
+        preset = dataclasses.replace(preset, conditions=conds)
+    if args.methods:  # the methods given run in every condition
+        preset = dataclasses.replace(preset, conditions=[(f, a, None) for f, a, _ in preset.conditions])
+    return preset, seeds, methods
+
+
+def run(args) -> int:
+    try:
+        preset, seeds, methods = options(args)
+    except ValueError as e:
+        print(f"ssapo bench: error: {e}", file=sys.stderr)
         return 2
-    seeds = list(range(args.seeds or (2 if args.quick else 3)))
-    cmd = (
-        "ssapo " + " ".join(sys.argv[1:])
-        if sys.argv[0].endswith("ssapo")
-        else "ssapo bench" + (" --quick" if args.quick else "")
-    )
-    md = bench(args.output_dir, methods, seeds, flips, args.quick, cmd=cmd)
+    from ssapo.bench import report, suite
+
+    cmd = "ssapo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("ssapo") else "ssapo bench"
+    t0 = time.time()
+    results = suite.execute(preset, args.output_dir, seeds, methods)
+    md = report.write(preset, results, seeds, methods, args.output_dir, cmd, time.time() - t0)
     print(md)
     return 0

@@ -1,0 +1,372 @@
+"""`ssapo bench`'s report: report.md, summary.json and the plots, from the evaluated runs.
+
+Per condition (seed-label flips, self-annotation flips), per method row (a tuned
+method: its candidate with the best mean validation win rate), over seeds: the
+final test win rate against the SFT policy, its paired difference from tuned
+iterative DPO with a 95 % t interval ("no significant difference" where it covers
+0), the share of the headroom (oracle − seed-only DPO) it captures, the LC win
+rate (flagged where answers collapsed), the mean answer length per round, the
+gold accuracy of each round's self-annotations, gold ties, the follower's
+movement of flipped / mislabelled pairs against the rest, parameter displacement.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ssapo.bench import stats
+from ssapo.bench.suite import BASELINE, Job, Preset, candidates, canonical, self_annotating
+
+VALID_ACCURACY = (0.65, 0.85)
+MIN_HEADROOM = 0.10
+
+
+def _fmt(m: float, s: Optional[float] = None, digits: int = 3) -> str:
+    if m is None or not math.isfinite(m):
+        return "–"
+    return f"{m:.{digits}f}" if s is None or not math.isfinite(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _ms(values) -> str:
+    return _fmt(*stats.mean_std(values))
+
+
+def _final(ev: dict, key: str = "win_rate") -> float:
+    return ev["rounds"][-1][key]
+
+
+class Table:
+    """The evaluated runs of one condition, rows picked by validation."""
+
+    def __init__(self, preset: Preset, results: Dict[Job, dict], seeds: List[int], methods: List[str], sf, af):
+        self.preset, self.results, self.seeds, self.sf, self.af = preset, results, seeds, sf, af
+        self.rows: Dict[str, Dict[int, dict]] = {}
+        self.chosen: Dict[str, str] = {}
+        self.sweeps: Dict[str, Dict[str, Dict[int, dict]]] = {}
+        for m in methods:
+            per_cand = {}
+            for var in candidates(preset, m):
+                got = {}
+                for s in seeds:
+                    j = canonical(Job(s, sf, af, m, var))
+                    if j in results:
+                        got[s] = results[j]
+                if got:
+                    per_cand[Job(0, 0, 0, m, var).var_name] = got
+            if not per_cand:
+                continue
+            self.sweeps[m] = per_cand
+            best = stats.pick_by_validation(
+                {k: [ev["val"]["win_rate"] for ev in v.values()] for k, v in per_cand.items()}
+            )
+            self.chosen[m] = best
+            self.rows[m] = per_cand[best]
+
+    def final(self, m: str, key: str = "win_rate") -> Dict[int, float]:
+        return {s: _final(ev, key) for s, ev in self.rows.get(m, {}).items()}
+
+    def mean(self, m: str) -> float:
+        return stats.mean_std(list(self.final(m).values()))[0]
+
+    def headroom(self, oracle: str = "oracle-iterative") -> float:
+        return self.mean(oracle) - self.mean("dpo")
+
+    def paired(self, m: str, against: str = BASELINE) -> dict:
+        a, b = self.final(m), self.final(against)
+        common = [s for s in self.seeds if s in a and s in b]
+        return stats.paired_ci([a[s] for s in common], [b[s] for s in common])
+
+    def seed_accuracy(self) -> List[float]:
+        """Round-1 gold accuracy of the self-annotations of π_0 (iterative DPO's first round)."""
+        out = []
+        for ev in self.rows.get(BASELINE, {}).values():
+            if ev["per_round"]:
+                out.append(ev["per_round"][0]["annotation"]["accuracy"])
+        return out
+
+
+def _label(m: str, t: Table) -> str:
+    c = t.chosen.get(m)
+    return f"{m} ({c})" if c else m
+
+
+def _cond_name(sf: float, af: float) -> str:
+    if sf == 0 and af == 0:
+        return "clean labels"
+    parts = []
+    if sf:
+        parts.append(f"{sf:.0%} of the seed labels flipped")
+    if af:
+        parts.append(f"{af:.0%} of each round's self-annotations flipped")
+    return ", ".join(parts)
+
+
+def table_lines(t: Table, methods: List[str]) -> List[str]:
+    h_it, h_dpo = t.headroom("oracle-iterative"), t.headroom("oracle-dpo")
+    lines = [
+        f"Seed-only DPO {_ms(list(t.final('dpo').values()))}; oracles: iterative DPO with the gold annotator "
+        f"{_ms(list(t.final('oracle-iterative').values()))}, DPO on gold labels for every pair "
+        f"{_ms(list(t.final('oracle-dpo').values()))}. **Headroom** (iterative oracle − seed-only DPO) "
+        f"{_fmt(h_it)}; to the all-gold DPO {_fmt(h_dpo)}.",
+        "",
+        "| method | test win rate | Δ vs iterative DPO (tuned), 95 % CI | share of headroom | LC win rate "
+        "| mean length per round | annotation acc. per round | gold ties | moved: flipped / unflipped "
+        "| moved: mislabelled / correct | displacement from π_0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    sft_len = stats.mean_std([ev["sft_mean_length"] for r in t.rows.values() for ev in r.values()])[0]
+    base, oracle = t.mean("dpo"), t.mean("oracle-iterative")
+    for m in methods:
+        if m not in t.rows:
+            continue
+        evs = [t.rows[m][s] for s in t.seeds if s in t.rows[m]]
+        wr = [_final(e) for e in evs]
+        lens = [[r["mean_length"] for r in e["rounds"]] for e in evs]
+        L = min(map(len, lens))
+        mean_len = [float(np.mean([x[i] for x in lens])) for i in range(L)]
+        collapsed = stats.length_collapsed(mean_len, sft_len)
+        lc = _ms([_final(e, "lc_win_rate") for e in evs]) + (" ⚠ lengths collapsed" if collapsed else "")
+        if m == BASELINE:
+            delta = "(the reference)"
+        else:
+            p = t.paired(m)
+            if p["n"] < 2:
+                delta = "–"
+            else:
+                delta = f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]" + (
+                    "" if p["significant"] else " no significant difference"
+                )
+        share = stats.headroom_share(float(np.mean(wr)), base, oracle)
+        pr = [e["per_round"] for e in evs if e["per_round"]]
+        acc = ties = mov_f = mov_m = "–"
+        if pr and self_annotating(m) or m == "oracle-iterative":
+            R = min(map(len, pr)) if pr else 0
+            if R:
+                acc = " / ".join(_fmt(float(np.mean([p[i]["annotation"]["accuracy"] for p in pr]))) for i in range(R))
+                ties = _fmt(float(np.mean([p[i]["annotation"]["tie_fraction"] for p in pr for i in range(R)])))
+                fol = [p[i]["follower"] for p in pr for i in range(R) if "follower" in p[i]]
+                if fol:
+                    mov_m = f"{_fmt(np.nanmean([f['moved_mislabelled'] for f in fol]))} / {_fmt(np.nanmean([f['moved_correct'] for f in fol]))}"
+                    if "moved_flipped" in fol[0] and t.af:
+                        mov_f = f"{_fmt(np.nanmean([f['moved_flipped'] for f in fol]))} / {_fmt(np.nanmean([f['moved_unflipped'] for f in fol]))}"
+        lines.append(
+            f"| {_label(m, t)} | {_ms(wr)} | {delta} | {_fmt(share, digits=2)} | {lc} "
+            f"| {' → '.join(f'{x:.2f}' for x in mean_len)} | {acc} | {ties} | {mov_f} | {mov_m} "
+            f"| {_ms([e['displacement_from_pi0'] for e in evs])} |"
+        )
+    lines.append("")
+    return lines
+
+
+def validity_lines(t: Table) -> List[str]:
+    """The design criteria (never SSAPO's result): headroom, seed-model annotation accuracy, a tuned
+    iterative DPO that captures a clearly non-zero share."""
+    h = t.headroom()
+    acc = stats.mean_std(t.seed_accuracy())[0]
+    p = t.paired(BASELINE, "dpo")
+    share = stats.headroom_share(t.mean(BASELINE), t.mean("dpo"), t.mean("oracle-iterative"))
+    ok_h = math.isfinite(h) and h >= MIN_HEADROOM
+    ok_a = math.isfinite(acc) and VALID_ACCURACY[0] <= acc <= VALID_ACCURACY[1]
+    ok_i = p["n"] >= 2 and p["significant"] and p["mean"] > 0
+    return [
+        "Design criteria: headroom "
+        + _fmt(h)
+        + f" (needs ≥ {MIN_HEADROOM:.2f}: {'holds' if ok_h else 'does NOT hold'}); seed-model self-annotation "
+        f"accuracy {_fmt(acc)} (needs {VALID_ACCURACY[0]}–{VALID_ACCURACY[1]}: {'holds' if ok_a else 'does NOT hold'}); "
+        f"tuned iterative DPO − seed-only DPO {_fmt(p['mean'])} [{_fmt(p['lo'])}, {_fmt(p['hi'])}], share "
+        f"{_fmt(share, digits=2)} (must be clearly above 0: {'holds' if ok_i else 'does NOT hold'}).",
+        "",
+    ]
+
+
+def control(t: Table) -> Optional[tuple]:
+    """(seeds where ssapo-eps0's every-round test win rates equal iterative DPO's at the same
+    learning rate, seeds compared), or None when either is missing."""
+    if "ssapo-eps0" not in t.rows or BASELINE not in t.sweeps:
+        return None
+    lr = dict(Job(0, 0, 0, "ssapo-eps0").var).get("learning_rate", t.preset.run.get("learning_rate"))
+    key = next((k for k in t.sweeps[BASELINE] if k in ("", f"learning_rate={lr:g}")), None)
+    if key is None:
+        return None
+    ref = t.sweeps[BASELINE][key]
+    same = [s for s in t.rows["ssapo-eps0"] if s in ref]
+    eq = sum(
+        [r["win_rate"] for r in t.rows["ssapo-eps0"][s]["rounds"]] == [r["win_rate"] for r in ref[s]["rounds"]]
+        for s in same
+    )
+    return eq, len(same)
+
+
+def _save(fig, path: str) -> None:
+    from ssapo.io import atomic_write
+
+    atomic_write(path, lambda t: fig.savefig(t, dpi=90, bbox_inches="tight", format="png"))
+
+
+def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    # 1. win rate against headroom: each method's share, per condition
+    fig, axes = plt.subplots(1, len(tables), figsize=(max(5, 0.5 * len(methods)) * len(tables), 3.8), squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        ms = [m for m in methods if m in t.rows]
+        base, oracle = t.mean("dpo"), t.mean("oracle-iterative")
+        vals = [[stats.headroom_share(x, base, oracle) for x in t.final(m).values()] for m in ms]
+        ax.bar(range(len(ms)), [np.nanmean(v) if v else np.nan for v in vals], yerr=[np.nanstd(v) for v in vals])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axhline(1, color="g", ls="--", lw=0.8)
+        ax.set_xticks(range(len(ms)), ms, rotation=40, ha="right", fontsize=7)
+        ax.set_title(
+            f"{_cond_name(t.sf, t.af)}\nheadroom {_fmt(t.headroom())} (0 = seed-only DPO, 1 = oracle)", fontsize=8
+        )
+        ax.set_ylabel("share of headroom (win rate)")
+    _save(fig, os.path.join(out, "headroom.png"))
+    plt.close(fig)
+    made.append("headroom.png")
+    # 2. per-round annotation accuracy
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.5), squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        for m in methods:
+            pr = [e["per_round"] for e in t.rows.get(m, {}).values() if e["per_round"]]
+            if pr:
+                R = min(map(len, pr))
+                ax.plot(
+                    range(1, R + 1),
+                    [np.mean([p[i]["annotation"]["accuracy"] for p in pr]) for i in range(R)],
+                    marker="o",
+                    label=m,
+                )
+        ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
+        ax.set_xlabel("round")
+        ax.set_ylabel("gold accuracy of the round's pairs")
+    axes[0][-1].legend(fontsize=6)
+    _save(fig, os.path.join(out, "annotation_accuracy.png"))
+    plt.close(fig)
+    made.append("annotation_accuracy.png")
+    # 3. win rate per round
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.5), squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        for m in methods:
+            curves = [[r["win_rate"] for r in e["rounds"]] for e in t.rows.get(m, {}).values()]
+            if curves:
+                L = min(map(len, curves))
+                ax.plot(range(L), np.mean([c[:L] for c in curves], 0), marker="o", label=m)
+        ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
+        ax.set_xlabel("round (0 = π_0)")
+        ax.set_ylabel("test win rate vs SFT")
+    axes[0][-1].legend(fontsize=6)
+    _save(fig, os.path.join(out, "win_rate_per_round.png"))
+    plt.close(fig)
+    made.append("win_rate_per_round.png")
+    # 4. sweeps: win rate against each tuned field (learning rate, ε, seed epochs)
+    for key, fname in (
+        ("learning_rate", "lr_sweep.png"),
+        ("eps", "eps_sweep.png"),
+        ("seed_epochs", "seed_epochs_sweep.png"),
+    ):
+        swept = {
+            m
+            for t in tables
+            for m, per in t.sweeps.items()
+            if len(per) > 1 and all(k.startswith(key + "=") for k in per)
+        }
+        if not swept:
+            continue
+        fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.5), squeeze=False)
+        for ax, t in zip(axes[0], tables):
+            for m in sorted(swept):
+                per = t.sweeps.get(m, {})
+                if not per:
+                    continue
+                xs = sorted(per, key=lambda k: float(k.split("=")[1]))
+                ax.plot(
+                    [float(k.split("=")[1]) for k in xs],
+                    [np.mean([_final(e) for e in per[k].values()]) for k in xs],
+                    marker="o",
+                    label=m,
+                )
+            ax.set_xscale("log")
+            ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
+            ax.set_xlabel(key)
+            ax.set_ylabel("test win rate vs SFT")
+        axes[0][-1].legend(fontsize=6)
+        _save(fig, os.path.join(out, fname))
+        plt.close(fig)
+        made.append(fname)
+    return made
+
+
+def write(
+    preset: Preset,
+    results: Dict[Job, dict],
+    seeds: List[int],
+    methods: List[str],
+    out: str,
+    cmd: str,
+    seconds: float,
+    notes: str = "",
+) -> str:
+    """Writes report.md, summary.json and the plots into `out`; returns the Markdown."""
+    from ssapo.io import atomic_write, write_json
+
+    conds = [(sf, af) for sf, af, _ in preset.conditions]
+    tables = [Table(preset, results, seeds, methods, sf, af) for sf, af in conds]
+    lines = [
+        f"# ssapo bench ({preset.name})",
+        "",
+        f"Command: `{cmd}` — seeds {seeds}, {len(conds)} conditions, {len(results)} runs, {seconds / 60:.1f} min "
+        "on this machine.",
+        "",
+        f"Task: size `{preset.size}`, design {preset.design or 'the defaults of ssapo.bench.task.TaskSpec'}; loop: "
+        f"the tiny recipe with {preset.run}. Tuning grids (chosen by the mean validation win rate over seeds, on "
+        f"validation prompts disjoint from the test prompts): {preset.tune or 'none'}.",
+        "",
+        "Win rate: gold-reward win rate of the final policy's samples against the SFT policy's on the test prompts "
+        f"({preset.n_eval} samples per prompt, ties half), mean ± standard deviation over seeds. Δ: paired by seed, "
+        "95 % t interval. Share of headroom: (win rate − seed-only DPO) / (iterative oracle − seed-only DPO). LC: "
+        "the win rate at equal length (logistic fit on the length difference), flagged where the final mean "
+        "answer length fell below half the SFT policy's. Moved: fraction of pairs whose follower atom moved.",
+        "",
+    ]
+    summary = {"preset": preset.name, "seeds": seeds, "command": cmd, "seconds": seconds, "conditions": []}
+    for t in tables:
+        lines += [f"## {_cond_name(t.sf, t.af)}", ""]
+        lines += table_lines(t, methods)
+        if t.sf == 0 and t.af == 0:
+            lines += validity_lines(t)
+        eq = control(t)
+        if eq is not None:
+            lines += [f"Control: SSAPO at ε = 0 equals iterative DPO in {eq[0]} of {eq[1]} seeds.", ""]
+        summary["conditions"].append(
+            {
+                "seed_flip": t.sf,
+                "annotation_flip": t.af,
+                "headroom": t.headroom(),
+                "chosen": t.chosen,
+                "rows": {
+                    m: {
+                        "win_rate": stats.mean_std(list(t.final(m).values())),
+                        "per_seed": t.final(m),
+                        "vs_baseline": t.paired(m) if m != BASELINE else None,
+                        "share": stats.headroom_share(t.mean(m), t.mean("dpo"), t.mean("oracle-iterative")),
+                    }
+                    for m in t.rows
+                },
+            }
+        )
+    made = plots(tables, methods, out)
+    lines += [f"![{m}]({m})" for m in made] + [""]
+    if notes:
+        lines += [notes, ""]
+    md = "\n".join(lines)
+    atomic_write(os.path.join(out, "report.md"), lambda p: open(p, "w").write(md))
+    write_json(os.path.join(out, "summary.json"), summary)
+    return md

@@ -1,0 +1,384 @@
+"""`ssapo bench`'s runs: presets, methods, conditions, tuning on validation prompts.
+
+One task per seed (`ssapo.bench.task.prepare_task`: its SFT model, labelled pool,
+round pool, validation and test prompts, all disjoint), shared by every method
+and noise condition of that seed. Every run is an ordinary `ssapo.loop.run`
+with paths (model = the task's SFT model, preference_data, prompt_data); the
+gold statistics are computed afterwards from the run directory
+(`evaluate_run`). The seed model π_0 is trained once per (seed, seed-label flip
+rate) by the `dpo` run and handed to every other method as `seed_model`.
+
+Conditions: (seed-label flip rate, self-annotation flip rate). Seed flips
+change the labelled pool (and so π_0); self-annotation flips
+(`annotation_flip_rate`) turn a fraction of each round's pairs around after
+they are made, so they apply to self-annotating methods only: the seed-only
+and oracle rows of such a condition are those of its seed-flip condition.
+
+Tuning: a method with a grid in the preset's `tune` (e.g. iterative DPO over
+the round learning rate) runs every candidate; the reported row is the
+candidate with the best mean validation win rate over seeds (validation
+prompts, never the test prompts). Every run directory is resumable; finished
+evaluations are cached in eval.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+GOLD_ANNOTATOR = "ssapo.bench.oracle:gold_annotator"
+
+# name -> RunConfig overrides; "data": "gold" = every pair gold-labelled; "annotator": "gold" = the oracle annotator
+BASE_METHODS: Dict[str, dict] = {
+    "dpo": {"method": "dpo"},
+    "oracle-dpo": {"method": "dpo", "data": "gold"},
+    "oracle-iterative": {"method": "iterative-dpo", "annotator": "gold"},
+    "iterative-dpo": {"method": "iterative-dpo"},
+    "spa": {"method": "spa"},
+    "sera": {"method": "sera"},
+    "ssapo": {"method": "ssapo"},
+    "ssapo-eps0": {"method": "ssapo", "eps": 0.0},
+    "ssapo-margin": {"method": "ssapo", "leader_loss": "shift_margin", "follower_space": "margin"},
+    "ssapo-weights": {"method": "ssapo", "leader_loss": "weights"},
+    "ssapo-global": {"method": "ssapo", "group_size": 0},
+    "ssapo-ref-init": {"method": "ssapo", "round_reference": "init"},
+}
+# the robust-DPO baselines, present once the loop knows them as methods (ssapo.config.METHODS)
+ROBUST_METHODS: Dict[str, dict] = {
+    "rdpo": {"method": "rdpo", "label_smoothing": 0.2},
+    "cdpo": {"method": "cdpo", "label_smoothing": 0.1},
+    "drdpo": {"method": "drdpo"},
+    "kldpo": {"method": "kldpo"},
+}
+NOT_SELF_ANNOTATING = ("dpo", "oracle-dpo", "oracle-iterative")
+BASELINE = "iterative-dpo"  # every comparison is against its tuned row
+
+
+def all_methods() -> Dict[str, dict]:
+    """BASE_METHODS and the robust baselines the loop knows."""
+    from ssapo.config import METHODS as LOOP_METHODS
+
+    out = dict(BASE_METHODS)
+    out.update({k: v for k, v in ROBUST_METHODS.items() if v["method"] in LOOP_METHODS})
+    return out
+
+
+def self_annotating(name: str) -> bool:
+    return name not in NOT_SELF_ANNOTATING
+
+
+@dataclass
+class Preset:
+    """A benchmark: the task design, the loop's settings, seeds, methods, conditions, tuning grids."""
+
+    name: str
+    size: str  # ssapo.bench.task.SIZES key
+    design: dict  # TaskSpec / SIZES overrides
+    run: dict  # RunConfig overrides shared by every method
+    seeds: int
+    methods: List[str]
+    # (seed-label flip rate, self-annotation flip rate) -> the methods run under it (None: every method)
+    conditions: List[Tuple[float, float, Optional[List[str]]]]
+    tune: Dict[str, Dict[str, list]] = field(default_factory=dict)  # method -> {RunConfig field: candidates}
+    method_overrides: Dict[str, dict] = field(default_factory=dict)  # extra named variants: name -> (base, overrides)
+    n_eval: int = 4  # samples per prompt in the win rates
+    eval_new_tokens: int = 8
+
+
+def _design_run(seed_size: int, round_sizes: List[int], lr: float, **kw) -> dict:
+    return {
+        "seed_size": seed_size,
+        "round_sizes": list(round_sizes),
+        "num_rounds": len(round_sizes),
+        "learning_rate": lr,
+        **kw,
+    }
+
+
+PRESETS: Dict[str, Preset] = {}
+
+
+def _register(p: Preset) -> Preset:
+    PRESETS[p.name] = p
+    return p
+
+
+_CORE = ["dpo", "oracle-dpo", "oracle-iterative", "iterative-dpo", "spa", "sera", "ssapo"]
+_ROBUST = list(ROBUST_METHODS)
+
+_register(
+    Preset(
+        name="quick",
+        size="test",
+        design={},
+        run=_design_run(
+            32,
+            [96, 96],
+            5e-4,
+            batch_size=16,
+            per_device_train_batch_size=16,
+            max_new_tokens=6,
+        ),
+        seeds=2,
+        methods=_CORE + ["ssapo-eps0"] + _ROBUST,
+        conditions=[(0.0, 0.0, None)],
+        tune={},
+    )
+)
+_register(
+    Preset(
+        name="default",
+        size="tiny",
+        design={},
+        run=_design_run(64, [272, 272, 272], 5e-4),
+        seeds=5,
+        methods=_CORE + _ROBUST,
+        conditions=[
+            (0.0, 0.0, None),
+            (0.25, 0.0, ["dpo", "oracle-iterative", "iterative-dpo", "ssapo", "rdpo", "cdpo"]),
+            (0.0, 0.2, ["iterative-dpo", "ssapo", "rdpo", "cdpo"]),
+            (0.0, 0.4, ["iterative-dpo", "ssapo", "rdpo", "cdpo"]),
+        ],
+        tune={"iterative-dpo": {"learning_rate": [2e-4, 5e-4]}},
+    )
+)
+_EPS = [0.01, 0.03, 0.05, 0.1, 0.2]
+_LRS = [1e-4, 2e-4, 3e-4, 5e-4, 1e-3]
+_register(
+    Preset(
+        name="full",
+        size="tiny",
+        design={},
+        run=_design_run(64, [272, 272, 272], 5e-4),
+        seeds=5,
+        methods=_CORE + _ROBUST + ["ssapo-margin", "ssapo-weights", "ssapo-global", "ssapo-eps0"],
+        conditions=[(0.0, 0.0, None), (0.25, 0.0, None), (0.0, 0.2, None), (0.0, 0.4, None)],
+        tune={
+            **{m: {"learning_rate": _LRS} for m in ["iterative-dpo", "ssapo", "spa", "sera"] + _ROBUST},
+            **{m: {"eps": _EPS} for m in ["ssapo-margin", "ssapo-weights", "ssapo-global"]},
+            "dpo": {"seed_epochs": [3, 6]},
+        },
+    )
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: a method (and a tuning candidate) on one seed under one condition."""
+
+    seed: int
+    seed_flip: float
+    ann_flip: float
+    method: str
+    var: Tuple[Tuple[str, object], ...] = ()  # the candidate's overrides, sorted
+
+    @property
+    def var_name(self) -> str:
+        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.var)
+
+    def dir(self, out: str) -> str:
+        name = self.method + (f"@{self.var_name}" if self.var else "")
+        return os.path.join(
+            out, f"seed{self.seed}", f"seedflip{self.seed_flip:g}_annflip{self.ann_flip:g}", name.replace("/", "_")
+        )
+
+
+def canonical(job: Job) -> Job:
+    """Conditions that do not change a run map to one job: the rows that do not self-annotate
+    ignore annotation flips, and DPO on gold labels ignores seed flips too."""
+    if not self_annotating(job.method):
+        job = dataclasses.replace(job, ann_flip=0.0)
+    if job.method == "oracle-dpo":
+        job = dataclasses.replace(job, seed_flip=0.0)
+    return job
+
+
+def candidates(preset: Preset, method: str) -> List[Tuple[Tuple[str, object], ...]]:
+    """The tuning candidates of `method` ((), when it has no grid)."""
+    grid = preset.tune.get(method)
+    if not grid:
+        return [()]
+    (key, values), *rest = grid.items()
+    if rest:
+        raise ValueError(f"tune: one field per method, got {list(grid)} for {method}")
+    return [((key, v),) for v in values]
+
+
+def jobs_of(preset: Preset, seeds: List[int], methods: List[str]) -> List[Job]:
+    """Every distinct run the preset needs, π_0's runs (dpo) first within each seed."""
+    seen, out = set(), []
+    for s in seeds:
+        for sf, af, ms in preset.conditions:
+            chosen = [m for m in methods if ms is None or m in ms]
+            # the rows the report compares against are run in every condition
+            for m in ("dpo", "oracle-dpo", "oracle-iterative", BASELINE):
+                if m in methods and m not in chosen:
+                    chosen.append(m)
+            for m in sorted(chosen, key=lambda m: m != "dpo"):
+                for var in candidates(preset, m):
+                    j = canonical(Job(s, sf, af, m, var))
+                    if j not in seen:
+                        seen.add(j)
+                        out.append(j)
+    return out
+
+
+def task_for(preset: Preset, out: str, seed: int, seed_flip: float) -> dict:
+    from ssapo.bench.task import prepare_task
+
+    return prepare_task(
+        os.path.join(out, f"seed{seed}", "task"), seed=seed, size=preset.size, flip_rate=seed_flip, design=preset.design
+    )
+
+
+def config_of(preset: Preset, job: Job, out: str, task: dict, seed_model: Optional[str] = None):
+    """The RunConfig of `job`: the tiny recipe, the preset's settings, the method's, the candidate's."""
+    from ssapo.config import load_config
+
+    spec = dict(all_methods()[job.method])
+    data = spec.pop("data", None)
+    annotator = spec.pop("annotator", None)
+    ov = {**preset.run, **spec, **dict(job.var)}
+    ov.update(
+        output_dir=job.dir(out),
+        seed=job.seed,
+        model=task["sft_model"],
+        preference_data=task["preferences"],
+        prompt_data=task["prompts"],
+    )
+    if data == "gold":  # DPO on gold labels for as many pairs as a run sees: the seed and every round
+        ov["preference_data"] = task["gold_preferences"]
+        ov["seed_size"] = int(preset.run["seed_size"]) + sum(preset.run["round_sizes"][: preset.run["num_rounds"]])
+        ov["num_rounds"] = 0
+    if annotator == "gold":
+        ov.update(annotator=GOLD_ANNOTATOR, annotator_args=task["task"])
+    if job.ann_flip:
+        ov["annotation_flip_rate"] = job.ann_flip
+    if seed_model is not None:
+        ov["seed_model"] = seed_model
+    return load_config("tiny", overrides=ov)
+
+
+def shares_seed_model(job: Job) -> bool:
+    """Runs that start from the `dpo` run's π_0 (same seed labels, same seed-stage settings)."""
+    seed_fields = {"seed_epochs", "seed_learning_rate", "seed_size", "beta"}
+    return job.method not in ("dpo", "oracle-dpo") and not (seed_fields & {k for k, _ in job.var})
+
+
+def seed_model_of(job: Job, out: str) -> str:
+    return os.path.join(Job(job.seed, job.seed_flip, 0.0, "dpo").dir(out), "seed", "model")
+
+
+def run_job(preset: Preset, job: Job, out: str) -> str:
+    """Runs (or resumes) one job; returns its directory."""
+    from ssapo.loop import run
+
+    task = task_for(preset, out, job.seed, job.seed_flip)
+    sm = seed_model_of(job, out) if shares_seed_model(job) else None
+    if sm is not None and not os.path.isdir(sm):
+        run_job(preset, Job(job.seed, job.seed_flip, 0.0, "dpo"), out)
+    cfg = config_of(preset, job, out, task, sm)
+    run(cfg, resume=True)
+    return job.dir(out)
+
+
+def round_models(run_dir: str) -> List[str]:
+    """π_0 (seed/model, or the run's seed_model) and every round's model, in order."""
+    from ssapo.config import RunConfig
+
+    cfg = RunConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
+    models = [getattr(cfg, "seed_model", None) or os.path.join(run_dir, "seed", "model")]
+    t = 1
+    while cfg.method != "dpo" and os.path.exists(os.path.join(run_dir, f"round_{t}", "model")):
+        models.append(os.path.join(run_dir, f"round_{t}", "model"))
+        t += 1
+    return models
+
+
+def _sft_answers(task: dict, split: str, n: int, max_new_tokens: int) -> List[List[str]]:
+    from ssapo.bench import metrics
+    from ssapo.bench.task import messages
+    from ssapo.io import read_jsonl, write_json
+    from ssapo.tiny import load
+
+    path = os.path.join(os.path.dirname(task["task"]), f"sft_answers_{split}_{n}_{max_new_tokens}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    prompts = [r["prompt"][0]["content"] for r in read_jsonl(task[f"{split}_prompts"])]
+    sft, tok = load(task["sft_model"])
+    ans = metrics.sample_answers(sft, tok, [messages(p) for p in prompts], n, max_new_tokens, seed=7)
+    write_json(path, ans)
+    return ans
+
+
+def evaluate_run(preset: Preset, job: Job, out: str) -> dict:
+    """Gold statistics of a finished run, cached in its eval.json: per model (π_0, each round)
+    the test win rate against the SFT policy (and LC win rate, gold reward, mean length); the
+    final model's validation win rate (for tuning); per round the annotation's gold accuracy,
+    gold ties, flipped pairs, the follower's movement, SeRA's selection; parameter
+    displacement of the final model from π_0 and from π_init."""
+    from ssapo.bench import metrics
+    from ssapo.bench.task import load_spec
+    from ssapo.io import read_jsonl, write_json
+    from ssapo.tiny import load
+
+    d = job.dir(out)
+    path = os.path.join(d, "eval.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    import numpy as np
+
+    task = task_for(preset, out, job.seed, job.seed_flip)
+    spec = load_spec(task["task"])
+    n, mnt = preset.n_eval, preset.eval_new_tokens
+    prompts = {s: [r["prompt"][0]["content"] for r in read_jsonl(task[f"{s}_prompts"])] for s in ("test", "val")}
+    sft_ans = {s: _sft_answers(task, s, n, mnt) for s in ("test", "val")}
+    models = round_models(d)
+    res: dict = {"job": dataclasses.asdict(job), "rounds": [], "sft_mean_length": None}
+    res["sft_mean_length"] = float(np.mean([len(a.split()) for rs in sft_ans["test"] for a in rs]))
+    for i, m in enumerate(models):
+        model, tok = load(m)
+        res["rounds"].append(metrics.evaluate(model, sft_ans["test"], tok, spec, prompts["test"], n, mnt, seed=11 + i))
+        if i == len(models) - 1:
+            res["val"] = metrics.evaluate(model, sft_ans["val"], tok, spec, prompts["val"], n, mnt, seed=13)
+        del model
+    rounds = []
+    t = 1
+    while os.path.exists(os.path.join(d, f"round_{t}", "annotations.jsonl")):
+        rd = os.path.join(d, f"round_{t}")
+        rows = read_jsonl(os.path.join(rd, "annotations.jsonl"))
+        r = {"annotation": metrics.annotation_gold_stats(spec, rows)}
+        if os.path.exists(os.path.join(rd, "sera.jsonl")):
+            r["sera_selected"] = metrics.annotation_gold_stats(spec, read_jsonl(os.path.join(rd, "sera.jsonl")))
+        fol = os.path.join(rd, "follower.npz")
+        if os.path.exists(fol):
+            z = np.load(fol)
+            r["follower"] = metrics.follower_movement(spec, rows, z["mass"], z["loc"], z["xi"])
+        mt = os.path.join(rd, "metrics.json")
+        if os.path.exists(mt):
+            with open(mt) as f:
+                lead = json.load(f).get("leader", {})
+            r["leader"] = {k: lead.get(k) for k in ("max_grad_norm", "clamped_fraction", "param_displacement")}
+        rounds.append(r)
+        t += 1
+    res["per_round"] = rounds
+    res["displacement_from_pi0"] = metrics.param_displacement(models[-1], models[0]) if len(models) > 1 else 0.0
+    res["displacement_from_sft"] = metrics.param_displacement(models[-1], task["sft_model"])
+    write_json(path, res)
+    return res
+
+
+def execute(preset: Preset, out: str, seeds: List[int], methods: List[str], progress: bool = True) -> Dict[Job, dict]:
+    """Runs and evaluates every job; returns {job: eval}."""
+    from tqdm.auto import tqdm
+
+    results = {}
+    for job in tqdm(jobs_of(preset, seeds, methods), desc="bench", disable=not progress):
+        run_job(preset, job, out)
+        results[job] = evaluate_run(preset, job, out)
+    return results
