@@ -520,6 +520,10 @@ def test_train_bad_flag_is_one_line_naming_it(argv, line):
         (["--spa-lambdas", "0.5", "0.25"], {"spa_lambdas": [0.5, 0.25]}),
         (["--use-peft"], {"use_peft": True}),
         (["--use-peft", "false", "--trust_remote_code"], {"use_peft": False, "trust_remote_code": True}),
+        (
+            ["--use-peft", "--no-use-peft", "--no_gradient_checkpointing"],
+            {"use_peft": False, "gradient_checkpointing": False},
+        ),
         (["--group-size", "global", "--save-total-limit", "null"], {"group_size": 0, "save_total_limit": None}),
         (["--num-train-epochs", "2"], {"num_train_epochs_per_round": 2.0}),
         (["--set", "k=5", "--k", "4"], {"k": 4}),  # the flag wins over --set

@@ -9,7 +9,7 @@
 Every RunConfig field is an option, generated from the dataclass and listed
 below in RunConfig's groups with its help, type, bounds and default:
 `--field-name value` (or `--field_name value`, `--field-name=value`, `--set
-field_name=value`), a bool alone (`--use-peft`) is true, a list takes
+field_name=value`), a bool alone (`--use-peft`) is true (`--no-use-peft`: false), a list takes
 `1,2,3` or `1 2 3`. Order of precedence: the preset's recipe
 (python/ssapo/recipes/<preset>/config.yaml), then --config, then the command
 line (--set, then the --field flags), merged by ssapo.config.load_config. A
@@ -125,6 +125,16 @@ def add_field_arguments(p: argparse.ArgumentParser) -> Dict[str, str]:
             spellings |= {s.replace("_", "-") for s in spellings}
             for alias in sorted(spellings - {f"--{name.replace('_', '-')}"}):
                 g.add_argument(alias, help=argparse.SUPPRESS, **kw)
+            if const == "true":  # HfArgumentParser's --no_field for a bool
+                nots = sorted({f"--no-{name.replace('_', '-')}", f"--no_{name}"})
+                g.add_argument(
+                    *nots,
+                    dest=name,
+                    action="store_const",
+                    const="false",
+                    default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS,
+                )
             dests[name] = name
     return dests
 
