@@ -510,8 +510,10 @@ def test_annotation_ranks_by_the_length_aware_implicit_reward(tiny):
     assert got(both) == expect([t / n - alpha * n for t, n in zip(total, lengths)])
     assert all(r["margin"] == r["chosen_reward"] - r["rejected_reward"] > 0 for r in both)
     # a strong enough penalty makes the shortest response the chosen one in every prompt
-    short, _ = annotate_rows(model, other, tok, prompts, length_penalty=100.0, **kw)
+    short, st = annotate_rows(model, other, tok, prompts, length_penalty=100.0, **kw)
     assert [len(resp[r["index"]][r["chosen_index"]]) for r in short] == [2, 2, 2, 2]
+    st = A.finish_stats(st, short)  # the lengths the pairs teach, per round
+    assert (st["mean_chosen_tokens"], st["mean_rejected_tokens"], st["mean_response_tokens"]) == (2.0, 9.0, 6.0)
 
 
 def test_annotation_defaults_are_run_configs():

@@ -494,13 +494,18 @@ def sequence_logps(
 
 
 def length_aware(
-    rewards: Sequence[float], lengths: Sequence[int], reward: str = "sum", length_penalty: float = 0.0
+    rewards: Sequence[float],
+    lengths: Sequence[int],
+    reward: Optional[str] = None,
+    length_penalty: Optional[float] = None,
 ) -> List[float]:
     """The rewards self-annotation ranks by: `reward` "sum" = r as given, "mean" = r / |y| (0 for a
     response with no scored token), then − `length_penalty`·|y| (SPA's r − α·|y|); `lengths` = |y|,
-    the scored response tokens. "sum" with α = 0 returns the rewards unchanged."""
-    from ssapo.config import check_value
+    the scored response tokens. None: RunConfig's defaults ("sum", 0: the rewards unchanged)."""
+    from ssapo.config import check_value, default_of
 
+    reward = default_of("annotation_reward") if reward is None else reward
+    length_penalty = default_of("annotation_length_penalty") if length_penalty is None else length_penalty
     check_value("annotation_reward", reward)
     check_value("annotation_length_penalty", length_penalty)
     if len(rewards) != len(lengths):
@@ -521,11 +526,16 @@ def implicit_reward(
     batch_size: int = 32,
     max_length: Optional[int] = None,
     chunk_tokens: Optional[int] = 1024,
-    reward: str = "sum",
-    length_penalty: float = 0.0,
+    reward: Optional[str] = None,
+    length_penalty: Optional[float] = None,
 ) -> Scorer:
     """The scorer r(y) = Σ log π_policy(y|x) − Σ log π_reference(y|x), made length-aware by `reward`
-    and `length_penalty` (`length_aware`, over the response tokens scored after the cut to `max_length`)."""
+    and `length_penalty` (`length_aware`, over the response tokens scored after the cut to `max_length`;
+    None: RunConfig's defaults, the plain sum)."""
+    from ssapo.config import default_of
+
+    reward = default_of("annotation_reward") if reward is None else reward
+    length_penalty = default_of("annotation_length_penalty") if length_penalty is None else length_penalty
 
     def score_fn(prompts, responses):
         kw = dict(max_length=max_length, chunk_tokens=chunk_tokens)
@@ -731,6 +741,8 @@ def annotate_rows(
         "distinct_responses": 0,
         "truncated_responses": 0,
         "response_tokens": 0,
+        "chosen_tokens": 0,
+        "rejected_tokens": 0,
         "overlong_prompts": 0,
     }
     from tqdm.auto import tqdm
@@ -773,6 +785,8 @@ def annotate_rows(
             if pair is None:
                 continue
             b, w = pair
+            stats["chosen_tokens"] += len(rs[b])
+            stats["rejected_tokens"] += len(rs[w])
             wrap = (lambda t: t) if isinstance(p, str) else (lambda t: [{"role": "assistant", "content": t}])
             rows.append(
                 {
@@ -802,6 +816,9 @@ def finish_stats(stats: Dict[str, float], rows: Sequence[dict]) -> Dict[str, flo
     out["dropped_fraction"] = out.get("dropped_all_tied", 0) / max(out.get("prompts", 0), 1)
     out["truncated_fraction"] = out.get("truncated_responses", 0) / n_resp
     out["mean_response_tokens"] = out.get("response_tokens", 0) / n_resp
+    # the lengths the pairs teach: a length exploit shows as chosen answers shorter round after round
+    out["mean_chosen_tokens"] = out.get("chosen_tokens", 0) / max(len(rows), 1)
+    out["mean_rejected_tokens"] = out.get("rejected_tokens", 0) / max(len(rows), 1)
     m = [r["margin"] for r in rows]
     if m:
         import numpy as np
