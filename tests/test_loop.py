@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from ssapo.atoms import Atoms
 from ssapo.config import RunConfig, load_config
 from ssapo.io import read_jsonl
 from ssapo.loop import run
@@ -215,7 +216,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, task_dir, refer
 
 def test_lora_stage_trains_and_saves_a_merged_model(tmp_path, task_dir):
     from ssapo.bench.task import prepare_task
-    from ssapo.loop import train_stage
+    from ssapo.leader import train_stage
 
     task = prepare_task(task_dir, seed=42, size="test")
     c = cfg(
@@ -241,7 +242,7 @@ def test_a_stage_killed_mid_round_resumes_from_its_last_checkpoint(tmp_path, tas
     run again continues from it (weights, optimizer, data order) and ends where an uninterrupted stage ends."""
     import ssapo.trainer as tr
     from ssapo.bench.task import prepare_task
-    from ssapo.loop import train_stage
+    from ssapo.leader import train_stage
 
     task = prepare_task(task_dir, seed=42, size="test")
     rows = read_jsonl(task["preferences"])[:16]
@@ -355,8 +356,9 @@ def test_an_annotator_hook_labels_the_round_and_flips_are_recorded(tmp_path, tas
 def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch, role):
     import torch
 
-    from ssapo import annotate, loop
+    from ssapo import annotate, models
     from ssapo.bench.task import prepare_task
+    from ssapo.methods.sera import sera_round
 
     task = prepare_task(task_dir, seed=42, size="test")
     margins = [3, -1, 7, 0, 5, 2, 1, 9, 4, 6]
@@ -369,13 +371,13 @@ def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch, role):
         }
         for _ in margins
     ]
-    monkeypatch.setattr(loop, "pair_margins", lambda *a, **k: (torch.tensor(margins, dtype=torch.float64), None))
+    monkeypatch.setattr(models, "pair_margins", lambda *a, **k: (torch.tensor(margins, dtype=torch.float64), None))
     boot = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": float(m)} for m in (1.0, 5.0, 2.0)]
     monkeypatch.setattr(
         annotate, "annotate_rows", lambda *a, **k: ([{**b, "index": i} for i, b in enumerate(boot)], {"pairs": 3})
     )
     c = cfg(tmp_path, task_dir, sera_gamma_role=role, sera_gamma="0.3")
-    sel, st = loop.sera_round(c, rows, task["sft_model"], task["sft_model"], task["sft_model"], seed=0)
+    sel, st = sera_round(c, rows, task["sft_model"], task["sft_model"], task["sft_model"], seed=0)
     assert [r["margin"] for r in sel[:7]] == [0.0] * 7 and st["kept"] == 7
     kept_irm = st["kept_irm_min"]
     # the 7th largest margin; 'ensemble' mixes in the model before (here the same margins): (1−γ)·2 + γ·2
@@ -632,7 +634,8 @@ def test_two_processes_run_the_whole_loop_through_the_command(two_process_run, m
     the same bytes (their hashes equal the hash of the run's own files) and ddp_timeout reached the
     process group."""
     from ssapo import follower
-    from ssapo.loop import rows_hash, steps_of
+    from ssapo.leader import rows_hash
+    from ssapo.loop import steps_of
 
     out, r = two_process_run(method)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -671,7 +674,7 @@ def test_two_processes_run_the_whole_loop_through_the_command(two_process_run, m
         if method == "ssapo":
             z = follower.load(rd / "follower.npz")
             assert m["follower"]["n"] == len(ann) and abs(m["follower"]["dual_gap"]) < 1e-9
-            rows = follower.attach(ann, z)
+            rows = Atoms.of(z).attach(ann)
         if method == "sera":
             rows = read_jsonl(rd / "sera.jsonl")
             assert m["sera"]["kept"] == round(0.7 * m["sera"]["pairs_in"]) and len(rows) == m["leader"]["pairs"]
@@ -704,7 +707,7 @@ def test_two_processes_annotate_and_follow_as_one(two_process_run, tmp_path, tas
     )
     assert (out / "round_1" / "annotations.jsonl").read_text() == (one / "round_1" / "annotations.jsonl").read_text()
     za, zb = np.load(out / "round_1" / "follower.npz"), np.load(one / "round_1" / "follower.npz")
-    for key in ("margins", "xi", "loc", "shift", "mass", "weights", "lam", "budget_used"):
+    for key in ("margins", "xi", "loc", "shift", "mass", "weight", "lam", "budget_used"):
         np.testing.assert_array_equal(za[key], zb[key])
 
 
@@ -721,7 +724,7 @@ def test_the_driver_runs_the_leader_under_zero3_and_the_rest_data_parallel(tmp_p
     if missing:
         pytest.skip(f"needs {' and '.join(missing)} (pip install deepspeed ninja)")
     from ssapo.config import RECIPES_DIR
-    from ssapo.loop import rows_hash
+    from ssapo.leader import rows_hash
     from ssapo.stage import Launcher
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
@@ -757,8 +760,8 @@ def test_the_driver_runs_the_leader_under_zero3_and_the_rest_data_parallel(tmp_p
     m = json.loads((out / "round_1" / "metrics.json").read_text())
     from ssapo import follower
 
-    rows = follower.attach(
-        read_jsonl(out / "round_1" / "annotations.jsonl"), follower.load(out / "round_1" / "follower.npz")
+    rows = Atoms.of(follower.load(out / "round_1" / "follower.npz")).attach(
+        read_jsonl(out / "round_1" / "annotations.jsonl")
     )
     assert m["leader"]["processes"] == 2 and set(m["leader"]["data_hashes"]) == {rows_hash(rows)}
     assert len(m["leader"]["data_hashes"]) == 2 and m["leader"]["process_group_timeout_s"] == 1234

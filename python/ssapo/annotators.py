@@ -22,6 +22,7 @@ process boundary in DIR/config.yaml):
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable, List, Optional, Sequence
 
 TextScorer = Callable[[List, List[List[str]]], Sequence[Sequence[float]]]
@@ -102,3 +103,46 @@ def flip_pairs(rows: List[dict], rate: float, seed: Sequence[int]) -> List[dict]
         r["flipped"] = i in picked
         out.append(r)
     return out
+
+
+def annotate_round(cfg, procs, rd: str, policy_path: str, ref_path: str, prompts: List, seed: int):
+    """Round annotation shared out over `procs` by prompt chunks (one process
+    under vLLM): π at `policy_path` samples, the annotator (cfg.annotator; the
+    implicit reward against `ref_path` by default) ranks. Returns (rows in
+    prompt order, merged stats) on the main process, None elsewhere; the
+    shards are exchanged through files in `rd`."""
+    import json
+    import shutil
+
+    from ssapo import annotate, chat, models
+    from ssapo.processes import merge_counts, write_ordered
+
+    vllm = annotate.use_vllm(cfg.generation_backend)
+    world, rank = (1 if vllm else procs.num_processes), procs.process_index
+    rows: List[dict] = []
+    stats: dict = {}
+    if rank < world:
+        device = None if vllm else models.device_of(cfg, procs)
+        policy, tok = models.load(policy_path, cfg, device)
+        ref, _ = models.load(ref_path, cfg, device)
+        fn = load_annotator(cfg)
+        scorer = text_scorer(fn, tok, chat.stop_token_ids(policy, tok)) if fn is not None else None
+        rows, stats = annotate.annotate_rows(
+            policy, ref, tok, prompts, cfg, seed=seed, policy_path=policy_path, rank=rank, world=world, scorer=scorer
+        )
+        del policy, ref
+        models.free()
+    if world == 1:
+        return (rows, stats) if procs.is_main_process else None
+    shard_dir = os.path.join(rd, "annotate_shards")
+    write_ordered(os.path.join(shard_dir, f"rank_{rank}.json"), {"rows": rows, "stats": stats})
+    procs.wait_for_everyone()
+    if not procs.is_main_process:
+        return None
+    parts = []
+    for r in range(world):
+        with open(os.path.join(shard_dir, f"rank_{r}.json")) as f:
+            parts.append(json.load(f))
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    rows = sorted((row for p in parts for row in p["rows"]), key=lambda row: row["index"])
+    return rows, merge_counts([p["stats"] for p in parts])

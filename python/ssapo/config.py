@@ -28,6 +28,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ssapo import methods as _methods
+
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 # preset name -> its recipe
 PRESETS: Dict[str, str] = {
@@ -37,7 +39,8 @@ PRESETS: Dict[str, str] = {
 ACCELERATE_CONFIGS: Dict[str, str] = {
     name: os.path.join(RECIPES_DIR, "accelerate", f"{name}.yaml") for name in ("ddp", "zero3", "fsdp", "zero3_cpu")
 }
-METHODS = ("ssapo", "dpo", "iterative-dpo", "spa", "sera")
+# the `method` choices: one module per method in ssapo/methods/ (ssapo.methods.TABLE, no torch imported)
+METHODS = _methods.names()
 LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "dpo", "spa")
 
 
@@ -147,7 +150,7 @@ class RunConfig:
     output_dir: str = _f("runs/ssapo", "Run directory: seed/, round_<t>/, state.json, config.yaml.")
     method: str = _f(
         "ssapo",
-        "ssapo | dpo (the seed model π_0 only) | iterative-dpo (self-annotation, plain DPO) | spa | sera (baselines).",
+        "; ".join(f"{m.name}: {m.help}" for m in _methods.TABLE.values()) + " (ssapo.methods: one module each).",
         METHODS,
     )
     seed: int = _f(42, "Seed of the data shuffle (the paper: 42), sampling and training.")

@@ -305,3 +305,41 @@ def split_seed_and_rounds(
 
 def _skips(counts: Dict[str, int]) -> str:
     return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+
+
+def write_run_data(cfg, d: str, tokenizer, heldout_pairs: int = 256) -> None:
+    """A run's inputs, split once, in directory `d` (DIR/data/): seed.jsonl (the
+    labelled seed pairs), round_<t>.jsonl (round t's prompts), heldout.jsonl
+    (at most `heldout_pairs` labelled test pairs), split.json (the split's
+    counts, written last: it marks the data complete). Every prompt is written
+    as the model is shown it (the system turn cfg.system_turn asks for,
+    `chat.prepare_prompts`), so training and scoring render what annotation
+    renders. Sources: cfg.preference_data, cfg.prompt_data."""
+    from ssapo.chat import prepare_prompts
+    from ssapo.io import write_json, write_jsonl
+
+    prefs = load_preferences(cfg.preference_data)
+    pool = load_prompts(cfg.prompt_data) if cfg.prompt_data else None
+    split = split_seed_and_rounds(
+        prefs,
+        cfg.seed_size,
+        cfg.round_sizes[: cfg.num_rounds],
+        cfg.seed,
+        pool,
+        tokenizer=tokenizer,
+        max_prompt_length=cfg.max_prompt_length,
+    )
+
+    def shown(rows):
+        rows = [dict(r) for r in rows]
+        for r, p in zip(rows, prepare_prompts([r["prompt"] for r in rows], tokenizer, cfg)):
+            r["prompt"] = p
+        return rows
+
+    write_jsonl(os.path.join(d, "seed.jsonl"), shown(split.seed))
+    for t, rnd in enumerate(split.rounds, start=1):
+        write_jsonl(os.path.join(d, f"round_{t}.jsonl"), [{"prompt": p} for p in rnd["prompt"]])
+    test = split.test
+    held = shown(test.select(range(min(heldout_pairs, len(test))))) if test is not None else []
+    write_jsonl(os.path.join(d, "heldout.jsonl"), held)
+    write_json(os.path.join(d, "split.json"), split.report)

@@ -2,9 +2,10 @@
 `dro_core.solve` → at most two atoms per pair.
 
     from ssapo.follower import follow, save
-    cols, diag = follow(margins, cfg)                 # cfg: a RunConfig (eps, k, group_size, beta_follower, follower_space)
-    cols, diag = follow(margins, eps=0.01, group_size=100)
-    save("round_1/follower.npz", cols, diag)
+    atoms, diag = follow(margins, cfg)                # cfg: a RunConfig (eps, k, group_size, beta_follower, follower_space)
+    atoms, diag = follow(margins, eps=0.01, group_size=100)
+    save("round_1/follower.npz", atoms, diag)
+    rows = Atoms.of(load("round_1/follower.npz")).attach(rows)
 
 Spaces (`follower_space`):
 - `prob` (the paper's and the released code's): ξ_i = σ(β_f·margin_i) ∈ [0.5, 1)
@@ -24,37 +25,42 @@ Groups (`group_size`): G consecutive pairs in the annotation order (the stable
 prompt order, never a worker's completion order), the last group shorter; 0 =
 one global ball. The result is bit-identical whatever the thread count.
 
-Columns returned per pair: `xi`, `loc` (N, 2), `mass` (N, 2) (rows sum to 1),
-`shift` (N, 2) = ξ − loc, `weight` (N,) (gradient-matching scalar weights for
-the `weights` leader) and `group` (N,). With ε = 0 every shift is 0 and every
-mass (1, 0): every leader loss is then exactly DPO.
+Returned per pair: an `ssapo.atoms.Atoms`: `xi`, `loc` (N, 2), `mass` (N, 2)
+(rows sum to 1), `shift` (N, 2) = ξ − loc, `weight` (N,) (gradient-matching
+scalar weights for the `weights` leader) and `group` (N,). With ε = 0 every
+shift is 0 and every mass (1, 0): every leader loss is then exactly DPO.
+Settings not given default to RunConfig's fields (declared there only).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from ssapo.atoms import Atoms
+
 SPACES = ("prob", "margin")
+# keyword -> the RunConfig field it defaults to
+SETTINGS = {
+    "eps": "eps",
+    "k": "k",
+    "group_size": "group_size",
+    "beta_follower": "beta_follower",
+    "space": "follower_space",
+}
 
 
 def _settings(cfg, **kw) -> Dict[str, Any]:
-    names = {
-        "eps": "eps",
-        "k": "k",
-        "group_size": "group_size",
-        "beta_follower": "beta_follower",
-        "space": "follower_space",
-    }
-    defaults = {"eps": 0.01, "k": 6, "group_size": 100, "beta_follower": 0.1, "space": "prob"}
+    from ssapo.config import default_of
+
     out = {}
-    for key, field in names.items():
+    for key, field in SETTINGS.items():
         v = kw.get(key)
         if v is None and cfg is not None:
             v = getattr(cfg, field, None)
-        out[key] = defaults[key] if v is None else v
+        out[key] = default_of(field) if v is None else v
     if out["space"] not in SPACES:
         raise ValueError(f"follower_space: must be 'prob' or 'margin', got {out['space']!r}")
     if isinstance(out["group_size"], str):
@@ -107,12 +113,12 @@ def follow(
     space: Optional[str] = None,
     threads: Optional[int] = None,
     clamp_level: float = 0.5,
-) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+) -> Tuple[Atoms, Dict[str, Any]]:
     """Solves the follower over `margins` (chosen_reward − rejected_reward per
     pair, in the stable annotation order). Settings from `cfg` (a RunConfig)
     and/or keywords (keywords win).
 
-    Returns (columns, diagnostics): columns as in the module docstring;
+    Returns (atoms, diagnostics): the atoms as in the module docstring;
     diagnostics {n, eps, k, space, beta_follower, group_size, groups, value
     (worst-case expected loss), empirical_value, dual_value, dual_gap, lam
     (λ* per group), budget_used (per group, mean transport, ≤ ε),
@@ -138,14 +144,7 @@ def follow(
     }
     if n == 0:
         z2 = np.zeros((0, 2))
-        cols = {
-            "xi": xi,
-            "loc": z2,
-            "mass": z2.copy(),
-            "shift": z2.copy(),
-            "weight": np.zeros(0),
-            "group": np.zeros(0, dtype=np.int64),
-        }
+        atoms = Atoms(z2, z2.copy(), np.zeros(0), xi=xi, loc=z2.copy(), group=np.zeros(0, dtype=np.int64))
         diag.update(
             groups=0,
             value=0.0,
@@ -162,7 +161,7 @@ def follow(
             mean_shift=0.0,
             seconds=time.time() - t0,
         )
-        return cols, diag
+        return atoms, diag
     loss = loss_of(xi, s["k"], s["space"])
     res = dro_core.solve(xi, float(s["eps"]), G if G > 0 else None, loss=loss, threads=threads)
     loc, mass, shift = np.asarray(res.loc), np.asarray(res.mass), np.asarray(res.shift)
@@ -170,7 +169,7 @@ def follow(
     moved = moving.any(axis=1)
     group = np.arange(n) // G if G > 0 else np.zeros(n, dtype=np.int64)
     budget = np.asarray(res.budget_used, dtype=np.float64)
-    cols = {"xi": xi, "loc": loc, "mass": mass, "shift": shift, "weight": np.asarray(res.weights), "group": group}
+    atoms = Atoms(shift, mass, np.asarray(res.weights), xi=xi, loc=loc, group=group)
     diag.update(
         groups=int(len(res.lam)),
         value=float(res.value),
@@ -192,40 +191,17 @@ def follow(
         xi_max=float(xi.max()),
         seconds=time.time() - t0,
     )
-    return cols, diag
+    return atoms, diag
 
 
-def attach(rows: Sequence[dict], cols: Dict[str, np.ndarray]) -> list:
-    """Copies of `rows` with each pair's own atoms: `shift` and `mass` (lists of
-    2 floats) and `weight` (float), the columns `SSAPOTrainer` reads."""
-    if len(rows) != len(cols["shift"]):
-        raise ValueError(f"rows: {len(rows)} rows for {len(cols['shift'])} follower atoms")
-    out = []
-    for i, r in enumerate(rows):
-        out.append(
-            {
-                **r,
-                "shift": [float(v) for v in cols["shift"][i]],
-                "mass": [float(v) for v in cols["mass"][i]],
-                "weight": float(cols["weight"][i]),
-            }
-        )
-    return out
-
-
-def save(path, cols: Dict[str, np.ndarray], diag: Dict[str, Any], margins=None) -> str:
-    """follower.npz, atomically: xi, loc, mass, shift, weights, group, lam,
-    budget_used, group_sizes, value, empirical_value, dual_value, dual_gap, eps
-    (and margins when given)."""
+def save(path, atoms: Atoms, diag: Dict[str, Any], margins=None) -> str:
+    """follower.npz, atomically: the atoms' arrays under their names (xi, loc,
+    mass, shift, weight, group), lam, budget_used, group_sizes, value,
+    empirical_value, dual_value, dual_gap, eps (and margins when given)."""
     from ssapo.io import atomic_write
 
     arrays = {
-        "xi": cols["xi"],
-        "loc": cols["loc"],
-        "mass": cols["mass"],
-        "shift": cols["shift"],
-        "weights": cols["weight"],
-        "group": cols["group"],
+        **atoms.arrays(),
         "lam": np.asarray(diag.get("lam", []), dtype=np.float64),
         "budget_used": np.asarray(diag.get("budget_used", []), dtype=np.float64),
         "group_sizes": np.asarray(diag.get("group_sizes", []), dtype=np.int64),
@@ -246,56 +222,49 @@ def save(path, cols: Dict[str, np.ndarray], diag: Dict[str, Any], margins=None) 
 
 
 def load(path) -> Dict[str, np.ndarray]:
-    """The arrays of a follower.npz; `weight` is an alias of `weights`."""
+    """The arrays of a follower.npz (`Atoms.of` of them: the atoms)."""
     with np.load(path) as z:
-        out = {k: z[k] for k in z.files}
-    out["weight"] = out["weights"]
-    return out
+        return {k: z[k] for k in z.files}
 
 
 class Resolver:
     """The re-solve hook (`resolve_every`): every `every` optimizer steps of a
-    round, `margins_fn()` gives the current margins of the round's pairs (in
-    the dataset's order), the follower is solved again with the same settings,
-    and the new atoms replace the old ones in `table` (what the trainer reads;
-    see `ssapo.loop`). `history` keeps the diagnostics of each re-solve.
-    Works as a transformers `TrainerCallback` through `callback()`."""
+    round, `margins_fn(model)` gives the margins of the round's pairs (in the
+    dataset's order) under the policy being trained, the follower is solved
+    again with the same settings, and the new atoms replace the old ones in
+    `atoms` in place (what `ssapo.trainer.ResolvingTrainer`'s collator reads).
+    `broadcast` (several processes): every rank takes the main process's atoms.
+    `history` keeps the diagnostics of each re-solve; `state_dict` /
+    `load_state_dict` keep both in a trainer checkpoint."""
 
     def __init__(
         self,
         cfg,
         every: int,
-        margins_fn: Callable[[], np.ndarray],
-        table: Dict[str, np.ndarray],
+        margins_fn: Callable[[Any], np.ndarray],
+        atoms: Atoms,
         broadcast: Optional[Callable[[Any], Any]] = None,
     ):
         if every < 1:
             raise ValueError(f"resolve_every: must be >= 1 for a Resolver, got {every}")
-        self.cfg, self.every, self.margins_fn, self.table = cfg, int(every), margins_fn, table
+        self.cfg, self.every, self.margins_fn, self.atoms = cfg, int(every), margins_fn, atoms
         self.broadcast = broadcast
         self.history: list = []
 
-    def resolve(self, step: int) -> Dict[str, Any]:
-        margins = np.asarray(self.margins_fn(), dtype=np.float64)
-        cols, diag = follow(margins, self.cfg)
+    def resolve(self, step: int, model=None) -> Dict[str, Any]:
+        margins = np.asarray(self.margins_fn(model), dtype=np.float64)
+        new, diag = follow(margins, self.cfg)
         if self.broadcast is not None:  # every rank trains on the main process's atoms
-            cols = self.broadcast(cols)
-        for key in ("shift", "mass", "weight"):
-            self.table[key] = np.asarray(cols[key])
+            new = self.broadcast(new)
+        self.atoms.update(new)
         diag = {k: v for k, v in diag.items() if k not in ("lam", "budget_used", "group_sizes")}
         diag["step"] = int(step)
         self.history.append(diag)
         return diag
 
-    def callback(self):
-        from transformers import TrainerCallback
+    def state_dict(self) -> Dict[str, Any]:
+        return {"atoms": {k: v.tolist() for k, v in self.atoms.arrays().items()}, "history": list(self.history)}
 
-        outer = self
-
-        class _ResolveCallback(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kw):
-                if state.global_step % outer.every == 0 and state.global_step < state.max_steps:
-                    outer.resolve(state.global_step)
-                return control
-
-        return _ResolveCallback()
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.atoms.update(Atoms.of({k: np.asarray(v) for k, v in state["atoms"].items()}))
+        self.history = list(state["history"])

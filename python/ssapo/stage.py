@@ -151,16 +151,16 @@ class Launcher:
 
     # -- planning ---------------------------------------------------------------------------------
     def how(self, cfg, step: str) -> Optional[Tuple[str, int]]:
-        """(accelerate config, processes) of a step; None: the driver runs it (the follower)."""
-        from ssapo.loop import step_kind
+        """(accelerate config, processes) of a step, by its declared kind
+        (`ssapo.methods.Step`); None: the driver runs it (the follower)."""
+        from ssapo.loop import step_spec
 
-        kind = step_kind(step)
-        if kind == "follow":
+        spec, _ = step_spec(cfg, step)
+        if spec.kind == "driver":
             return None
-        if kind == "train":
+        if spec.kind == "train":
             return self.engine_config, self.num_processes
-        name = step.split("/")[-1]
-        if name in ("annotate", "sera"):
+        if spec.generates:
             from ssapo.annotate import use_vllm
 
             if use_vllm(cfg.generation_backend):
@@ -179,6 +179,26 @@ class Launcher:
         return groups
 
     # -- running ----------------------------------------------------------------------------------
+    def drive(self, cfg, state, steps: List[str], run_here: Callable[[str], None]) -> None:
+        """Runs `steps` of the prepared run: each group of consecutive steps
+        with the same launch (`plan`) as one launch, the driver's steps here
+        (`run_here(step)`); StepFailed when a launch ends without recording
+        every step of its group in state.json."""
+        from ssapo.loop import StepFailed
+
+        for group, how in self.plan(cfg, steps):
+            if how is None:  # the follower: here, in the driver
+                for s in group:
+                    self.in_driver(lambda s=s: run_here(s), s, state)
+                continue
+            self.launch(group, how)
+            state.reload()
+            missing = [s for s in group if s not in state]
+            if missing:
+                raise StepFailed(
+                    f"step {missing[0]}: its launch ended without recording it in {state.path}; see {self.last_log}"
+                )
+
     def command(self, steps: List[str], how: Tuple[str, int], cfg_mixed_precision: Optional[str] = None) -> List[str]:
         conf, n = how
         stage = ["-m", "ssapo.stage", "--run-dir", self.out] + [a for s in steps for a in ("--step", s)]

@@ -90,17 +90,19 @@ from typing import Any, Optional
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
 from ssapo import losses
+from ssapo.atoms import COLUMNS as ATOM_COLUMNS
+from ssapo.atoms import tensors as atom_tensors
 from ssapo.config import check_bounds
 from ssapo.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
 LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "spa", "rdpo", "cdpo", "drdpo", "kldpo")
-ATOM_COLUMNS = ("shift", "mass", "weight")
+PAIR_INDEX = "pair_index"  # ResolvingTrainer: a row's position in the re-solved atoms
 NEEDED_COLUMNS = {"shift_prob": ("shift", "mass"), "shift_margin": ("shift", "mass"), "weights": ("weight",)}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ATOM_COLUMNS}
 CHECKPOINT_MARKER = "ssapo_checkpoint.json"  # written last, once every rank has written its part
@@ -444,16 +446,24 @@ def _check_one_device_per_process(args, model) -> None:
 
 class _AtomCollator:
     """Wraps trl's preference collator and adds each row's atoms as float32
-    tensors, in the order of the rows: shift/mass (B, K), weight (B,)."""
+    tensors, in the order of the rows: shift/mass (B, K), weight (B,)
+    (`ssapo.atoms.tensors`). With `atoms` (an `ssapo.atoms.Atoms`, the
+    re-solve hook's, replaced in place), each row's atom columns are read from
+    it at its `pair_index` instead of the row's own."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, atoms=None):
+        self.inner, self.atoms = inner, atoms
+
+    def _current(self, ex: dict) -> dict:
+        ex = dict(ex)
+        row = self.atoms.row(int(ex.pop(PAIR_INDEX)))
+        return {**ex, **{k: row[k] for k in ATOM_COLUMNS if k in ex}}
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.atoms is not None:
+            examples = [self._current(ex) for ex in examples]
         batch = self.inner(examples)
-        for key in ATOM_COLUMNS:
-            if key in examples[0]:
-                batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
+        batch.update(atom_tensors(examples))
         return batch
 
 
@@ -906,6 +916,40 @@ class SSAPOTrainer(DPOTrainer):
             "spa_flagged_fraction": flagged / seen if seen else 0.0,
         }
         return out
+
+
+class ResolvingTrainer(SSAPOTrainer):
+    """SSAPOTrainer whose pairs' atoms are re-solved during training (the loop's
+    `resolve_every`): every row of `train_dataset` carries `pair_index`, its
+    position in `resolver.atoms` (an `ssapo.atoms.Atoms`), from which the
+    collator reads the pair's current atoms; every `resolver.every` optimizer
+    steps `resolver.resolve(step, model)` (an `ssapo.follower.Resolver`) solves
+    the follower again on the margins of the policy being trained and replaces
+    them in place. The resolver (atoms and history) is kept in every checkpoint,
+    so a resumed stage continues with the atoms it had."""
+
+    def __init__(self, *args, resolver, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resolver = resolver
+        self.data_collator = _AtomCollator(self.data_collator.inner, resolver.atoms)
+        self.add_callback(_ResolveCallback(self))
+        self.add_checkpoint_state("resolver", resolver)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if PAIR_INDEX not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + [PAIR_INDEX]
+
+
+class _ResolveCallback(TrainerCallback):
+    def __init__(self, trainer: ResolvingTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kw):
+        every = self.trainer.resolver.every
+        if state.global_step % every == 0 and state.global_step < state.max_steps:
+            self.trainer.resolver.resolve(state.global_step, self.trainer.accelerator.unwrap_model(self.trainer.model))
+        return control
 
 
 def save_trained(

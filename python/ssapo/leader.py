@@ -1,0 +1,199 @@
+"""A training stage (the seed stage, each round's leader): rows in, a saved checkpoint out.
+
+    stats = train_stage(cfg, policy, reference, rows, lr, epochs, "shift_prob", save_to, work_dir)
+
+Every process reads the rows from one Arrow file in the stage's work directory
+(`shared_dataset`); `data_hashes` in the result is each rank's `rows_hash` of
+what it read. With cfg.save_steps the trainer checkpoints into the work
+directory and a rerun resumes from the last checkpoint there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+from ssapo import models
+from ssapo.atoms import COLUMNS as ATOM_COLUMNS
+from ssapo.atoms import Atoms
+from ssapo.processes import Solo, broadcast_from_main, gather_strings, process_group_timeout
+
+TRAIN_COLUMNS = ("prompt", "chosen", "rejected", *ATOM_COLUMNS)  # what a leader trains on
+
+
+def rows_hash(rows: List[dict]) -> str:
+    """sha256 of the rows' training columns (TRAIN_COLUMNS), in order: what a leader rank trained on."""
+    h = hashlib.sha256()
+    for r in rows:
+        keep = {k: r[k] for k in TRAIN_COLUMNS if r.get(k) is not None}
+        h.update(json.dumps(keep, sort_keys=True, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def shared_dataset(rows: List[dict], path: str, procs=None):
+    """`rows` as a `datasets.Dataset` backed by an Arrow file in directory
+    `path`, the same file on every process. trl's DPOTrainer (with
+    precompute_ref_log_probs) caches the reference log-probs next to the
+    dataset's own file under a fingerprint broadcast from the main process,
+    which the main process writes and the others then read: with an in-memory
+    dataset that cache goes to a per-process random temp directory and the
+    other ranks read a file never written (FileNotFoundError on cache-*.arrow).
+    The main process writes the file (temp dir, then rename) and the others
+    wait for it; caching must be on, so it is switched on."""
+    import datasets
+    from datasets import Dataset, load_from_disk
+
+    procs = procs if procs is not None else Solo()
+    if not datasets.is_caching_enabled():
+        datasets.enable_caching()
+    if procs.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        Dataset.from_list(rows).save_to_disk(tmp)
+        os.replace(tmp, path)
+    procs.wait_for_everyone()
+    return load_from_disk(path)
+
+
+def _resolver(cfg, rows: List[dict], reference_path: str, tok, procs):
+    """The `resolve_every` hook of a round: margins of the round's pairs under
+    the policy being trained (implicit reward against `reference_path`, the
+    annotation's reference), re-solved every `resolve_every` optimizer steps;
+    every process takes the main process's atoms."""
+    from ssapo import follower
+
+    ref, _ = models.load(reference_path, cfg, procs.device)
+    cache: Dict[str, Any] = {}
+    bs = max(8, cfg.generation_batch_size)
+
+    def margins_fn(model):
+        was_training = model.training
+        m, cache["ref"] = models.pair_margins(model, ref, tok, rows, bs, cache.get("ref"), max_length=cfg.max_length)
+        model.train(was_training)
+        return m.numpy()
+
+    broadcast = broadcast_from_main if procs.num_processes > 1 else None
+    return follower.Resolver(cfg, cfg.resolve_every, margins_fn, Atoms.of_rows(rows), broadcast)
+
+
+def train_stage(
+    cfg,
+    policy: str,
+    reference: Optional[str],
+    rows: List[dict],
+    lr: float,
+    epochs: float,
+    leader_loss: str,
+    save_to: str,
+    work_dir: str,
+    leader_params: Optional[Dict[str, Any]] = None,
+    resolve_reference: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Trains `policy` on `rows` against `reference` (None or the policy's own
+    path: the policy's start, with peft the adapter-disabled model) with
+    SSAPOTrainer and writes the checkpoint to `save_to` (safetensors,
+    atomically; a LoRA adapter is merged first). `leader_params`: more
+    SSAPOConfig fields (a method's per-round ones, e.g. spa_lambda).
+    `resolve_reference` (with cfg.resolve_every > 0): the rows' atoms are
+    re-solved during training (`ssapo.trainer.ResolvingTrainer`) on margins
+    against that model. Returns trainer.leader_stats plus steps, pairs,
+    data_hashes, processes and process_group_timeout_s (and resolves)."""
+    import torch
+    from accelerate import PartialState
+
+    from ssapo.trainer import (
+        PAIR_INDEX,
+        ResolvingTrainer,
+        SSAPOConfig,
+        SSAPOTrainer,
+        last_checkpoint,
+        leader_fields,
+        save_trained,
+    )
+
+    procs = PartialState()
+    resolving = resolve_reference is not None and cfg.resolve_every > 0
+    keep = [c for c in TRAIN_COLUMNS if c in rows[0]]
+    data = [{k: r[k] for k in keep} for r in rows]
+    if resolving:
+        for i, d in enumerate(data):
+            d[PAIR_INDEX] = i
+    ds = shared_dataset(data, os.path.join(work_dir, "dataset"), procs)
+    hashes = gather_strings(procs, rows_hash(ds.to_list()))
+    checkpoint = last_checkpoint(work_dir) if cfg.save_steps > 0 else None
+    # the arguments first: under DeepSpeed ZeRO-3 they switch on zero.Init, so the models below are loaded
+    # partitioned over the ranks (not whole on each); without a GPU the group is gloo (DeepSpeed on CPU too)
+    args = SSAPOConfig(
+        output_dir=work_dir,
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.accumulation_steps(procs.num_processes),
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        beta=cfg.beta,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=cfg.use_cpu,
+        report_to=cfg.report_to,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=cfg.save_total_limit,
+        max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        precompute_ref_log_probs=True,
+        disable_tqdm=False,
+        ddp_timeout=cfg.ddp_timeout,
+        ddp_backend="gloo" if procs.num_processes > 1 and not torch.cuda.is_available() else None,
+        **leader_fields(cfg, leader_loss),
+        **(leader_params or {}),
+    )
+    model, tok = models.load(policy, cfg, train=True)
+    ref_model = models.load(reference, cfg)[0] if reference and reference != policy else None
+    peft_config = None
+    if cfg.use_peft:
+        from peft import LoraConfig
+
+        if cfg.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=models.lora_modules(cfg.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+    kw = dict(ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
+    if resolving:
+        trainer = ResolvingTrainer(model, resolver=_resolver(cfg, rows, resolve_reference, tok, procs), **kw)
+    else:
+        trainer = SSAPOTrainer(model, **kw)
+    trainer.train(resume_from_checkpoint=checkpoint) if checkpoint else trainer.train()
+    stats, steps = dict(trainer.leader_stats), trainer.state.global_step
+    if resolving:
+        stats["resolves"] = trainer.resolver.history
+    # through the trainer on every rank: gathers ZeRO-3 / FSDP weights, merges a LoRA adapter into the full
+    # base (policy), writes the tokenizer and a model card; atomically
+    save_trained(trainer, save_to, base_model=policy if cfg.use_peft else None, trust_remote_code=cfg.trust_remote_code)
+    procs.wait_for_everyone()
+    del trainer, model, ref_model, ds
+    if procs.is_main_process:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the dataset and the stage's checkpoints: the model is saved
+    models.free()
+    return {
+        **stats,
+        "steps": steps,
+        "pairs": len(rows),
+        "data_hashes": hashes,
+        "processes": procs.num_processes,
+        "process_group_timeout_s": process_group_timeout(),
+    }
