@@ -338,8 +338,9 @@ class RunConfig:
     # -- robust-DPO baselines (docs/METHOD.md §5.5) --
     label_smoothing: float = _f(
         0.1,
-        "rdpo: the assumed flip rate ε of the labels, in [0, 0.5); cdpo: the smoothing ε on every pair, in [0, 0.5].",
-        bounds="[0, 0.5]",
+        "rdpo: the assumed flip rate ε of the labels; cdpo: the label smoothing ε of every pair (0.5 would erase "
+        "the labels, 0 is DPO).",
+        bounds="[0, 0.5)",
     )
     drdpo_beta: float = _f(
         1.0, "drdpo: β′ of −β′·log mean exp(−ℓ/β′) over the micro-batch (the paper: 1).", bounds="> 0"
