@@ -96,7 +96,7 @@ from trl import DPOConfig, DPOTrainer
 from ssapo import losses
 from ssapo.atoms import COLUMNS as ATOM_COLUMNS
 from ssapo.atoms import tensors as atom_tensors
-from ssapo.config import check_bounds
+from ssapo.config import FIELDS, check_bounds
 from ssapo.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -355,26 +355,20 @@ class SSAPOConfig(DPOConfig):
     def __post_init__(self):
         if self.leader_loss not in LEADER_LOSSES:
             raise ValueError(f"leader_loss: must be one of {LEADER_LOSSES}, got {self.leader_loss!r}")
-        if not 0.0 < self.clamp_min < 1.0:
-            raise ValueError(f"clamp_min: must be in (0, 1), got {self.clamp_min}")
-        # the bounds are RunConfig's (ssapo.config), declared once on its fields
-        check_bounds("spa_alpha", self.spa_alpha, " (0.5 erases the label)")
-        if not self.spa_lambda >= 0:
-            raise ValueError(f"spa_lambda: must be >= 0 (0 = the policy itself), got {self.spa_lambda}")
+        # every bound is RunConfig's (ssapo.config), declared once on the field of the same name
+        check_bounds("clamp_min", self.clamp_min)
+        check_bounds("spa_alpha", self.spa_alpha)
+        lam = FIELDS["spa_lambdas"].metadata["bounds"]  # this round's λ, one of RunConfig's spa_lambdas
+        if self.spa_lambda not in lam:
+            raise ValueError(f"spa_lambda: must be {lam.text()} (0 = the policy itself), got {self.spa_lambda}")
         check_bounds("spa_quantile", self.spa_quantile)
-        if int(self.spa_window) != self.spa_window or self.spa_window < 1:
-            raise ValueError(f"spa_window: must be an integer >= 1, got {self.spa_window}")
-        check_bounds("spa_warmup_ratio", self.spa_warmup_ratio)
-        for name in ("drdpo_beta", "kldpo_tau", "kldpo_max_weight"):  # bounds declared once, on RunConfig's fields
+        if int(self.spa_window) != self.spa_window:
+            raise ValueError(f"spa_window: must be an integer, got {self.spa_window}")
+        for name in ("spa_window", "spa_warmup_ratio", "drdpo_beta", "kldpo_tau", "kldpo_max_weight"):
             check_bounds(name, getattr(self, name))
         smoothing = self.leader_loss in ("rdpo", "cdpo")  # trl's own label_smoothing is their ε
-        if smoothing and not (
-            0 <= self.label_smoothing < 0.5 or (self.leader_loss == "cdpo" and self.label_smoothing == 0.5)
-        ):
-            raise ValueError(
-                f"label_smoothing: leader_loss={self.leader_loss!r} needs it in [0, 0.5)"
-                f"{' (0.5 allowed for cdpo)' if self.leader_loss == 'cdpo' else ''}, got {self.label_smoothing}"
-            )
+        if smoothing:
+            check_bounds("label_smoothing", self.label_smoothing)
         if self.leader_loss == "spa":
             self.precompute_ref_log_probs = False  # the de-coupled model needs reference logits every step
         self.ddp_backend = _cpu_deepspeed_backend(self)  # DeepSpeed on CPU: gloo, else accelerate sees 1 process
