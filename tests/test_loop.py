@@ -288,6 +288,72 @@ def test_a_stage_killed_mid_round_resumes_from_its_last_checkpoint(tmp_path, tas
     assert not (tmp_path / "resumed_work").exists()  # the stage's checkpoints go once its model is saved
 
 
+def test_a_resolving_stage_killed_mid_round_resumes_with_its_atoms(tmp_path, task_dir, monkeypatch):
+    """resolve_every with save_steps: each step trains on the atoms re-solved after the step before it (read
+    when its loss is computed), and the checkpoint keeps them, so a stage killed after step 2 and run again
+    ends with the uninterrupted stage's weights, losses and re-solves."""
+    import ssapo.trainer as tr
+    from ssapo.bench.task import prepare_task
+    from ssapo.leader import train_stage
+
+    task = prepare_task(task_dir, seed=42, size="test")
+    rows = Atoms.identity(16).attach(read_jsonl(task["preferences"])[:16])
+    c = cfg(tmp_path / "x", task_dir, save_steps="1", batch_size="4", per_device_train_batch_size="4", eps="0.05")
+    c.resolve_every = 1
+    from ssapo import follower
+
+    used, current = [], [Atoms.identity(16).mass]  # the atoms each step trained on; the resolver's after each re-solve
+    compute, resolve = tr.ResolvingTrainer._compute_loss, follower.Resolver.resolve
+
+    def spy(self, model, inputs, return_outputs):
+        used.append((inputs["pair_index"].tolist(), self._current_atoms(inputs)["mass"].double().numpy()))
+        return compute(self, model, inputs, return_outputs)
+
+    def resolved(self, step, model=None):
+        diag = resolve(self, step, model)
+        current.append(self.atoms.mass.copy())
+        return diag
+
+    monkeypatch.setattr(tr.ResolvingTrainer, "_compute_loss", spy)
+    monkeypatch.setattr(follower.Resolver, "resolve", resolved)
+
+    def stage(name):
+        return train_stage(
+            c,
+            task["sft_model"],
+            task["sft_model"],
+            rows,
+            1e-3,
+            1,
+            "shift_prob",
+            str(tmp_path / name),
+            str(tmp_path / f"{name}_work"),
+            resolve_reference=task["sft_model"],
+        )
+
+    full = stage("full")
+    assert [r["step"] for r in full["resolves"]] == [1, 2, 3]
+    # step k trained on the atoms as re-solved after step k − 1 (not one batch late), and they moved
+    assert len(used) == 4 and any((m != current[0]).any() for m in current[1:])
+    for (index, mass), atoms_then in zip(used, current):
+        np.testing.assert_allclose(mass, atoms_then[index], rtol=1e-6)
+    orig = tr.SSAPOTrainer._save_checkpoint
+
+    def dying(self, model, trial):
+        orig(self, model, trial)
+        if self.state.global_step == 2:
+            raise _Killed("killed after the checkpoint of step 2")
+
+    monkeypatch.setattr(tr.SSAPOTrainer, "_save_checkpoint", dying)
+    with pytest.raises(_Killed):
+        stage("resumed")
+    monkeypatch.setattr(tr.SSAPOTrainer, "_save_checkpoint", orig)
+    res = stage("resumed")
+    timeless = lambda hist: [{k: v for k, v in d.items() if k != "seconds"} for d in hist]  # noqa: E731
+    assert res["loss_history"] == full["loss_history"] and timeless(res["resolves"]) == timeless(full["resolves"])
+    assert same_weights(tmp_path / "full", tmp_path / "resumed")
+
+
 @pytest.mark.parametrize("method", ["spa", "sera", "dpo"])
 def test_baselines_run_in_the_same_loop(tmp_path, task_dir, method):
     out = run(cfg(tmp_path / method, task_dir, method=method, num_rounds="1", round_sizes="32", spa_window="8"))

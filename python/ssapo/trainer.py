@@ -441,23 +441,20 @@ def _check_one_device_per_process(args, model) -> None:
 class _AtomCollator:
     """Wraps trl's preference collator and adds each row's atoms as float32
     tensors, in the order of the rows: shift/mass (B, K), weight (B,)
-    (`ssapo.atoms.tensors`). With `atoms` (an `ssapo.atoms.Atoms`, the
-    re-solve hook's, replaced in place), each row's atom columns are read from
-    it at its `pair_index` instead of the row's own."""
+    (`ssapo.atoms.tensors`), and each row's `pair_index` (ResolvingTrainer)
+    as an int64 tensor."""
 
-    def __init__(self, inner, atoms=None):
-        self.inner, self.atoms = inner, atoms
-
-    def _current(self, ex: dict) -> dict:
-        ex = dict(ex)
-        row = self.atoms.row(int(ex.pop(PAIR_INDEX)))
-        return {**ex, **{k: row[k] for k in ATOM_COLUMNS if k in ex}}
+    def __init__(self, inner):
+        self.inner = inner
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.atoms is not None:
-            examples = [self._current(ex) for ex in examples]
+        index = [ex[PAIR_INDEX] for ex in examples] if PAIR_INDEX in examples[0] else None
+        if index is not None:
+            examples = [{k: v for k, v in ex.items() if k != PAIR_INDEX} for ex in examples]
         batch = self.inner(examples)
         batch.update(atom_tensors(examples))
+        if index is not None:
+            batch[PAIR_INDEX] = torch.tensor(index, dtype=torch.int64)
         return batch
 
 
@@ -915,19 +912,36 @@ class SSAPOTrainer(DPOTrainer):
 class ResolvingTrainer(SSAPOTrainer):
     """SSAPOTrainer whose pairs' atoms are re-solved during training (the loop's
     `resolve_every`): every row of `train_dataset` carries `pair_index`, its
-    position in `resolver.atoms` (an `ssapo.atoms.Atoms`), from which the
-    collator reads the pair's current atoms; every `resolver.every` optimizer
-    steps `resolver.resolve(step, model)` (an `ssapo.follower.Resolver`) solves
-    the follower again on the margins of the policy being trained and replaces
-    them in place. The resolver (atoms and history) is kept in every checkpoint,
-    so a resumed stage continues with the atoms it had."""
+    position in `resolver.atoms` (an `ssapo.atoms.Atoms`); each micro-batch's
+    atoms are read from there when its loss is computed (not when it is
+    collated: accelerate's data loader collates one batch ahead), and every
+    `resolver.every` optimizer steps `resolver.resolve(step, model)` (an
+    `ssapo.follower.Resolver`) solves the follower again on the margins of the
+    policy being trained and replaces them in place, so the steps after step s
+    train on the atoms of step s. The resolver (atoms and history) is kept in
+    every checkpoint: a resumed stage continues with the atoms it had."""
 
     def __init__(self, *args, resolver, **kwargs):
         super().__init__(*args, **kwargs)
         self.resolver = resolver
-        self.data_collator = _AtomCollator(self.data_collator.inner, resolver.atoms)
         self.add_callback(_ResolveCallback(self))
         self.add_checkpoint_state("resolver", resolver)
+
+    def _current_atoms(self, inputs: dict) -> dict:
+        """`inputs` without pair_index, with the pairs' atoms as the resolver has them now."""
+        inputs = dict(inputs)
+        index = inputs.pop(PAIR_INDEX).cpu().numpy()
+        for key in ATOM_COLUMNS:
+            if key in inputs:
+                value = getattr(self.resolver.atoms, key)[index]
+                inputs[key] = torch.as_tensor(value, dtype=torch.float32, device=inputs[key].device)
+        return inputs
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        return super()._compute_loss(model, self._current_atoms(inputs), return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != PAIR_INDEX})
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
