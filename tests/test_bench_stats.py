@@ -130,7 +130,9 @@ def test_prepared_files_keep_the_sets_apart(tmp_path):
 
 
 def _args(**kw):
-    base = dict(quick=False, full=False, methods=None, seeds=None, flip_rates=None, annotation_flip_rates=None)
+    base = dict(
+        quick=False, full=False, methods=None, seeds=None, flip_rates=None, annotation_flip_rates=None, workers=None
+    )
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -147,6 +149,7 @@ def test_command_line_options_and_errors(capsys):
         ({"seeds": "x"}, "--seeds"),
         ({"flip_rates": "2"}, "--flip-rates"),
         ({"annotation_flip_rates": "a"}, "--annotation-flip-rates"),
+        ({"workers": 0}, "--workers"),
     ):
         assert run(_args(**kw)) == 2
         assert flag in capsys.readouterr().err

@@ -115,7 +115,7 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         "",
         "| method | test win rate | Δ vs iterative DPO (tuned), 95 % CI | share of headroom | LC win rate "
         "| mean length per round | annotation acc. per round | gold ties | moved: flipped / unflipped "
-        "| moved: mislabelled / correct | displacement from π_0 |",
+        "| moved: mislabelled / correct | displacement from π_init |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     sft_len = stats.mean_std([ev["sft_mean_length"] for r in t.rows.values() for ev in r.values()])[0]
@@ -156,7 +156,7 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         lines.append(
             f"| {_label(m, t)} | {_ms(wr)} | {delta} | {_fmt(share, digits=2)} | {lc} "
             f"| {' → '.join(f'{x:.2f}' for x in mean_len)} | {acc} | {ties} | {mov_f} | {mov_m} "
-            f"| {_ms([e['displacement_from_pi0'] for e in evs])} |"
+            f"| {_ms([e['displacement_from_sft'] for e in evs])} |"
         )
     lines.append("")
     return lines
@@ -327,13 +327,20 @@ def write(
         "",
         f"Task: size `{preset.size}`, design {preset.design or 'the defaults of ssapo.bench.task.TaskSpec'}; loop: "
         f"the tiny recipe with {preset.run}. Tuning grids (chosen by the mean validation win rate over seeds, on "
-        f"validation prompts disjoint from the test prompts): {preset.tune or 'none'}.",
+        f"validation prompts disjoint from the test prompts): {preset.tune or 'none'}"
+        + (
+            "; every condition tuned on its own."
+            if preset.tune_in_noise
+            else "; tuned in the first condition, whose choice the other conditions run."
+        ),
         "",
         "Win rate: gold-reward win rate of the final policy's samples against the SFT policy's on the test prompts "
         f"({preset.n_eval} samples per prompt, ties half), mean ± standard deviation over seeds. Δ: paired by seed, "
         "95 % t interval. Share of headroom: (win rate − seed-only DPO) / (iterative oracle − seed-only DPO). LC: "
         "the win rate at equal length (logistic fit on the length difference), flagged where the final mean "
-        "answer length fell below half the SFT policy's. Moved: fraction of pairs whose follower atom moved.",
+        "answer length fell below half the SFT policy's. Moved: fraction of pairs whose follower atom moved "
+        "(flipped: turned around by annotation_flip_rate; mislabelled: gold prefers the rejected answer). "
+        "Displacement: ‖θ − θ_init‖ / ‖θ_init‖ of the final model.",
         "",
     ]
     summary = {"preset": preset.name, "seeds": seeds, "command": cmd, "seconds": seconds, "conditions": []}

@@ -23,12 +23,14 @@ def bench(
     conditions: Optional[List[Tuple[float, float]]] = None,
     cmd: Optional[str] = None,
     progress: bool = True,
+    workers: int = 1,
     **overrides,
 ) -> str:
     """Runs (or resumes) every job of `preset` (a name in suite.PRESETS) into `out` and writes
     report.md, summary.json and the plots there; returns the Markdown. `conditions`: (seed
     flip rate, self-annotation flip rate) pairs, each running every method; `overrides`:
-    Preset fields (e.g. run={...}, design={...}, tune={...}) replaced for this call."""
+    Preset fields (e.g. run={...}, design={...}, tune={...}) replaced for this call; `workers`:
+    processes sharing out the seeds."""
     from ssapo.bench import report, suite
 
     if preset not in suite.PRESETS:
@@ -45,5 +47,5 @@ def bench(
         p = dataclasses.replace(p, **overrides)
     seeds = list(seeds) if seeds is not None else list(range(p.seeds))
     t0 = time.time()
-    results = suite.execute(p, out, seeds, methods, progress=progress)
+    results = suite.execute(p, out, seeds, methods, progress=progress, workers=workers)
     return report.write(p, results, seeds, methods, out, cmd or f"ssapo bench ({preset})", time.time() - t0)

@@ -34,6 +34,7 @@ GOLD_ANNOTATOR = "ssapo.bench.oracle:gold_annotator"
 # name -> RunConfig overrides; "data": "gold" = every pair gold-labelled; "annotator": "gold" = the oracle annotator
 BASE_METHODS: Dict[str, dict] = {
     "dpo": {"method": "dpo"},
+    "dpo-epochs": {"method": "dpo"},  # seed-only DPO with its epochs tuned (the presets' grids)
     "oracle-dpo": {"method": "dpo", "data": "gold"},
     "oracle-iterative": {"method": "iterative-dpo", "annotator": "gold"},
     "iterative-dpo": {"method": "iterative-dpo"},
@@ -41,6 +42,7 @@ BASE_METHODS: Dict[str, dict] = {
     "sera": {"method": "sera"},
     "ssapo": {"method": "ssapo"},
     "ssapo-eps0": {"method": "ssapo", "eps": 0.0},
+    "ssapo-eps": {"method": "ssapo"},  # the paper's leader and follower, for the ε sweep
     "ssapo-margin": {"method": "ssapo", "leader_loss": "shift_margin", "follower_space": "margin"},
     "ssapo-weights": {"method": "ssapo", "leader_loss": "weights"},
     "ssapo-global": {"method": "ssapo", "group_size": 0},
@@ -53,7 +55,7 @@ ROBUST_METHODS: Dict[str, dict] = {
     "drdpo": {"method": "drdpo"},
     "kldpo": {"method": "kldpo"},
 }
-NOT_SELF_ANNOTATING = ("dpo", "oracle-dpo", "oracle-iterative")
+NOT_SELF_ANNOTATING = ("dpo", "dpo-epochs", "oracle-dpo", "oracle-iterative")
 BASELINE = "iterative-dpo"  # every comparison is against its tuned row
 
 
@@ -84,6 +86,7 @@ class Preset:
     conditions: List[Tuple[float, float, Optional[List[str]]]]
     tune: Dict[str, Dict[str, list]] = field(default_factory=dict)  # method -> {RunConfig field: candidates}
     method_overrides: Dict[str, dict] = field(default_factory=dict)  # extra named variants: name -> (base, overrides)
+    tune_in_noise: bool = False  # False: noisy conditions run the candidate the first condition chose
     n_eval: int = 4  # samples per prompt in the win rates
     eval_new_tokens: int = 8
 
@@ -106,26 +109,30 @@ def _register(p: Preset) -> Preset:
     return p
 
 
-_CORE = ["dpo", "oracle-dpo", "oracle-iterative", "iterative-dpo", "spa", "sera", "ssapo"]
+_CORE = ["dpo", "dpo-epochs", "oracle-dpo", "oracle-iterative", "iterative-dpo", "spa", "sera", "ssapo"]
 _ROBUST = list(ROBUST_METHODS)
+# the design chosen by the criteria of issue 11 (benches/results/bench/designs.md): 256 labelled seed pairs,
+# three rounds of 272 prompts, round learning rate 2e-4 (iterative DPO's choice on the validation prompts of the
+# design probes; 5e-4 collapsed one seed in three)
+DESIGN_RUN = _design_run(256, [272, 272, 272], 2e-4)
+# iterative DPO and its gold-annotator oracle choose their round learning rate on the validation prompts
+DEFAULT_TUNE = {
+    "iterative-dpo": {"learning_rate": [2e-4, 5e-4]},
+    "oracle-iterative": {"learning_rate": [2e-4, 5e-4]},
+    "dpo-epochs": {"seed_epochs": [1, 6]},
+}
 
 _register(
     Preset(
         name="quick",
         size="test",
-        design={},
-        run=_design_run(
-            32,
-            [96, 96],
-            5e-4,
-            batch_size=16,
-            per_device_train_batch_size=16,
-            max_new_tokens=6,
-        ),
+        design={"labelled": 384, "prompts": 256, "val": 64, "test": 64},
+        run=_design_run(128, [128, 128], 5e-4, batch_size=8, per_device_train_batch_size=8, max_new_tokens=6),
         seeds=2,
-        methods=_CORE + ["ssapo-eps0"] + _ROBUST,
+        methods=[m for m in _CORE if m != "dpo-epochs"] + _ROBUST,
         conditions=[(0.0, 0.0, None)],
         tune={},
+        n_eval=2,
     )
 )
 _register(
@@ -133,16 +140,16 @@ _register(
         name="default",
         size="tiny",
         design={},
-        run=_design_run(64, [272, 272, 272], 5e-4),
+        run=DESIGN_RUN,
         seeds=5,
         methods=_CORE + _ROBUST,
         conditions=[
             (0.0, 0.0, None),
-            (0.25, 0.0, ["dpo", "oracle-iterative", "iterative-dpo", "ssapo", "rdpo", "cdpo"]),
-            (0.0, 0.2, ["iterative-dpo", "ssapo", "rdpo", "cdpo"]),
-            (0.0, 0.4, ["iterative-dpo", "ssapo", "rdpo", "cdpo"]),
+            (0.25, 0.0, ["dpo", "oracle-iterative", "iterative-dpo", "ssapo"]),
+            (0.0, 0.2, ["iterative-dpo", "ssapo", "rdpo"]),
+            (0.0, 0.4, ["iterative-dpo", "ssapo", "rdpo"]),
         ],
-        tune={"iterative-dpo": {"learning_rate": [2e-4, 5e-4]}},
+        tune=DEFAULT_TUNE,
     )
 )
 _EPS = [0.01, 0.03, 0.05, 0.1, 0.2]
@@ -152,15 +159,21 @@ _register(
         name="full",
         size="tiny",
         design={},
-        run=_design_run(64, [272, 272, 272], 5e-4),
+        run=DESIGN_RUN,
         seeds=5,
-        methods=_CORE + _ROBUST + ["ssapo-margin", "ssapo-weights", "ssapo-global", "ssapo-eps0"],
+        methods=_CORE
+        + _ROBUST
+        + ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global", "ssapo-eps0", "ssapo-ref-init"],
         conditions=[(0.0, 0.0, None), (0.25, 0.0, None), (0.0, 0.2, None), (0.0, 0.4, None)],
         tune={
-            **{m: {"learning_rate": _LRS} for m in ["iterative-dpo", "ssapo", "spa", "sera"] + _ROBUST},
-            **{m: {"eps": _EPS} for m in ["ssapo-margin", "ssapo-weights", "ssapo-global"]},
-            "dpo": {"seed_epochs": [3, 6]},
+            **{
+                m: {"learning_rate": _LRS}
+                for m in ["iterative-dpo", "oracle-iterative", "ssapo", "spa", "sera"] + _ROBUST
+            },
+            **{m: {"eps": _EPS} for m in ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global"]},
+            "dpo-epochs": {"seed_epochs": [1, 6]},
         },
+        tune_in_noise=True,
     )
 )
 
@@ -207,22 +220,48 @@ def candidates(preset: Preset, method: str) -> List[Tuple[Tuple[str, object], ..
     return [((key, v),) for v in values]
 
 
-def jobs_of(preset: Preset, seeds: List[int], methods: List[str]) -> List[Job]:
-    """Every distinct run the preset needs, π_0's runs (dpo) first within each seed."""
+def jobs_of(
+    preset: Preset,
+    seeds: List[int],
+    methods: List[str],
+    conditions: Optional[List[tuple]] = None,
+    fixed: Optional[Dict[str, tuple]] = None,
+) -> List[Job]:
+    """Every distinct run the preset needs (of `conditions`, default all), π_0's runs (dpo)
+    first within each seed; `fixed`: method -> the one candidate to run instead of its grid."""
     seen, out = set(), []
     for s in seeds:
-        for sf, af, ms in preset.conditions:
+        for sf, af, ms in conditions if conditions is not None else preset.conditions:
             chosen = [m for m in methods if ms is None or m in ms]
             # the rows the report compares against are run in every condition
             for m in ("dpo", "oracle-dpo", "oracle-iterative", BASELINE):
                 if m in methods and m not in chosen:
                     chosen.append(m)
             for m in sorted(chosen, key=lambda m: m != "dpo"):
-                for var in candidates(preset, m):
+                for var in [fixed[m]] if fixed and m in fixed else candidates(preset, m):
                     j = canonical(Job(s, sf, af, m, var))
                     if j not in seen:
                         seen.add(j)
                         out.append(j)
+    return out
+
+
+def choose(preset: Preset, results: Dict["Job", dict], seeds: List[int], methods: List[str], sf=0.0, af=0.0):
+    """method -> the candidate with the best mean validation win rate over `seeds` in condition (sf, af)."""
+    from ssapo.bench.stats import pick_by_validation
+
+    out = {}
+    for m in methods:
+        cands = candidates(preset, m)
+        if len(cands) < 2:
+            continue
+        vals = {}
+        for var in cands:
+            evs = [results.get(canonical(Job(s, sf, af, m, var))) for s in seeds]
+            vals[var] = [e["val"]["win_rate"] for e in evs if e]
+        best = pick_by_validation({str(k): v for k, v in vals.items()})
+        if best is not None:
+            out[m] = next(k for k in vals if str(k) == best)
     return out
 
 
@@ -265,7 +304,7 @@ def config_of(preset: Preset, job: Job, out: str, task: dict, seed_model: Option
 def shares_seed_model(job: Job) -> bool:
     """Runs that start from the `dpo` run's π_0 (same seed labels, same seed-stage settings)."""
     seed_fields = {"seed_epochs", "seed_learning_rate", "seed_size", "beta"}
-    return job.method not in ("dpo", "oracle-dpo") and not (seed_fields & {k for k, _ in job.var})
+    return all_methods()[job.method]["method"] != "dpo" and not (seed_fields & {k for k, _ in job.var})
 
 
 def seed_model_of(job: Job, out: str) -> str:
@@ -373,12 +412,43 @@ def evaluate_run(preset: Preset, job: Job, out: str) -> dict:
     return res
 
 
-def execute(preset: Preset, out: str, seeds: List[int], methods: List[str], progress: bool = True) -> Dict[Job, dict]:
-    """Runs and evaluates every job; returns {job: eval}."""
+def _run_jobs(preset: Preset, out: str, jobs: List[Job], progress: bool = False) -> Dict[Job, dict]:
+    """Runs and evaluates `jobs` in order, in this process."""
     from tqdm.auto import tqdm
 
     results = {}
-    for job in tqdm(jobs_of(preset, seeds, methods), desc="bench", disable=not progress):
+    for job in tqdm(jobs, desc="bench", disable=not progress):
         run_job(preset, job, out)
         results[job] = evaluate_run(preset, job, out)
+    return results
+
+
+def execute(
+    preset: Preset, out: str, seeds: List[int], methods: List[str], progress: bool = True, workers: int = 1
+) -> Dict[Job, dict]:
+    """Runs and evaluates every job; returns {job: eval}. The first condition runs every
+    candidate of each tuning grid; unless preset.tune_in_noise, the other conditions run only
+    the candidate the first condition's validation prompts chose. `workers` > 1: the seeds
+    are shared out over that many processes (each seed's jobs in order in one of them)."""
+    results: Dict[Job, dict] = {}
+    first, rest = preset.conditions[:1], preset.conditions[1:]
+    phases = [(first, None)] + ([(rest, "chosen")] if rest else [])
+    if preset.tune_in_noise:
+        phases = [(preset.conditions, None)]
+    for conds, how in phases:
+        fixed = choose(preset, results, seeds, methods, first[0][0], first[0][1]) if how else None
+        jobs = jobs_of(preset, seeds, methods, conds, fixed)
+        if workers <= 1 or len(seeds) == 1:
+            results.update(_run_jobs(preset, out, jobs, progress))
+            continue
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        per_seed = [[j for j in jobs if j.seed == s] for s in seeds]
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_jobs, preset, out, js) for js in per_seed if js]
+            for done, f in enumerate(as_completed(futures), 1):
+                results.update(f.result())
+                if progress:
+                    print(f"bench: {done} of {len(futures)} seeds done ({len(results)} runs)", flush=True)
     return results

@@ -6,10 +6,12 @@ the order. The gold reward is graded, so few pairs tie:
 
     r*(x, y) = (1/L) Σ_j [1 − d(y_j, m(x_j)) / (V/2)],   d = circular distance of word indices
 
-(1 for a perfect answer, about 0.5 for random words; answers have a fixed
-length L, so length carries no signal). The SFT policy is a tiny Llama trained
+(1 for a perfect answer, about 0.5 for random words; a missing word earns
+nothing, words past L count for nothing). The SFT policy is a tiny Llama trained
 on answers whose words are right with probability `sft_correct` and otherwise
-random, so it samples diverse answers and has room to improve. "Human" labels
+random, so it samples diverse answers and has room to improve; with
+`short_answer_rate` > 0 that fraction of its (and the labelled pool's) answers
+is cut to 1..L−1 words, so answer length varies and matters. "Human" labels
 come from Bradley–Terry on r* with temperature `bt_temperature`, then a
 fraction `flip_rate` of them is flipped.
 
@@ -51,6 +53,7 @@ class TaskSpec:
     bt_temperature: float = 0.05
     flip_rate: float = 0.0
     quality_weight: float = 0.5
+    short_answer_rate: float = 0.0  # SFT/pool answers cut to 1..n_words-1 words with this probability
     hidden_size: int = 64
     num_layers: int = 2
     version: int = 3
@@ -99,9 +102,10 @@ def _prompt(rng: random.Random, spec: TaskSpec) -> str:
 
 def _answer(rng: random.Random, spec: TaskSpec, prompt: str, p_correct: float) -> str:
     m = spec.mapping()
-    return " ".join(
-        f"w{m[_idx(x)]}" if rng.random() < p_correct else f"w{rng.randrange(spec.vocab)}" for x in prompt.split()
-    )
+    words = [f"w{m[_idx(x)]}" if rng.random() < p_correct else f"w{rng.randrange(spec.vocab)}" for x in prompt.split()]
+    if spec.short_answer_rate > 0 and rng.random() < spec.short_answer_rate:
+        words = words[: rng.randrange(1, len(words))] if len(words) > 1 else words
+    return " ".join(words)
 
 
 def messages(prompt: str) -> List[Dict[str, str]]:
@@ -155,8 +159,11 @@ def sft(spec: TaskSpec, out_dir: str, sizes: Optional[dict] = None) -> str:
             prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
         seqs.append(full_ids)
         masks.append([0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids)))
-    ids = torch.tensor(seqs)  # fixed length: every prompt and answer has n_words words
-    mask = torch.tensor(masks)
+    width = max(map(len, seqs))
+    ragged = any(len(q) != width for q in seqs)  # short answers (short_answer_rate): right-padded
+    attn = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs])
+    ids = torch.tensor([q + [tok.pad_token_id] * (width - len(q)) for q in seqs])
+    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     bs = 64
@@ -165,7 +172,7 @@ def sft(spec: TaskSpec, out_dir: str, sizes: Optional[dict] = None) -> str:
         for s in range(0, len(ids), bs):
             b = perm[s : s + bs]
             labels = ids[b].masked_fill(mask[b] == 0, -100)
-            loss = model(input_ids=ids[b], labels=labels).loss
+            loss = model(input_ids=ids[b], attention_mask=attn[b] if ragged else None, labels=labels).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
