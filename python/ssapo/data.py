@@ -27,6 +27,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+from ssapo.config import ConfigError
+from ssapo.io import InputError
+
 COLUMNS = ("prompt", "chosen", "rejected")
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
@@ -39,14 +42,14 @@ def _pick_split(dd, split: str, src: str, arg: str):
         return dd[split]
     if len(dd) == 1:
         return next(iter(dd.values()))
-    raise ValueError(f"{arg}: {src} has no split {split!r} (splits: {', '.join(dd)}); name one as '{src}:<split>'")
+    raise InputError(f"{arg}: {src} has no split {split!r} (splits: {', '.join(dd)}); name one as '{src}:<split>'")
 
 
 def _load_any(src: str, arg: str, split: str = "train"):
     import datasets
 
     if not src or not str(src).strip():
-        raise ValueError(f"{arg}: empty source; give a file, a directory or a hub id")
+        raise InputError(f"{arg}: empty source; give a file, a directory or a hub id")
     src = str(src)
     if os.path.isdir(src):
         if os.path.exists(os.path.join(src, "dataset_info.json")) or os.path.exists(
@@ -54,40 +57,40 @@ def _load_any(src: str, arg: str, split: str = "train"):
         ):
             state = os.path.join(src, "state.json")
             if os.path.isfile(state) and json.load(open(state)).get("_data_files") == []:
-                raise ValueError(f"{arg}: {src} holds no rows")  # datasets cannot even open an empty save
+                raise InputError(f"{arg}: {src} holds no rows")  # datasets cannot even open an empty save
             try:
                 ds = datasets.load_from_disk(src)
             except Exception as e:
-                raise ValueError(f"{arg}: cannot read the saved dataset {src}: {type(e).__name__}: {e}") from None
+                raise InputError(f"{arg}: cannot read the saved dataset {src}: {type(e).__name__}: {e}") from None
             return _pick_split(ds, split, src, arg) if isinstance(ds, datasets.DatasetDict) else ds
         try:
             return _pick_split(datasets.load_dataset(src), split, src, arg)
         except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as e:
-            raise ValueError(f"{arg}: {src} holds no save_to_disk dataset and no data files ({e})") from None
+            raise InputError(f"{arg}: {src} holds no save_to_disk dataset and no data files ({e})") from None
     if os.path.isfile(src):
         ext = os.path.splitext(src)[1].lower()
         kind = _FILE_TYPES.get(ext)
         if kind is None:
-            raise ValueError(
+            raise InputError(
                 f"{arg}: unknown file type {ext!r} of {src} (use .jsonl, .json, .parquet, .arrow, .csv or a directory)"
             )
         if os.path.getsize(src) == 0:
-            raise ValueError(f"{arg}: {src} holds no rows")
+            raise InputError(f"{arg}: {src} holds no rows")
         try:
             return datasets.load_dataset(kind, data_files=src, split="train")
         except Exception as e:
             if "corresponds to no data" in str(e):
-                raise ValueError(
+                raise InputError(
                     f"{arg}: {src} holds no rows"
                 ) from None  # a parse error of the user's file: say which file
-            raise ValueError(f"{arg}: cannot read {src} as {kind}: {type(e).__name__}: {e}") from None
+            raise InputError(f"{arg}: cannot read {src} as {kind}: {type(e).__name__}: {e}") from None
     if src.startswith((".", "/", "~")) or os.path.splitext(src)[1].lower() in _FILE_TYPES or src.count("/") > 1:
-        raise ValueError(f"{arg}: no such file or directory: {src}")
+        raise InputError(f"{arg}: no such file or directory: {src}")
     hub_id, _, hub_split = src.partition(":")
     try:
         ds = datasets.load_dataset(hub_id, split=hub_split or split)
     except Exception as e:
-        raise ValueError(
+        raise InputError(
             f"{arg}: {src!r} is not a local file or directory and could not be loaded from the hub "
             f"({type(e).__name__}: {e})"
         ) from None
@@ -109,21 +112,21 @@ def _normalise(batch: Dict[str, list], has_prompt: bool) -> Dict[str, list]:
         c, r = batch["chosen"][i], batch["rejected"][i]
         if _is_messages(c) or _is_messages(r):
             if not (_is_messages(c) and _is_messages(r)):
-                raise ValueError(
+                raise InputError(
                     "preference_data: 'chosen' and 'rejected' must both be strings or both chat-message "
                     f"lists (row {i} of a batch mixes them)"
                 )
             if len(c) > 1:  # whole conversations: the shared turns are the prompt
                 p, c, r = c[:-1], c[-1:], r[-1:]
             elif p is None:
-                raise ValueError("prompt: the data has no 'prompt' column and 'chosen' holds only the answer")
+                raise InputError("prompt: the data has no 'prompt' column and 'chosen' holds only the answer")
             elif isinstance(p, str):
                 p = _user(p)
         elif isinstance(c, str) or c is None:
             if p is None and not has_prompt:
-                raise ValueError("preference_data: has no 'prompt' column and 'chosen' is not a chat-message list")
+                raise InputError("preference_data: has no 'prompt' column and 'chosen' is not a chat-message list")
             if _is_messages(p):
-                raise ValueError(
+                raise InputError(
                     "chosen: a string while 'prompt' is a chat-message list; give all three as messages "
                     "or all three as strings"
                 )
@@ -139,9 +142,9 @@ def load_preferences(src: str, split: str = "train"):
     ds = _load_any(src, "preference_data", split)
     missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
     if missing:
-        raise ValueError(f"preference_data: missing column(s) {missing} in {src} (columns: {ds.column_names})")
+        raise InputError(f"preference_data: missing column(s) {missing} in {src} (columns: {ds.column_names})")
     if len(ds) == 0:
-        raise ValueError(f"preference_data: {src} holds no rows")
+        raise InputError(f"preference_data: {src} holds no rows")
     has_prompt = "prompt" in ds.column_names
     ds = ds.map(_normalise, batched=True, fn_kwargs={"has_prompt": has_prompt}, desc="normalising pairs")
     return ds.select_columns(list(COLUMNS) + [c for c in ds.column_names if c not in COLUMNS])
@@ -152,11 +155,11 @@ def load_prompts(src: str, split: str = "train"):
     are accepted too: their prompts are used and their labels dropped."""
     ds = _load_any(src, "prompt_data", split)
     if len(ds) == 0:
-        raise ValueError(f"prompt_data: {src} holds no rows")
+        raise InputError(f"prompt_data: {src} holds no rows")
     if "chosen" in ds.column_names and "rejected" in ds.column_names:
         ds = ds.map(_normalise, batched=True, fn_kwargs={"has_prompt": "prompt" in ds.column_names})
     elif "prompt" not in ds.column_names:
-        raise ValueError(f"prompt_data: missing column 'prompt' in {src} (columns: {ds.column_names})")
+        raise InputError(f"prompt_data: missing column 'prompt' in {src} (columns: {ds.column_names})")
     return ds.select_columns(["prompt"])
 
 
@@ -256,19 +259,19 @@ def split_seed_and_rounds(
     With no skips this is exactly rows [0, seed_size), then the blocks."""
     round_sizes = [int(n) for n in round_sizes]
     if seed_size < 1:
-        raise ValueError(f"seed_size: must be >= 1, got {seed_size}")
+        raise ConfigError(f"seed_size: must be >= 1, got {seed_size}")
     if any(n < 1 for n in round_sizes):
-        raise ValueError(f"round_sizes: sizes must be >= 1, got {round_sizes}")
+        raise ConfigError(f"round_sizes: sizes must be >= 1, got {round_sizes}")
     for c in COLUMNS:
         if c not in ds.column_names:
-            raise ValueError(f"preference_data: missing column {c!r} (columns: {ds.column_names})")
+            raise InputError(f"preference_data: missing column {c!r} (columns: {ds.column_names})")
     ds = ds.shuffle(seed=seed).flatten_indices()
     pick = _Picker(tokenizer, max_prompt_length)
     labels_ok = lambda i, ch=ds["chosen"], rj=ds["rejected"]: not (_empty(ch[i]) or _empty(rj[i]))  # noqa: E731
     rows = ds["prompt"]
     seed_idx, end = pick.take(rows, 0, seed_size, labels_ok)
     if len(seed_idx) < seed_size:
-        raise ValueError(
+        raise InputError(
             f"seed_size: {seed_size} seed pairs requested but preference_data has only {len(seed_idx)} "
             f"usable rows of {len(ds)} ({_skips(pick.counts)})"
         )
@@ -277,12 +280,12 @@ def split_seed_and_rounds(
         pool, pool_rows, start, pool_name = ds, rows, end, "preference_data after the seed"
     else:
         if "prompt" not in prompts.column_names:
-            raise ValueError(f"prompt_data: missing column 'prompt' (columns: {prompts.column_names})")
+            raise InputError(f"prompt_data: missing column 'prompt' (columns: {prompts.column_names})")
         pool = prompts.shuffle(seed=seed).flatten_indices()
         pool_rows, start, pool_name = pool["prompt"], 0, "prompt_data"
     picked, pool_end = pick.take(pool_rows, start, need)
     if len(picked) < need:
-        raise ValueError(
+        raise InputError(
             f"round_sizes: {need} prompts needed for rounds {round_sizes}, but {pool_name} has only "
             f"{len(picked)} usable ({_skips(pick.counts)}); lower round_sizes or num_rounds, or give more "
             "prompts"

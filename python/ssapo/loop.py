@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ssapo.config import RunConfig
+from ssapo.config import ConfigError, RunConfig
 from ssapo.io import atomic_write, read_jsonl, write_json, write_jsonl
 from ssapo.leader import train_stage
 from ssapo.methods import Step, method_of, round_step_names
@@ -96,7 +96,7 @@ class State:
         self.done: List[str] = []
         if os.path.exists(self.path):
             if not resume:
-                raise ValueError(
+                raise ConfigError(
                     f"output_dir: {out} already holds a run (state.json); pass --resume "
                     "(resume=True) to continue it, or choose another directory"
                 )
@@ -353,7 +353,7 @@ def check_resumable(cfg: RunConfig, out: str) -> None:
     new = cfg.to_dict()
     diff = [f"{k} ({old.get(k)!r} → {new[k]!r})" for k in new if k not in RESUME_MAY_DIFFER and old.get(k) != new[k]]
     if diff:
-        raise ValueError(
+        raise ConfigError(
             f"config: resuming {out} with another configuration: {', '.join(diff)}; resume with the "
             "run's config.yaml or start a new output_dir"
         )
@@ -362,14 +362,14 @@ def check_resumable(cfg: RunConfig, out: str) -> None:
 def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
     """π_init and the data sources: paths (the tiny preset's task is built by its command, not here)."""
     if cfg.model == "tiny":
-        raise ValueError(
+        raise ConfigError(
             "model: 'tiny' is a preset whose task `ssapo train --model tiny` builds "
             "(ssapo.commands.train.with_tiny_task); the loop takes the SFT model's path"
         )
     if not cfg.preference_data:
-        raise ValueError("preference_data: needed (labelled pairs for the seed stage and the held-out evaluation)")
+        raise ConfigError("preference_data: needed (labelled pairs for the seed stage and the held-out evaluation)")
     if cfg.seed_model and not os.path.isdir(cfg.seed_model):
-        raise ValueError(f"seed_model: no checkpoint directory at {cfg.seed_model}")
+        raise ConfigError(f"seed_model: no checkpoint directory at {cfg.seed_model}")
     return {"init": cfg.model, "preference_data": cfg.preference_data, "prompt_data": cfg.prompt_data}
 
 
