@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from ssapo.io import InputError
 from ssapo.processes import chunked, exchange
 
 
@@ -18,7 +19,13 @@ def tokenizer(cfg, path: str):
     """The run's tokenizer (cfg.tokenizer, else the checkpoint's own), with a pad token."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
+    src = cfg.tokenizer or path
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # no such directory / hub id, or no tokenizer files in it
+        raise InputError(
+            f"{'tokenizer' if cfg.tokenizer else 'model'}: cannot load a tokenizer from {src}: {e}"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -117,13 +117,18 @@ def load(path: str, trust_remote_code: bool = False, dtype: Optional[str] = None
     (safetensors only; no remote code unless asked)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from ssapo.io import InputError
+
     kw = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype:
         import torch
 
         kw["dtype"] = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:  # no such directory / hub id, no tokenizer, config or safetensors weights
+        raise InputError(f"model: cannot load {path}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

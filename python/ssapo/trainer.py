@@ -97,7 +97,7 @@ from ssapo import losses
 from ssapo.atoms import COLUMNS as ATOM_COLUMNS
 from ssapo.atoms import tensors as atom_tensors
 from ssapo.config import FIELDS, check_bounds
-from ssapo.io import atomic_write, write_json
+from ssapo.io import InputError, atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,11 @@ def load_policy(path: str, cfg=None, *, train: bool = True, **flags):
     train=train, **flags))`: the causal LM only (load the tokenizer yourself)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, **load_policy_kwargs(cfg, train=train, **flags))
+    kwargs = load_policy_kwargs(cfg, train=train, **flags)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # no such directory / hub id, no config or no safetensors weights in it
+        raise InputError(f"model: cannot load a model from {path}: {e}") from None
 
 
 def _is_complete(checkpoint: str) -> bool:
