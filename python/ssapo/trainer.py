@@ -95,6 +95,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ssapo import losses
 from ssapo.atoms import COLUMNS as ATOM_COLUMNS
+from ssapo.atoms import MASS, SHIFT, WEIGHT
 from ssapo.atoms import tensors as atom_tensors
 from ssapo.config import FIELDS, check_bounds
 from ssapo.io import InputError, atomic_write, write_json
@@ -103,7 +104,7 @@ logger = logging.getLogger(__name__)
 
 LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "spa", "rdpo", "cdpo", "drdpo", "kldpo")
 PAIR_INDEX = "pair_index"  # ResolvingTrainer: a row's position in the re-solved atoms
-NEEDED_COLUMNS = {"shift_prob": ("shift", "mass"), "shift_margin": ("shift", "mass"), "weights": ("weight",)}
+NEEDED_COLUMNS = {"shift_prob": (SHIFT, MASS), "shift_margin": (SHIFT, MASS), "weights": (WEIGHT,)}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ATOM_COLUMNS}
 CHECKPOINT_MARKER = "ssapo_checkpoint.json"  # written last, once every rank has written its part
 LEADER_STATE = "ssapo_leader_state_{}.json"  # one per rank: the counters behind leader_stats
@@ -739,16 +740,16 @@ class SSAPOTrainer(DPOTrainer):
         if kind == "dpo":
             per_pair = losses.dpo_loss(h, beta)
         elif kind == "shift_prob":
-            mass = inputs["mass"]
-            per_pair, clamped = losses.shift_prob_loss(h, beta, inputs["shift"], mass, self.args.clamp_min)
+            mass = inputs[MASS]
+            per_pair, clamped = losses.shift_prob_loss(h, beta, inputs[SHIFT], mass, self.args.clamp_min)
             if mode == "train":
                 self._clamped += int(clamped)
                 self._atoms += int((mass > 0).sum())
                 m["leader/clamped_fraction"].append(self._clamped / max(self._atoms, 1))
         elif kind == "shift_margin":
-            per_pair = losses.shift_margin_loss(h, beta, inputs["shift"], inputs["mass"])
+            per_pair = losses.shift_margin_loss(h, beta, inputs[SHIFT], inputs[MASS])
         elif kind == "weights":
-            per_pair = losses.weighted_dpo_loss(h, beta, inputs["weight"])
+            per_pair = losses.weighted_dpo_loss(h, beta, inputs[WEIGHT])
         elif kind == "rdpo":
             per_pair = losses.rdpo_loss(h, beta, self.args.label_smoothing)
         elif kind == "cdpo":
