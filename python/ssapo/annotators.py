@@ -82,8 +82,9 @@ def flip_pairs(rows: List[dict], rate: float, seed: Sequence[int]) -> List[dict]
     response indices, margin negated. Every row gets `flipped` (bool)."""
     import numpy as np
 
-    if not 0 <= rate <= 1:
-        raise ValueError(f"annotation_flip_rate: must be in [0, 1], got {rate}")
+    from ssapo.config import check_value
+
+    check_value("annotation_flip_rate", rate)  # its bounds are RunConfig's field's
     n = len(rows)
     k = round(rate * n)
     picked = set(np.random.default_rng(list(seed)).choice(n, size=k, replace=False).tolist()) if k else set()

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-SYSTEM_TURN_MODES = ("auto", "empty", "none")
 EMPTY_SYSTEM = {"role": "system", "content": ""}
 
 
@@ -58,8 +57,9 @@ def _template_text(tok) -> str:
 def wants_system_turn(tok, mode: str = "auto", model_name: Optional[str] = None) -> bool:
     """Whether prompts get an empty system turn under `mode` (see the module
     docstring); `model_name` defaults to the tokenizer's `name_or_path`."""
-    if mode not in SYSTEM_TURN_MODES:
-        raise ValueError(f"system_turn: must be one of {', '.join(SYSTEM_TURN_MODES)}, got {mode!r}")
+    from ssapo.config import check_value
+
+    check_value("system_turn", mode)  # the choices are RunConfig's field's
     if mode != "auto":
         return mode == "empty"
     name = model_name if model_name is not None else getattr(tok, "name_or_path", "") or ""

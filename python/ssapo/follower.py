@@ -41,7 +41,6 @@ import numpy as np
 
 from ssapo.atoms import Atoms
 
-SPACES = ("prob", "margin")
 # keyword -> the RunConfig field it defaults to
 SETTINGS = {
     "eps": "eps",
@@ -53,7 +52,7 @@ SETTINGS = {
 
 
 def _settings(cfg, **kw) -> Dict[str, Any]:
-    from ssapo.config import default_of
+    from ssapo.config import ConfigError, check_value, default_of
 
     out = {}
     for key, field in SETTINGS.items():
@@ -61,16 +60,12 @@ def _settings(cfg, **kw) -> Dict[str, Any]:
         if v is None and cfg is not None:
             v = getattr(cfg, field, None)
         out[key] = default_of(field) if v is None else v
-    if out["space"] not in SPACES:
-        raise ValueError(f"follower_space: must be 'prob' or 'margin', got {out['space']!r}")
     if isinstance(out["group_size"], str):
         if out["group_size"].strip().lower() != "global":
-            raise ValueError(f"group_size: an integer >= 0 or 'global', got {out['group_size']!r}")
+            raise ConfigError(f"group_size: an integer >= 0 or 'global', got {out['group_size']!r}")
         out["group_size"] = 0
-    if int(out["group_size"]) < 0:
-        raise ValueError(f"group_size: must be >= 0 (0 = one global ball), got {out['group_size']}")
-    if not out["beta_follower"] > 0:
-        raise ValueError(f"beta_follower: must be > 0, got {out['beta_follower']}")
+    for key, field in SETTINGS.items():  # the choices and bounds of RunConfig's fields, declared there once
+        check_value(field, out[key])
     return out
 
 
