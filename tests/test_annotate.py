@@ -527,3 +527,43 @@ def test_annotation_defaults_are_run_configs():
         _settings(None, n=1)
     with pytest.raises(ConfigError, match="^generation_backend: must be one of"):
         _settings(None, backend="sglang")
+
+
+def test_annotation_score_stop_false_leaves_the_stop_token_out_of_the_reward(tiny):
+    """annotation_score_stop: false scores each response's own tokens: the rows' rewards are the
+    implicit reward of the response without its stop token (and a response that is the stop token
+    alone scores 0), while the pairs still hold the whole responses."""
+    from ssapo import annotate as A
+    from ssapo.config import load_config
+
+    model, tok = tiny
+    other = tiny_llama(tok, hidden_size=32, num_layers=1, seed=4).eval()
+    a, b, c, d = (tok.convert_tokens_to_ids(w) for w in "abcd")
+    eos = tok.eos_token_id
+    prompts = ["a b", "c"]
+    resp = [[[d, eos], [c, c, c, eos], [eos]], [[b, b, eos], [a, eos], [c]]]  # the last: cut, no stop token
+    kw = dict(n=3, responses=resp, progress=False, batch_size=2, max_length=64)
+
+    def implicit(flat_p, flat_r):
+        return (A.sequence_logps(model, tok, flat_p, flat_r) - A.sequence_logps(other, tok, flat_p, flat_r)).tolist()
+
+    flat_p = [p for p, rs in zip(prompts, resp) for _ in rs]
+    bare = [r[:-1] if r and r[-1] == eos else r for rs in resp for r in rs]
+    want = implicit(flat_p, bare)
+    assert want[2] == 0.0 and bare[5] == [c]
+    with_stop = implicit(flat_p, [r for rs in resp for r in rs])
+    assert all(x != y for i, (x, y) in enumerate(zip(want, with_stop)) if i != 5)  # the stop token counted there
+
+    cfg = load_config("tiny", overrides={"annotation_score_stop": "false"})
+    rows, _ = annotate_rows(model, other, tok, prompts, cfg, **kw)
+    pairs = pick_pairs([want[0:3], want[3:6]])[0]
+    assert [(r["chosen_index"], r["rejected_index"]) for r in rows] == pairs
+    for r, (best, worst) in zip(rows, pairs):
+        i = 3 * r["index"]
+        assert r["chosen_reward"] == pytest.approx(want[i + best]) and r["rejected_reward"] == pytest.approx(
+            want[i + worst]
+        )
+    plain, _ = annotate_rows(model, other, tok, prompts, **kw)  # the default: the stop token is scored
+    assert [r["chosen_reward"] for r in plain] == pytest.approx(
+        [with_stop[3 * r["index"] + r["chosen_index"]] for r in plain]
+    )

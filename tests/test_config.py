@@ -47,7 +47,7 @@ def test_every_recipe_sets_every_field_but_the_task_ones(preset):
     optional = {f for f in FIELDS if f.startswith(("spa_", "sera_", "lora_"))}
     # the length-aware ranking knobs default to the paper's ranking (issue 11 item 5); the robust-DPO
     # baselines' knobs, like SPA's and SeRA's, keep their defaults
-    optional |= {"annotation_reward", "annotation_length_penalty", "label_smoothing"}
+    optional |= {"annotation_reward", "annotation_length_penalty", "annotation_score_stop", "label_smoothing"}
     optional |= {f for f in FIELDS if f.startswith(("drdpo_", "kldpo_"))}
     if preset != "tiny":
         optional |= {f for f in FIELDS if f.startswith("task_")}

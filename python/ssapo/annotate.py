@@ -528,16 +528,22 @@ def implicit_reward(
     chunk_tokens: Optional[int] = 1024,
     reward: Optional[str] = None,
     length_penalty: Optional[float] = None,
+    unscored: Sequence[int] = (),
 ) -> Scorer:
     """The scorer r(y) = Σ log π_policy(y|x) − Σ log π_reference(y|x), made length-aware by `reward`
     and `length_penalty` (`length_aware`, over the response tokens scored after the cut to `max_length`;
-    None: RunConfig's defaults, the plain sum)."""
+    None: RunConfig's defaults, the plain sum). A response's last token is left out of the sum (and of
+    |y|) when it is one of `unscored` (the stop ids, with `annotation_score_stop: false`)."""
     from ssapo.config import default_of
 
     reward = default_of("annotation_reward") if reward is None else reward
     length_penalty = default_of("annotation_length_penalty") if length_penalty is None else length_penalty
 
+    drop = set(int(t) for t in unscored)
+
     def score_fn(prompts, responses):
+        if drop:  # token-id responses: score the response's own tokens, not the stop token that ends it
+            responses = [r[:-1] if r and r[-1] in drop else r for r in responses]
         kw = dict(max_length=max_length, chunk_tokens=chunk_tokens)
         r = (
             sequence_logps(policy, tok, prompts, responses, batch_size, **kw)
@@ -616,6 +622,7 @@ def _settings(cfg, **kw) -> dict:
         "system_turn": "system_turn",
         "reward": "annotation_reward",
         "length_penalty": "annotation_length_penalty",
+        "score_stop": "annotation_score_stop",
     }
     out = {}
     for k, field in names.items():
@@ -653,6 +660,7 @@ def annotate_rows(
     chunk_tokens: Optional[int] = 1024,
     reward: Optional[str] = None,
     length_penalty: Optional[float] = None,
+    score_stop: Optional[bool] = None,
 ) -> Tuple[List[dict], Dict[str, float]]:
     """`annotate` as a list of rows, each with `index` (the prompt's position in
     `prompts`), for process `rank` of `world` (its chunks only; merge the
@@ -683,6 +691,7 @@ def annotate_rows(
         system_turn=system_turn,
         reward=reward,
         length_penalty=length_penalty,
+        score_stop=score_stop,
     )
     bs = max(1, int(s["batch_size"]))
     mode = s["system_turn"]
@@ -699,6 +708,7 @@ def annotate_rows(
         chunk_tokens=chunk_tokens,
         reward=s["reward"],
         length_penalty=float(s["length_penalty"]),
+        unscored=() if s["score_stop"] else stop,
     )
     vllm = responses is None and use_vllm(s["backend"])
     t0 = time.time()

@@ -128,7 +128,8 @@ class RunConfig:
         round_reference.
     Annotation: num_samples, temperature, top_p, max_new_tokens, annotation_reference,
         generation_batch_size, generation_backend, system_turn, annotator, annotator_args,
-        annotation_flip_rate, annotation_reward, annotation_length_penalty.
+        annotation_flip_rate, annotation_reward, annotation_length_penalty,
+        annotation_score_stop.
     Follower: beta_follower, eps, k, group_size, follower_space.
     Leader: leader_loss, clamp_min, resolve_every.
     SPA (Kim et al., ICLR 2025): spa_alpha, spa_lambdas, spa_quantile, spa_window, spa_warmup_ratio.
@@ -259,6 +260,12 @@ class RunConfig:
         "α of SPA's length penalty (Kim et al., appendix): rank by reward − α·|y|, |y| = the response's scored "
         "tokens, after annotation_reward; 0 = none. The pairs' rewards and margins are these values.",
         bounds=">= 0",
+    )
+    annotation_score_stop: bool = _f(
+        True,
+        "Count the stop token in the implicit reward (the released code: yes). false: score the response's "
+        "own tokens only, so that ending early earns no reward by itself (a stop token whose log-ratio grew "
+        "most makes the shortest answer 'best', the next round trains on it, and answers shrink).",
     )
     # -- follower --
     beta_follower: float = _f(
