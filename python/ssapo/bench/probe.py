@@ -31,11 +31,11 @@ def main(argv=None) -> int:
     p.add_argument("--run", default="{}", help="JSON: RunConfig overrides on top of the default preset's")
     p.add_argument("--tune", default="{}", help="JSON: method -> {field: candidates}")
     p.add_argument("--methods", default="dpo,oracle-iterative,iterative-dpo")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", default="0", help="seed values, e.g. 0 or 0,1,2")
     a = p.parse_args(argv)
     try:
         design, run, tune = json.loads(a.design), json.loads(a.run), json.loads(a.tune)
-        seeds = parse_seeds(a.seeds)
+        seeds = parse_seeds(a.seeds if "," in a.seeds else a.seeds + ",")  # here a single number is a seed value
     except (ValueError, json.JSONDecodeError) as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2

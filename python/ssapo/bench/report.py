@@ -183,6 +183,40 @@ def validity_lines(t: Table) -> List[str]:
     ]
 
 
+def summary_table(tables: List[Table], methods: List[str]) -> List[str]:
+    """One row per method, one column pair per condition: win rate (mean ± std) and the paired
+    difference from tuned iterative DPO with its 95 % interval (n.s.: it covers 0)."""
+    head = "| method |" + "".join(f" {_cond_name(t.sf, t.af)} |" for t in tables)
+    lines = [head, "|---|" + "---|" * len(tables)]
+    for m in methods:
+        if not any(m in t.rows for t in tables):
+            continue
+        cells = []
+        for t in tables:
+            if m not in t.rows:
+                cells.append("–")
+                continue
+            wr = _ms(list(t.final(m).values()))
+            if m == BASELINE:
+                cells.append(f"{wr} (reference)")
+                continue
+            p = t.paired(m)
+            d = (
+                ""
+                if p["n"] < 2
+                else f"; Δ {p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]" + ("" if p["significant"] else " n.s.")
+            )
+            cells.append(wr + d)
+        lines.append(f"| {_label(m, tables[0])} |" + "".join(f" {c} |" for c in cells))
+    lines.append("")
+    lines.append(
+        "Headroom (iterative oracle − seed-only DPO): "
+        + "; ".join(f"{_cond_name(t.sf, t.af)} {_fmt(t.headroom())}" for t in tables)
+        + "."
+    )
+    return lines
+
+
 def control(t: Table) -> Optional[tuple]:
     """(seeds where ssapo-eps0's every-round test win rates equal iterative DPO's at the same
     learning rate, seeds compared), or None when either is missing."""
@@ -369,6 +403,9 @@ def write(
                 },
             }
         )
+    atomic_write(
+        os.path.join(out, "summary_table.md"), lambda p: open(p, "w").write("\n".join(summary_table(tables, methods)))
+    )
     made = plots(tables, methods, out)
     lines += [f"![{m}]({m})" for m in made] + [""]
     if notes:

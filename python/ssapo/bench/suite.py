@@ -119,7 +119,7 @@ DESIGN_RUN = _design_run(256, [272, 272, 272], 2e-4)
 DEFAULT_TUNE = {
     "iterative-dpo": {"learning_rate": [2e-4, 5e-4]},
     "oracle-iterative": {"learning_rate": [2e-4, 5e-4]},
-    "dpo-epochs": {"seed_epochs": [1, 6]},
+    "dpo-epochs": {"seed_epochs": [6, 10]},
 }
 
 _register(
@@ -171,7 +171,7 @@ _register(
                 for m in ["iterative-dpo", "oracle-iterative", "ssapo", "spa", "sera"] + _ROBUST
             },
             **{m: {"eps": _EPS} for m in ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global"]},
-            "dpo-epochs": {"seed_epochs": [1, 6]},
+            "dpo-epochs": {"seed_epochs": [6, 10]},
         },
         tune_in_noise=True,
     )
@@ -429,7 +429,7 @@ def execute(
     """Runs and evaluates every job; returns {job: eval}. The first condition runs every
     candidate of each tuning grid; unless preset.tune_in_noise, the other conditions run only
     the candidate the first condition's validation prompts chose. `workers` > 1: the seeds
-    are shared out over that many processes (each seed's jobs in order in one of them)."""
+    are shared out over that many processes (the seed-only DPO runs first, then every other run as a process frees)."""
     results: Dict[Job, dict] = {}
     first, rest = preset.conditions[:1], preset.conditions[1:]
     phases = [(first, None)] + ([(rest, "chosen")] if rest else [])
@@ -444,11 +444,15 @@ def execute(
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        per_seed = [[j for j in jobs if j.seed == s] for s in seeds]
+        # first the runs whose π_0 the others start from (they also build each seed's task), then every
+        # other run on its own: no two processes ever run the same job or write the same directory
+        first_jobs = [j for j in jobs if j.method == "dpo"]
+        later = [j for j in jobs if j.method != "dpo"]
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_jobs, preset, out, js) for js in per_seed if js]
-            for done, f in enumerate(as_completed(futures), 1):
-                results.update(f.result())
-                if progress:
-                    print(f"bench: {done} of {len(futures)} seeds done ({len(results)} runs)", flush=True)
+            for group in (first_jobs, later):
+                futures = [pool.submit(_run_jobs, preset, out, [j]) for j in group]
+                for f in as_completed(futures):
+                    results.update(f.result())
+                    if progress:
+                        print(f"bench: {len(results)} runs done", flush=True)
     return results

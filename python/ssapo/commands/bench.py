@@ -33,7 +33,9 @@ def add_parser(sub) -> None:
     g.add_argument("--full", action="store_true", help="every method, lr and ε sweeps in every condition (hours)")
     p.add_argument("--methods", default=None, help="comma-separated (default: the preset's; see ssapo.bench.suite)")
     p.add_argument(
-        "--seeds", default=None, help="a count (5 = seeds 0..4) or seed values (0,3,7); default: the preset's"
+        "--seeds",
+        default=None,
+        help="a count (5 = seeds 0..4) or seed values (0,3,7; one value: 3,); default: the preset's",
     )
     p.add_argument(
         "--flip-rates", default=None, help="comma-separated seed-label flip rates (default: the preset's conditions)"
