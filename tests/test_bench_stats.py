@@ -36,6 +36,8 @@ def test_paired_ci_significance_both_ways():
     assert r2["significant"] and r2["mean"] == pytest.approx(0.01)
     none = stats.paired_ci([0.5, 0.7, 0.6], [0.6, 0.5, 0.7])
     assert not none["significant"] and none["lo"] < 0 < none["hi"]
+    two = stats.paired_ci([0.742, 0.742], [0.734, 0.734])  # equal differences: a zero-width interval
+    assert two["lo"] == pytest.approx(0.008) and two["hi"] == pytest.approx(0.008) and not two["significant"]
     one = stats.paired_ci([0.6], [0.5])
     assert one["n"] == 1 and not one["significant"] and math.isnan(one["lo"])
     with pytest.raises(ValueError, match="pair them by seed"):

@@ -88,7 +88,8 @@ def mean_std(values: Sequence[float]) -> tuple:
 def paired_ci(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
     """Mean of the paired differences a_i − b_i with its 95 % confidence interval
     (paired t: mean ± t_{0.975, n−1}·sd/√n). `significant` is False when the interval
-    covers 0 (and with fewer than 2 pairs, where no interval exists)."""
+    covers 0, and with fewer than 3 pairs (one pair has no interval; two, with a coarse
+    metric, can agree to the last digit and give a zero-width one)."""
     if len(a) != len(b):
         raise ValueError(f"paired_ci: {len(a)} values against {len(b)}; pair them by seed")
     d = [float(x) - float(y) for x, y in zip(a, b)]
@@ -100,7 +101,7 @@ def paired_ci(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
         return {"n": 1, "mean": m, "lo": float("nan"), "hi": float("nan"), "significant": False}
     half = t975(n - 1) * sd / math.sqrt(n)
     lo, hi = m - half, m + half
-    return {"n": n, "mean": m, "lo": lo, "hi": hi, "significant": bool(lo > 0 or hi < 0)}
+    return {"n": n, "mean": m, "lo": lo, "hi": hi, "significant": bool(n >= 3 and (lo > 0 or hi < 0))}
 
 
 def headroom_share(x: float, base: float, oracle: float) -> float:
