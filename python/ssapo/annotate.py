@@ -66,6 +66,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ssapo import chat
+from ssapo.processes import chunks_of
 
 Scorer = Callable[[Sequence, Sequence[List[int]]], Sequence[float]]
 
@@ -293,11 +294,6 @@ def _generate_chunk(
             resp.append(seq)
         out.append(resp)
     return out
-
-
-def chunks_of(num_prompts: int, batch_size: int, rank: int = 0, world: int = 1) -> List[int]:
-    """The chunk indices (chunks of `batch_size` prompts) that process `rank` of `world` takes."""
-    return [c for c in range((num_prompts + batch_size - 1) // batch_size) if c % world == rank]
 
 
 def generate(

@@ -57,10 +57,16 @@ def exchange(procs, d: str, name: str, obj: Any) -> List[Any]:
     return parts
 
 
+def chunks_of(n: int, bs: int, rank: int = 0, world: int = 1) -> List[int]:
+    """The indices of the chunks (of `bs` consecutive items out of n) that process `rank` of `world` takes:
+    chunk c to process c mod world, the one rule every shared-out step follows."""
+    return list(range(rank, (n + bs - 1) // bs, world))
+
+
 def chunked(n: int, bs: int, procs=None) -> List[range]:
     """This process's share of n items, as chunks of `bs` consecutive items (chunk c to process c mod world)."""
     world, rank = (procs.num_processes, procs.process_index) if procs is not None else (1, 0)
-    return [range(c * bs, min((c + 1) * bs, n)) for c in range(rank, (n + bs - 1) // bs, world)]
+    return [range(c * bs, min((c + 1) * bs, n)) for c in chunks_of(n, bs, rank, world)]
 
 
 def merge_counts(parts: List[dict]) -> dict:
