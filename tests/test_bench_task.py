@@ -147,10 +147,13 @@ def test_small_bench_end_to_end(tmp_path):
         assert os.path.exists(os.path.join(out, png))
     t = time.time()
     again = bench(out, "quick", design=p.design, run=p.run, n_eval=2, **kw)
-    assert again.split("min on")[1] == md.split("min on")[1]
+    # the same report, and the same run time (each run's own seconds, recorded when it ran), though nothing ran
+    assert again.split(" min wall")[1] == md.split(" min wall")[1]
+    assert again.split(" min of run time")[0] == md.split(" min of run time")[0]
     assert time.time() - t < 30  # resumed: nothing retrained
     ev = json.load(open(os.path.join(out, "seed0", "seedflip0_annflip0", "iterative-dpo", "eval.json")))
     assert len(ev["rounds"]) == 2 and 0 <= ev["rounds"][-1]["win_rate"] <= 1 and "val" in ev
+    assert ev["seconds"] > 0
     noisy = json.load(open(os.path.join(out, "seed0", "seedflip0_annflip0.4", "iterative-dpo", "eval.json")))
     assert noisy["per_round"][0]["annotation"]["flipped_fraction"] == pytest.approx(0.4, abs=0.03)
     oracle = json.load(open(os.path.join(out, "seed0", "seedflip0_annflip0", "oracle-iterative", "eval.json")))

@@ -52,7 +52,7 @@ class Table:
             for var in candidates(preset, m):
                 got = {}
                 for s in seeds:
-                    j = canonical(Job(s, sf, af, m, var))
+                    j = canonical(Job(s, sf, af, m, var), preset)
                     if j in results:
                         got[s] = results[j]
                 if got:
@@ -118,7 +118,6 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         "| moved: mislabelled / correct | displacement from π_init |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    sft_len = stats.mean_std([ev["sft_mean_length"] for r in t.rows.values() for ev in r.values()])[0]
     base, oracle = t.mean("dpo"), t.mean("oracle-iterative")
     for m in methods:
         if m not in t.rows:
@@ -128,8 +127,10 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         lens = [[r["mean_length"] for r in e["rounds"]] for e in evs]
         L = min(map(len, lens))
         mean_len = [float(np.mean([x[i] for x in lens])) for i in range(L)]
-        collapsed = stats.length_collapsed(mean_len, sft_len)
-        lc = _ms([_final(e, "lc_win_rate") for e in evs]) + (" ⚠ lengths collapsed" if collapsed else "")
+        collapsed = sum(stats.length_collapsed(x, e["sft_mean_length"]) for x, e in zip(lens, evs))
+        lc = _ms([_final(e, "lc_win_rate") for e in evs]) + (
+            f" ⚠ lengths collapsed on {collapsed} of {len(evs)} seeds" if collapsed else ""
+        )
         if m == BASELINE:
             delta = "(the reference)"
         else:
@@ -347,17 +348,22 @@ def write(
     cmd: str,
     seconds: float,
     notes: str = "",
+    workers: int = 0,
 ) -> str:
     """Writes report.md, summary.json and the plots into `out`; returns the Markdown."""
     from ssapo.io import atomic_write, write_json
 
     conds = [(sf, af) for sf, af, _ in preset.conditions]
+    run_seconds = sum(ev.get("seconds", 0.0) for ev in results.values())
+    missing = sum("seconds" not in ev for ev in results.values())
     tables = [Table(preset, results, seeds, methods, sf, af) for sf, af in conds]
     lines = [
         f"# ssapo bench ({preset.name})",
         "",
-        f"Command: `{cmd}` — seeds {seeds}, {len(conds)} conditions, {len(results)} runs, {seconds / 60:.1f} min "
-        "on this machine.",
+        f"Command: `{cmd}` — seeds {seeds}, {len(conds)} conditions, {len(results)} runs. Time on this machine: "
+        f"{run_seconds / 60:.1f} min of run time in all (each run's training and evaluation, summed over runs, "
+        f"measured when it ran{'; ' + str(missing) + ' runs without a record' if missing else ''}); this invocation "
+        f"{seconds / 60:.1f} min wall" + (f" with {workers} worker processes." if workers else "."),
         "",
         f"Task: size `{preset.size}`, design {preset.design or 'the defaults of ssapo.bench.task.TaskSpec'}; loop: "
         f"the tiny recipe with {preset.run}. Tuning grids (chosen by the mean validation win rate over seeds, on "
@@ -372,12 +378,19 @@ def write(
         f"({preset.n_eval} samples per prompt, ties half), mean ± standard deviation over seeds. Δ: paired by seed, "
         "95 % t interval. Share of headroom: (win rate − seed-only DPO) / (iterative oracle − seed-only DPO). LC: "
         "the win rate at equal length (logistic fit on the length difference), flagged where the final mean "
-        "answer length fell below half the SFT policy's. Moved: fraction of pairs whose follower atom moved "
+        "answer length fell below half the SFT policy's on some seed (how many are named). Moved: fraction of pairs whose follower atom moved "
         "(flipped: turned around by annotation_flip_rate; mislabelled: gold prefers the rejected answer). "
         "Displacement: ‖θ − θ_init‖ / ‖θ_init‖ of the final model.",
         "",
     ]
-    summary = {"preset": preset.name, "seeds": seeds, "command": cmd, "seconds": seconds, "conditions": []}
+    summary = {
+        "preset": preset.name,
+        "seeds": seeds,
+        "command": cmd,
+        "seconds": seconds,
+        "run_seconds": run_seconds,
+        "conditions": [],
+    }
     for t in tables:
         lines += [f"## {_cond_name(t.sf, t.af)}", ""]
         lines += table_lines(t, methods)

@@ -111,23 +111,44 @@ def _register(p: Preset) -> Preset:
 
 _CORE = ["dpo", "dpo-epochs", "oracle-dpo", "oracle-iterative", "iterative-dpo", "spa", "sera", "ssapo"]
 _ROBUST = list(ROBUST_METHODS)
+_REFS = ["dpo", "oracle-dpo", "oracle-iterative", "iterative-dpo"]  # the rows every report compares against
 # the design chosen by the criteria of issue 11 (benches/results/bench/designs.md): 256 labelled seed pairs,
 # three rounds of 272 prompts, round learning rate 2e-4 (iterative DPO's choice on the validation prompts of the
-# design probes; 5e-4 collapsed one seed in three)
-DESIGN_RUN = _design_run(256, [272, 272, 272], 2e-4)
+# design probes; 5e-4 collapsed one seed in three), and the self-annotation's implicit reward summed over each
+# response's own tokens, its stop token left out (annotation_score_stop false: with the stop token scored, every
+# self-annotating method collapsed to empty answers on two seeds of five; chosen on iterative DPO alone, for
+# every self-annotating method alike)
+DESIGN_RUN = _design_run(256, [272, 272, 272], 2e-4, annotation_score_stop=False)
 # iterative DPO and its gold-annotator oracle choose their round learning rate on the validation prompts
 DEFAULT_TUNE = {
     "iterative-dpo": {"learning_rate": [2e-4, 5e-4]},
     "oracle-iterative": {"learning_rate": [2e-4, 5e-4]},
     "dpo-epochs": {"seed_epochs": [6, 10]},
 }
+_EPS = [0.01, 0.03, 0.05, 0.1, 0.2]
+_LRS = [1e-4, 2e-4, 5e-4, 1e-3]  # from where little moves to where self-annotation collapses
+_EPS_VARIANTS = ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global"]
+_LR_SWEPT = ["iterative-dpo", "ssapo"] + _ROBUST
+_NOISY = [
+    (0.25, 0.0, ["dpo", "oracle-iterative", "iterative-dpo", "ssapo"]),
+    (0.0, 0.2, ["iterative-dpo", "ssapo", "rdpo"]),
+    (0.0, 0.4, ["iterative-dpo", "ssapo", "rdpo"]),
+]
 
 _register(
     Preset(
         name="quick",
         size="test",
         design={"labelled": 384, "prompts": 256, "val": 64, "test": 64},
-        run=_design_run(128, [128, 128], 5e-4, batch_size=8, per_device_train_batch_size=8, max_new_tokens=6),
+        run=_design_run(
+            128,
+            [128, 128],
+            5e-4,
+            batch_size=8,
+            per_device_train_batch_size=8,
+            max_new_tokens=6,
+            annotation_score_stop=False,
+        ),
         seeds=2,
         methods=[m for m in _CORE if m != "dpo-epochs"] + _ROBUST,
         conditions=[(0.0, 0.0, None)],
@@ -142,19 +163,38 @@ _register(
         design={},
         run=DESIGN_RUN,
         seeds=5,
-        # Dr. DPO and KLDPO run in quick and full; the default leaves them out to fit its hour on 2 cores
+        # Dr. DPO and KLDPO run in quick, lr-sweep and full; the default leaves them out to fit its hour on 2 cores
         methods=_CORE + ["rdpo", "cdpo"],
-        conditions=[
-            (0.0, 0.0, None),
-            (0.25, 0.0, ["dpo", "oracle-iterative", "iterative-dpo", "ssapo"]),
-            (0.0, 0.2, ["iterative-dpo", "ssapo", "rdpo"]),
-            (0.0, 0.4, ["iterative-dpo", "ssapo", "rdpo"]),
-        ],
+        conditions=[(0.0, 0.0, None)] + _NOISY,
         tune=DEFAULT_TUNE,
     )
 )
-_EPS = [0.01, 0.03, 0.05, 0.1, 0.2]
-_LRS = [1e-4, 2e-4, 3e-4, 5e-4, 1e-3]
+# the two sweeps of issue 11 item 5, each a part of `full` that fits this machine; run into the default's output
+# directory (--output-dir) they share its runs (seed-only DPO, the oracles, iterative DPO at the default lrs)
+_register(
+    Preset(
+        name="eps-sweep",
+        size="tiny",
+        design={},
+        run=DESIGN_RUN,
+        seeds=5,
+        methods=_REFS + ["ssapo"] + _EPS_VARIANTS,
+        conditions=[(0.0, 0.0, None)],
+        tune={**DEFAULT_TUNE, **{m: {"eps": _EPS} for m in _EPS_VARIANTS}},
+    )
+)
+_register(
+    Preset(
+        name="lr-sweep",
+        size="tiny",
+        design={},
+        run=DESIGN_RUN,
+        seeds=3,
+        methods=_REFS + _LR_SWEPT[1:],
+        conditions=[(0.0, 0.0, None)],
+        tune={**DEFAULT_TUNE, **{m: {"learning_rate": _LRS} for m in _LR_SWEPT}},
+    )
+)
 _register(
     Preset(
         name="full",
@@ -162,19 +202,14 @@ _register(
         design={},
         run=DESIGN_RUN,
         seeds=5,
-        methods=_CORE
-        + _ROBUST
-        + ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global", "ssapo-eps0", "ssapo-ref-init"],
-        conditions=[(0.0, 0.0, None), (0.25, 0.0, None), (0.0, 0.2, None), (0.0, 0.4, None)],
+        methods=_CORE + _ROBUST + _EPS_VARIANTS + ["ssapo-eps0", "ssapo-ref-init"],
+        # every method in the noisy conditions too, each at the candidate the clean condition's validation chose
+        conditions=[(0.0, 0.0, None)] + [(sf, af, None) for sf, af, _ in _NOISY],
         tune={
-            **{
-                m: {"learning_rate": _LRS}
-                for m in ["iterative-dpo", "oracle-iterative", "ssapo", "spa", "sera"] + _ROBUST
-            },
-            **{m: {"eps": _EPS} for m in ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global"]},
+            **{m: {"learning_rate": _LRS} for m in ["oracle-iterative", "spa", "sera"] + _LR_SWEPT},
+            **{m: {"eps": _EPS} for m in _EPS_VARIANTS},
             "dpo-epochs": {"seed_epochs": [6, 10]},
         },
-        tune_in_noise=True,
     )
 )
 
@@ -200,9 +235,14 @@ class Job:
         )
 
 
-def canonical(job: Job) -> Job:
+def canonical(job: Job, preset: Optional[Preset] = None) -> Job:
     """Conditions that do not change a run map to one job: the rows that do not self-annotate
-    ignore annotation flips, and DPO on gold labels ignores seed flips too."""
+    ignore annotation flips, and DPO on gold labels ignores seed flips too; a candidate whose
+    value is the preset's own setting (iterative DPO at the preset's learning rate) is the run
+    without it, so presets with wider grids share the runs of narrower ones."""
+    if preset is not None and job.var:
+        var = tuple((k, v) for k, v in job.var if k not in preset.run or preset.run[k] != v)
+        job = dataclasses.replace(job, var=var)
     if not self_annotating(job.method):
         job = dataclasses.replace(job, ann_flip=0.0)
     if job.method == "oracle-dpo":
@@ -240,7 +280,7 @@ def jobs_of(
                     chosen.append(m)
             for m in sorted(chosen, key=lambda m: m != "dpo"):
                 for var in [fixed[m]] if fixed and m in fixed else candidates(preset, m):
-                    j = canonical(Job(s, sf, af, m, var))
+                    j = canonical(Job(s, sf, af, m, var), preset)
                     if j not in seen:
                         seen.add(j)
                         out.append(j)
@@ -258,7 +298,7 @@ def choose(preset: Preset, results: Dict["Job", dict], seeds: List[int], methods
             continue
         vals = {}
         for var in cands:
-            evs = [results.get(canonical(Job(s, sf, af, m, var))) for s in seeds]
+            evs = [results.get(canonical(Job(s, sf, af, m, var), preset)) for s in seeds]
             vals[var] = [e["val"]["win_rate"] for e in evs if e]
         best = pick_by_validation({str(k): v for k, v in vals.items()})
         if best is not None:
@@ -415,13 +455,57 @@ def evaluate_run(preset: Preset, job: Job, out: str) -> dict:
 
 def _run_jobs(preset: Preset, out: str, jobs: List[Job], progress: bool = False) -> Dict[Job, dict]:
     """Runs and evaluates `jobs` in order, in this process."""
+    import time
+
     from tqdm.auto import tqdm
+
+    from ssapo.io import write_json
 
     results = {}
     for job in tqdm(jobs, desc="bench", disable=not progress):
+        path = os.path.join(job.dir(out), "eval.json")
+        done, t0 = os.path.exists(path), time.time()
         run_job(preset, job, out)
-        results[job] = evaluate_run(preset, job, out)
+        ev = evaluate_run(preset, job, out)
+        if not done:  # the run's own time (training and evaluation), kept so a resumed bench still reports it
+            ev["seconds"] = time.time() - t0
+            write_json(path, ev)
+        results[job] = ev
     return results
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, the worker gets SIGTERM when the bench process dies, even by SIGKILL."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(1)
+
+
+def worker_pool(workers: int):
+    """A spawn process pool whose workers end with the bench: they die with the parent process
+    (_die_with_parent), and `stop_pool` ends them when the bench stops on an error or a signal."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_die_with_parent)
+
+
+def stop_pool(pool) -> None:
+    """Cancels what has not started and terminates the workers (a bench stopped by Ctrl-C or SIGTERM)."""
+    procs = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
 
 
 def execute(
@@ -442,18 +526,22 @@ def execute(
         if workers <= 1 or len(seeds) == 1:
             results.update(_run_jobs(preset, out, jobs, progress))
             continue
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
         # first the runs whose π_0 the others start from (they also build each seed's task), then every
         # other run on its own: no two processes ever run the same job or write the same directory
         first_jobs = [j for j in jobs if j.method == "dpo"]
         later = [j for j in jobs if j.method != "dpo"]
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = worker_pool(workers)
+        try:
             for group in (first_jobs, later):
                 futures = [pool.submit(_run_jobs, preset, out, [j]) for j in group]
                 for f in as_completed(futures):
                     results.update(f.result())
                     if progress:
                         print(f"bench: {len(results)} runs done", flush=True)
+        except BaseException:
+            stop_pool(pool)
+            raise
+        pool.shutdown()
     return results

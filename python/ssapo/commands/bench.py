@@ -5,7 +5,9 @@ summary.json and PNG plots into the output directory.
 
     ssapo bench --quick                       # every method family, 2 seeds, small task, clean labels
     ssapo bench --output-dir runs/bench       # the default preset: 5 seeds, 4 conditions
-    ssapo bench --full                        # learning-rate and ε sweeps (long)
+    ssapo bench --preset eps-sweep            # the ε sweep (per leader loss, space, grouping), 5 seeds
+    ssapo bench --preset lr-sweep             # the round-lr sweep (iterative DPO, SSAPO, robust DPO), 3 seeds
+    ssapo bench --full                        # both sweeps, every method, every condition (hours)
     ssapo bench --methods ssapo,iterative-dpo --seeds 0,3,7 --flip-rates 0.25 --annotation-flip-rates 0.2
 
 The presets and methods are in ssapo.bench.suite (PRESETS, all_methods()).
@@ -27,10 +29,25 @@ def add_parser(sub) -> None:
         description=DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--output-dir", default="runs/bench")
+    p.add_argument("--output-dir", default="runs/bench", help="the runs (resumable; presets can share one)")
+    p.add_argument(
+        "--report-dir",
+        default=None,
+        help="where report.md, summary.json and the plots go (default: the output directory)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small task, 2 seeds, clean labels (a few minutes)")
-    g.add_argument("--full", action="store_true", help="every method, lr and ε sweeps in every condition (hours)")
+    g.add_argument(
+        "--full",
+        action="store_true",
+        help="every method; the lr sweep of every self-annotating method and the ε sweep in the clean condition, "
+        "the chosen candidates in the noisy ones (hours)",
+    )
+    g.add_argument(
+        "--preset",
+        default=None,
+        help="a preset by name (ssapo.bench.suite.PRESETS: quick, default, eps-sweep, lr-sweep, full)",
+    )
     p.add_argument("--methods", default=None, help="comma-separated (default: the preset's; see ssapo.bench.suite)")
     p.add_argument(
         "--seeds",
@@ -72,7 +89,10 @@ def options(args):
     from ssapo.bench.stats import parse_seeds
     from ssapo.bench.suite import PRESETS, all_methods
 
-    preset = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    name = getattr(args, "preset", None) or ("quick" if args.quick else "full" if args.full else "default")
+    if name not in PRESETS:
+        raise ValueError(f"--preset: must be one of {', '.join(PRESETS)}, got {name!r}")
+    preset = PRESETS[name]
     known = all_methods()
     methods = [m for m in preset.methods if m in known]
     if args.methods:
@@ -99,14 +119,23 @@ def run(args) -> int:
     except ValueError as e:
         print(f"ssapo bench: error: {e}", file=sys.stderr)
         return 2
+    import os
+    import signal
+
     from ssapo.bench import report, suite
 
     cmd = "ssapo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("ssapo") else "ssapo bench"
     t0 = time.time()
-    import os
-
     workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
-    results = suite.execute(preset, args.output_dir, seeds, methods, workers=workers)
-    md = report.write(preset, results, seeds, methods, args.output_dir, cmd, time.time() - t0)
+    # SIGTERM ends the bench as Ctrl-C does: the worker processes are stopped, finished runs stay for a resume
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        results = suite.execute(preset, args.output_dir, seeds, methods, workers=workers)
+    except KeyboardInterrupt:
+        print("ssapo bench: interrupted; finished runs are kept, run the same command to resume", file=sys.stderr)
+        return 130
+    out = getattr(args, "report_dir", None) or args.output_dir
+    os.makedirs(out, exist_ok=True)
+    md = report.write(preset, results, seeds, methods, out, cmd, time.time() - t0, workers=workers)
     print(md)
     return 0
