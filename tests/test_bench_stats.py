@@ -2,7 +2,10 @@
 sets, --seeds parsing and the command line's errors."""
 
 import argparse
+import dataclasses
 import math
+import os
+import sys
 
 import pytest
 
@@ -133,7 +136,15 @@ def test_prepared_files_keep_the_sets_apart(tmp_path):
 
 def _args(**kw):
     base = dict(
-        quick=False, full=False, methods=None, seeds=None, flip_rates=None, annotation_flip_rates=None, workers=None
+        quick=False,
+        full=False,
+        preset=None,
+        report_dir=None,
+        methods=None,
+        seeds=None,
+        flip_rates=None,
+        annotation_flip_rates=None,
+        workers=None,
     )
     return argparse.Namespace(**{**base, **kw})
 
@@ -146,12 +157,107 @@ def test_command_line_options_and_errors(capsys):
     p, s, m = options(_args(methods="dpo,ssapo", flip_rates="0,0.25", annotation_flip_rates="0.2"))
     assert m == ["dpo", "ssapo"] and s == list(range(p.seeds))
     assert [(c[0], c[1]) for c in p.conditions] == [(0.0, 0.0), (0.25, 0.0), (0.0, 0.2)]
+    p, s, m = options(_args(preset="eps-sweep"))
+    assert p.name == "eps-sweep" and "ssapo-margin" in m and s == [0, 1, 2, 3, 4]
     for kw, flag in (
         ({"methods": "dpo,nope"}, "--methods"),
         ({"seeds": "x"}, "--seeds"),
         ({"flip_rates": "2"}, "--flip-rates"),
         ({"annotation_flip_rates": "a"}, "--annotation-flip-rates"),
         ({"workers": 0}, "--workers"),
+        ({"preset": "nope"}, "--preset"),
     ):
         assert run(_args(**kw)) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_sweep_presets_share_the_default_runs():
+    """A candidate equal to the preset's own setting is the run without it, so the sweeps, run into
+    the default's output directory, reuse its runs instead of training them again."""
+    from ssapo.bench.suite import PRESETS, Job, all_methods, canonical, jobs_of
+
+    d = PRESETS["default"]
+    assert canonical(Job(0, 0.0, 0.0, "ssapo", (("learning_rate", d.run["learning_rate"]),)), d).var == ()
+    assert canonical(Job(0, 0.0, 0.0, "ssapo", (("learning_rate", 1e-3),)), d).var == (("learning_rate", 1e-3),)
+    assert canonical(Job(0, 0.0, 0.0, "ssapo", (("learning_rate", 1e-3),))).var == (("learning_rate", 1e-3),)
+
+    def dirs(name):
+        p = PRESETS[name]
+        return {j.dir("R") for j in jobs_of(p, [0], [m for m in p.methods if m in all_methods()], p.conditions[:1])}
+
+    default = dirs("default")
+    for part in ("eps-sweep", "lr-sweep"):
+        shared = dirs(part) & default
+        # seed-only DPO, both oracles, iterative DPO at the default's two lrs; SSAPO at the default's lr
+        for m in ("dpo", "oracle-dpo", "oracle-iterative", "iterative-dpo", "iterative-dpo@learning_rate=0.0005"):
+            assert f"R/seed0/seedflip0_annflip0/{m}" in shared, (part, m)
+        assert "R/seed0/seedflip0_annflip0/ssapo" in shared
+    # full holds both sweeps' runs
+    assert dirs("eps-sweep") | dirs("lr-sweep") <= dirs("full")
+
+
+def test_length_collapse_is_flagged_per_seed():
+    """One seed of three collapsing is flagged, with the count, though the mean length over seeds stays
+    above half the SFT policy's."""
+    from ssapo.bench.report import Table, table_lines
+    from ssapo.bench.suite import PRESETS, Job
+
+    p = dataclasses.replace(PRESETS["default"], tune={})
+
+    def ev(lengths, wr=0.6):
+        rounds = [{"win_rate": wr, "lc_win_rate": wr, "mean_length": x} for x in lengths]
+        return {
+            "rounds": rounds,
+            "per_round": [],
+            "val": {"win_rate": wr},
+            "sft_mean_length": 3.0,
+            "displacement_from_sft": 0.1,
+        }
+
+    results = {}
+    for s in (0, 1, 2):
+        results[Job(s, 0.0, 0.0, "dpo")] = ev([3.0])
+        results[Job(s, 0.0, 0.0, "iterative-dpo")] = ev([3.0, 3.0, 0.5 if s == 2 else 3.0])
+    t = Table(p, results, [0, 1, 2], ["dpo", "iterative-dpo"], 0.0, 0.0)
+    lines = "\n".join(table_lines(t, ["dpo", "iterative-dpo"]))
+    row = next(x for x in lines.splitlines() if x.startswith("| iterative-dpo"))
+    assert "lengths collapsed on 1 of 3 seeds" in row
+    assert "collapsed" not in next(x for x in lines.splitlines() if x.startswith("| dpo"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_bench_workers_die_with_the_bench(tmp_path):
+    """A worker of the bench's pool ends when the bench process is killed (SIGKILL: no handler runs)."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from ssapo.bench.suite import worker_pool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = worker_pool(1)\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(10)
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        try:
+            if open(f"/proc/{worker}/stat").read().split()[2] == "Z":  # a zombie is dead
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker outlived the bench")
