@@ -160,3 +160,24 @@ def test_small_bench_end_to_end(tmp_path):
     assert oracle["per_round"][0]["annotation"]["accuracy"] == 1.0  # labelled by the gold reward itself
     # seed-only rows do not self-annotate: one run serves both conditions
     assert not os.path.exists(os.path.join(out, "seed0", "seedflip0_annflip0.4", "dpo"))
+
+
+def test_suppress_markup_keeps_the_chat_markup_out_of_answers(tmp_path):
+    """With suppress_markup (the benchmark's design) the SFT model, and every model saved from it,
+    never samples <user>, <assistant>, <s>, <pad> or <unk> inside an answer; without it a briefly
+    trained model does (so the check can fail)."""
+    from ssapo.bench import metrics
+    from ssapo.bench.task import TaskSpec, messages, sft
+    from ssapo.tiny import SPECIAL, load
+
+    markup = [t for t in SPECIAL if t != "</s>"]
+    prompts = [messages(f"w{i} w{(i * 7) % 16} w{(i * 3) % 16}") for i in range(16)]
+    counts = {}
+    for flag in (False, True):
+        path = sft(TaskSpec(suppress_markup=flag), str(tmp_path / str(flag)), {"sft_examples": 64, "sft_epochs": 1})
+        model, tok = load(path)
+        if flag:
+            assert sorted(model.generation_config.suppress_tokens) == sorted(tok.convert_tokens_to_ids(markup))
+        ans = metrics.sample_answers(model, tok, prompts, 8, 6, seed=0, temperature=1.5)
+        counts[flag] = sum(w in markup for rs in ans for a in rs for w in a.split())
+    assert counts[False] > 0 and counts[True] == 0, counts

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     if "round_sizes" in run and "num_rounds" not in json.loads(a.run):
         run["num_rounds"] = len(run["round_sizes"])
     size = design.pop("size", base.size)
+    design = {**base.design, **design}
     preset = dataclasses.replace(
         base, name="probe", size=size, design=design, run=run, conditions=[(0.0, 0.0, None)], tune=tune
     )

@@ -54,6 +54,9 @@ class TaskSpec:
     flip_rate: float = 0.0
     quality_weight: float = 0.5
     short_answer_rate: float = 0.0  # SFT/pool answers cut to 1..n_words-1 words with this probability
+    # the SFT model's sampler never emits the chat markup (<user>, <assistant>, <s>, <pad>, <unk>) inside an
+    # answer, as a chat model's sampler never emits its template's special tokens as content
+    suppress_markup: bool = False
     hidden_size: int = 64
     num_layers: int = 2
     version: int = 3
@@ -177,6 +180,11 @@ def sft(spec: TaskSpec, out_dir: str, sizes: Optional[dict] = None) -> str:
             loss.backward()
             opt.step()
     model.eval()
+    if spec.suppress_markup:
+        from ssapo.tiny import SPECIAL
+
+        markup = [t for t in SPECIAL if t != tok.eos_token]
+        model.generation_config.suppress_tokens = tok.convert_tokens_to_ids(markup)
     return save_pretrained(model, tok, out_dir)
 
 
