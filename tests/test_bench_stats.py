@@ -261,3 +261,48 @@ def test_bench_workers_die_with_the_bench(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         raise AssertionError("the worker outlived the bench")
+
+
+def test_sweep_section_names_where_each_row_breaks_and_the_eps_winner():
+    """On literal numbers: iterative DPO falls below seed-only DPO from lr 5e-4 on; the ε sweep's
+    validation winner (ssapo-weights at 0.1, +0.05 on every seed) is reported against the recipes'
+    shift_prob at ε 0.01 with its paired interval."""
+    from ssapo.bench.report import Table, sweep_lines
+    from ssapo.bench.suite import PRESETS, Job, canonical
+
+    p = dataclasses.replace(
+        PRESETS["default"],
+        tune={
+            "iterative-dpo": {"learning_rate": [1e-4, 2e-4, 5e-4]},
+            "ssapo-eps": {"eps": [0.01, 0.1]},
+            "ssapo-weights": {"eps": [0.01, 0.1]},
+        },
+    )
+
+    def ev(wr, val=None, length=3.0):
+        return {
+            "rounds": [{"win_rate": wr, "lc_win_rate": wr, "mean_length": length}],
+            "per_round": [],
+            "val": {"win_rate": wr if val is None else val},
+            "sft_mean_length": 3.0,
+            "displacement_from_sft": 0.1,
+        }
+
+    res = {}
+    for s in range(4):
+        res[Job(s, 0.0, 0.0, "dpo")] = ev(0.60)
+        for lr, wr, ln in ((1e-4, 0.62, 3.0), (2e-4, 0.66, 3.0), (5e-4, 0.30 + 0.01 * s, 1.0)):
+            res[Job(s, 0.0, 0.0, "iterative-dpo", (("learning_rate", lr),))] = ev(wr, length=ln)
+        for m in ("ssapo-eps", "ssapo-weights"):
+            for eps in (0.01, 0.1):
+                bump = 0.05 if (m, eps) == ("ssapo-weights", 0.1) else 0.0
+                res[Job(s, 0.0, 0.0, m, (("eps", eps),))] = ev(0.65 + 0.01 * s + bump)
+    # as execute() stores them: the default's own learning rate (2e-4) is the run without a candidate
+    res = {canonical(k, p): v for k, v in res.items()}
+    methods = ["dpo", "iterative-dpo", "ssapo-eps", "ssapo-weights"]
+    t = Table(p, res, [0, 1, 2, 3], methods, 0.0, 0.0)
+    text = "\n".join(sweep_lines(t))
+    assert "Breaks at: 0.0005" in text
+    assert "| 0.0005 | 0.315 ± 0.013 | 0.315 ± 0.013 | 1.00 | 4 of 4 |" in text
+    assert "best mean validation win rate ssapo-weights at eps=0.1" in text
+    assert "validation Δ 0.050 [0.050, 0.050]" in text and "it wins on validation" in text

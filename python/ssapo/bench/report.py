@@ -218,6 +218,82 @@ def summary_table(tables: List[Table], methods: List[str]) -> List[str]:
     return lines
 
 
+def sweep_lines(t: Table) -> List[str]:
+    """Every swept candidate of every row with a grid: mean validation win rate (what tuning reads),
+    test win rate, final answer length and the seeds whose answers collapsed; for learning-rate grids
+    the lr at which the row breaks (the smallest whose mean test win rate falls below seed-only DPO's);
+    for the ε sweep of the SSAPO variants, the validation winner against the recipes' setting."""
+    base = t.mean("dpo")
+    lines = []
+    for m, per in t.sweeps.items():
+        if len(per) < 2:
+            continue
+        key = next(iter(per)).split("=")[0]
+        order = sorted(per, key=lambda k: float(k.split("=")[1]))
+        lines += [
+            f"**{m}** over {key} (chosen: {t.chosen.get(m)})",
+            "",
+            f"| {key} | validation win rate | test win rate | final answer length | seeds collapsed |",
+            "|---|---|---|---|---|",
+        ]
+        broke = None
+        for k in order:
+            evs = list(per[k].values())
+            test = [_final(e) for e in evs]
+            if broke is None and key == "learning_rate" and float(np.mean(test)) < base:
+                broke = k
+            lens = [e["rounds"][-1]["mean_length"] for e in evs]
+            collapsed = sum(stats.length_collapsed([x], e["sft_mean_length"]) for x, e in zip(lens, evs))
+            lines.append(
+                f"| {k.split('=')[1]} | {_ms([e['val']['win_rate'] for e in evs])} | {_ms(test)} "
+                f"| {_fmt(float(np.mean(lens)), digits=2)} | {collapsed} of {len(evs)} |"
+            )
+        lines.append("")
+        if key == "learning_rate":
+            lines += [
+                f"Breaks at: {broke.split('=')[1] if broke else 'none of these'} (first lr whose mean test win rate "
+                f"falls below seed-only DPO's {_fmt(base)}).",
+                "",
+            ]
+    lines += leader_choice_lines(t)
+    return lines
+
+
+def leader_choice_lines(t: Table) -> List[str]:
+    """The ε sweep's verdict: the (variant, ε) with the best mean validation win rate against the
+    recipes' setting (RECIPE_SSAPO), paired by seed on validation and on test, 95 % t intervals."""
+    from ssapo.bench.suite import RECIPE_SSAPO
+
+    rm, rk = RECIPE_SSAPO
+    if rk not in t.sweeps.get(rm, {}):
+        return []
+    cands = {
+        (m, k): per
+        for m, per in t.sweeps.items()
+        if all(x.startswith("eps=") for x in per) and len(per) > 1
+        for k, per in per.items()
+    }
+    val = {c: float(np.mean([e["val"]["win_rate"] for e in per.values()])) for c, per in cands.items()}
+    best = max(val, key=lambda c: val[c])
+    ref = t.sweeps[rm][rk]
+    seeds = [s for s in cands[best] if s in ref]
+    pv = stats.paired_ci([cands[best][s]["val"]["win_rate"] for s in seeds], [ref[s]["val"]["win_rate"] for s in seeds])
+    pt = stats.paired_ci([_final(cands[best][s]) for s in seeds], [_final(ref[s]) for s in seeds])
+    if best == (rm, rk):
+        verdict = "the recipes' setting itself has the best validation win rate"
+    elif pv["significant"] and pv["mean"] > 0:
+        verdict = "it wins on validation (the interval is above 0)"
+    else:
+        verdict = "no variant wins: the interval covers 0"
+    return [
+        f"ε sweep: best mean validation win rate {best[0]} at {best[1]} ({_fmt(val[best])}) against the recipes' "
+        f"{rm} at {rk} ({_fmt(val[(rm, rk)])}): validation Δ {_fmt(pv['mean'])} [{_fmt(pv['lo'])}, "
+        f"{_fmt(pv['hi'])}], test Δ {_fmt(pt['mean'])} [{_fmt(pt['lo'])}, {_fmt(pt['hi'])}] over {len(seeds)} "
+        f"seeds; {verdict}.",
+        "",
+    ]
+
+
 def control(t: Table) -> Optional[tuple]:
     """(seeds where ssapo-eps0's every-round test win rates equal iterative DPO's at the same
     learning rate, seeds compared), or None when either is missing."""
@@ -396,6 +472,8 @@ def write(
         lines += table_lines(t, methods)
         if t.sf == 0 and t.af == 0:
             lines += validity_lines(t)
+        if t.sf == 0 and t.af == 0 and any(len(per) > 1 for per in t.sweeps.values()):
+            lines += ["### Sweeps", ""] + sweep_lines(t)
         eq = control(t)
         if eq is not None:
             lines += [f"Control: SSAPO at ε = 0 equals iterative DPO in {eq[0]} of {eq[1]} seeds.", ""]

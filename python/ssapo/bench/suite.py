@@ -57,6 +57,7 @@ ROBUST_METHODS: Dict[str, dict] = {
 }
 NOT_SELF_ANNOTATING = ("dpo", "dpo-epochs", "oracle-dpo", "oracle-iterative")
 BASELINE = "iterative-dpo"  # every comparison is against its tuned row
+RECIPE_SSAPO = ("ssapo-eps", "eps=0.01")  # the recipes' leader and ε (shift_prob, 0.01): the ε sweep's yardstick
 
 
 def all_methods() -> Dict[str, dict]:
