@@ -10,6 +10,7 @@ from ssapo.losses import (
     decoupled_logits,
     decoupled_margin,
     dpo_loss,
+    kept_mass_loss,
     masked_sequence_logps,
     shift_margin_loss,
     shift_prob_loss,
@@ -124,6 +125,21 @@ def test_weights_scale_the_dpo_loss():
     assert weighted_dpo_loss(H, B, w).tolist() == pytest.approx(
         [wi * sp(-B * h) for wi, h in zip(w.tolist(), H.tolist())], rel=1e-14
     )
+
+
+def test_kept_mass_trains_less_on_what_the_follower_moved():
+    """Literal atoms: a pair with 0.3 of its mass moved keeps 0.7 of its DPO loss; unmoved atoms
+    (shift 0, whatever their mass) keep all of it; ε = 0 atoms give DPO exactly."""
+    shift = torch.tensor([[0.0, 0.2], [0.0, 0.0], [0.0, -0.1], [0.1, 0.3], [0.0, 0.5], [0.0, 0.0]], **f64)
+    mass = torch.tensor([[0.7, 0.3], [0.4, 0.6], [1.0, 0.0], [0.5, 0.5], [0.9, 0.1], [1.0, 0.0]], **f64)
+    kept = [0.7, 1.0, 1.0, 0.0, 0.9, 1.0]
+    assert kept_mass_loss(H, B, shift, mass).tolist() == pytest.approx(
+        [k * sp(-B * h) for k, h in zip(kept, H.tolist())], rel=1e-14
+    )
+    zero_shift, zero_mass = torch.zeros(6, 2, **f64), torch.tensor([[1.0, 0.0]] * 6, **f64)
+    assert torch.equal(kept_mass_loss(H, B, zero_shift, zero_mass), dpo_loss(H, B))
+    with pytest.raises(ValueError, match="shift/mass: must both have shape"):
+        kept_mass_loss(H, B, shift[:, :1], mass)
 
 
 def test_spa_smooths_only_flagged_pairs():

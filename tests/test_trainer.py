@@ -91,6 +91,7 @@ def trl_dpo(tmp_path_factory):
         ("shift_prob", lambda i: {"shift": [0.0, 0.1], "mass": [0.7, 0.3]}),
         ("shift_margin", lambda i: {"shift": [0.0, 0.5], "mass": [0.7, 0.3]}),
         ("weights", lambda i: {"weight": 1.0 + i % 2}),
+        ("kept_mass", lambda i: {"shift": [0.0, 0.1], "mass": [0.7, 0.3]}),
         ("spa", None),
     ],
 )
@@ -106,7 +107,13 @@ def test_every_leader_loss_trains(tmp_path, loss, atoms):
 
 @pytest.mark.parametrize(
     "loss, atoms",
-    [("shift_prob", ZERO), ("shift_margin", ZERO), ("weights", lambda i: {"weight": 1.0}), ("dpo", None)],
+    [
+        ("shift_prob", ZERO),
+        ("shift_margin", ZERO),
+        ("weights", lambda i: {"weight": 1.0}),
+        ("kept_mass", ZERO),
+        ("dpo", None),
+    ],
 )
 def test_eps_zero_equals_trl_dpo_to_the_bit(tmp_path, trl_dpo, loss, atoms):
     ours = train(SSAPOTrainer, tmp_path, rows(atoms), leader_loss=loss)

@@ -41,7 +41,7 @@ ACCELERATE_CONFIGS: Dict[str, str] = {
 }
 # the `method` choices: one module per method in ssapo/methods/ (ssapo.methods.TABLE, no torch imported)
 METHODS = _methods.names()
-LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "dpo", "spa")
+LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "kept_mass", "dpo", "spa")
 
 
 class ConfigError(ValueError):
@@ -292,7 +292,8 @@ class RunConfig:
     # -- leader --
     leader_loss: str = _f(
         "shift_prob",
-        "shift_prob (the released code: Σ_j α_j·−log clamp(σ(βh) − δ_j)) | shift_margin | weights | dpo | spa.",
+        "shift_prob (the released code: Σ_j α_j·−log clamp(σ(βh) − δ_j)) | shift_margin | weights | kept_mass "
+        "(ours: DPO weighted by the mass the follower left in place) | dpo | spa.",
         LEADER_LOSSES,
     )
     clamp_min: float = _f(1e-6, "Clamp of σ(βh) − shift in shift_prob (the released code: 1e-6).", bounds="(0, 1)")

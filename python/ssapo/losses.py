@@ -93,6 +93,24 @@ def weighted_dpo_loss(h: torch.Tensor, beta: float, weights: torch.Tensor) -> to
     return weights.to(device=h.device, dtype=h.dtype) * dpo_loss(h, beta)
 
 
+def kept_mass_loss(h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Our ablation, not the paper's (docs/METHOD.md §3.4): DPO weighted by the mass the follower
+    left at the self-label's own confidence,
+
+        (1 − Σ_j mass_j·[shift_j ≠ 0]) · softplus(−βh),
+
+    so a pair whose worst case the follower moved is trained less instead of harder (the follower
+    moves the least confident pairs first, where mislabelled ones gather). ε = 0 atoms (shift 0)
+    give `dpo_loss` exactly."""
+    if shift.shape != mass.shape or shift.dim() != 2 or shift.size(0) != h.size(0):
+        raise ValueError(
+            f"shift/mass: must both have shape ({h.size(0)}, K), got {tuple(shift.shape)} and {tuple(mass.shape)}"
+        )
+    moved = (mass * (shift != 0).to(mass.dtype)).sum(dim=1)
+    kept = (1.0 - moved).clamp(min=0.0).to(device=h.device, dtype=h.dtype)
+    return kept * dpo_loss(h, beta)
+
+
 def spa_loss(h: torch.Tensor, beta: float, flagged: torch.Tensor, alpha: float) -> torch.Tensor:
     """SPA's refined loss (Kim et al. 2025, eq. 10): label smoothing α on the
     flagged (least confident, eq. 9/11) pairs only:

@@ -102,9 +102,14 @@ from ssapo.io import InputError, atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
-LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "spa", "rdpo", "cdpo", "drdpo", "kldpo")
+LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "kept_mass", "spa", "rdpo", "cdpo", "drdpo", "kldpo")
 PAIR_INDEX = "pair_index"  # ResolvingTrainer: a row's position in the re-solved atoms
-NEEDED_COLUMNS = {"shift_prob": (SHIFT, MASS), "shift_margin": (SHIFT, MASS), "weights": (WEIGHT,)}
+NEEDED_COLUMNS = {
+    "shift_prob": (SHIFT, MASS),
+    "shift_margin": (SHIFT, MASS),
+    "weights": (WEIGHT,),
+    "kept_mass": (SHIFT, MASS),
+}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ATOM_COLUMNS}
 CHECKPOINT_MARKER = "ssapo_checkpoint.json"  # written last, once every rank has written its part
 LEADER_STATE = "ssapo_leader_state_{}.json"  # one per rank: the counters behind leader_stats
@@ -302,7 +307,8 @@ class SSAPOConfig(DPOConfig):
             "help": "Leader loss, one of 'shift_prob' (default; the released SSAPO code: Σ_j mass·−log "
             "clamp(σ(βh) − shift, clamp_min), needs columns shift and mass), 'shift_margin' (Σ_j mass·"
             "softplus(−(βh − shift)), shift in units of βh; needs shift and mass), 'weights' (weight·DPO; "
-            "needs column weight), 'dpo' (plain DPO) or 'spa' (SPA's smoothing of the least confident pairs).",
+            "needs column weight), 'kept_mass' (our ablation: DPO weighted by the mass the follower did not move; "
+            "needs shift and mass), 'dpo' (plain DPO) or 'spa' (SPA's smoothing of the least confident pairs).",
             "choices": list(LEADER_LOSSES),
         },
     )
@@ -750,6 +756,8 @@ class SSAPOTrainer(DPOTrainer):
             per_pair = losses.shift_margin_loss(h, beta, inputs[SHIFT], inputs[MASS])
         elif kind == "weights":
             per_pair = losses.weighted_dpo_loss(h, beta, inputs[WEIGHT])
+        elif kind == "kept_mass":
+            per_pair = losses.kept_mass_loss(h, beta, inputs[SHIFT], inputs[MASS])
         elif kind == "rdpo":
             per_pair = losses.rdpo_loss(h, beta, self.args.label_smoothing)
         elif kind == "cdpo":

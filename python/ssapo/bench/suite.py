@@ -45,6 +45,8 @@ BASE_METHODS: Dict[str, dict] = {
     "ssapo-eps": {"method": "ssapo"},  # the paper's leader and follower, for the ε sweep
     "ssapo-margin": {"method": "ssapo", "leader_loss": "shift_margin", "follower_space": "margin"},
     "ssapo-weights": {"method": "ssapo", "leader_loss": "weights"},
+    # our ablation (not the paper's): the leader trains less, not harder, on the pairs the follower moved
+    "ssapo-kept": {"method": "ssapo", "leader_loss": "kept_mass"},
     "ssapo-global": {"method": "ssapo", "group_size": 0},
     "ssapo-ref-init": {"method": "ssapo", "round_reference": "init"},
 }
@@ -132,7 +134,7 @@ DEFAULT_TUNE = {
 }
 _EPS = [0.01, 0.03, 0.05, 0.1, 0.2]
 _LRS = [1e-4, 2e-4, 5e-4, 1e-3]  # from where little moves to where self-annotation collapses
-_EPS_VARIANTS = ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global"]
+_EPS_VARIANTS = ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global", "ssapo-kept"]
 _LR_SWEPT = ["iterative-dpo", "ssapo"] + _ROBUST
 _NOISY = [
     (0.25, 0.0, ["dpo", "oracle-iterative", "iterative-dpo", "ssapo"]),
