@@ -126,14 +126,19 @@ DESIGN_RUN = _design_run(256, [272, 272, 272], 2e-4, annotation_score_stop=False
 # 22-token vocabulary, DPO's displaced probability mass made "<user>" the self-annotation's favourite answer on
 # three seeds of five; a chat model's sampler never emits its template's special tokens as content)
 DESIGN_TASK = {"suppress_markup": True}
-# iterative DPO and its gold-annotator oracle choose their round learning rate on the validation prompts
+# every self-annotating row and the gold-annotator oracle choose their round learning rate on the validation
+# prompts from the same grid (no method is compared at another's learning rate); seed-only DPO its epochs
+_DEFAULT_LRS = [2e-4, 5e-4, 1e-3]
 DEFAULT_TUNE = {
-    "iterative-dpo": {"learning_rate": [2e-4, 5e-4]},
-    "oracle-iterative": {"learning_rate": [2e-4, 5e-4]},
+    **{
+        m: {"learning_rate": _DEFAULT_LRS}
+        for m in ["oracle-iterative", "iterative-dpo", "spa", "sera", "ssapo", "rdpo", "cdpo"]
+    },
     "dpo-epochs": {"seed_epochs": [6, 10]},
 }
 _EPS = [0.01, 0.03, 0.05, 0.1, 0.2]
-_LRS = [1e-4, 2e-4, 5e-4, 1e-3]  # from where little moves to where self-annotation collapses
+# from where little moves to past where the default grid ends (under the design nothing collapsed up to 1e-3)
+_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3]
 _EPS_VARIANTS = ["ssapo-eps", "ssapo-margin", "ssapo-weights", "ssapo-global", "ssapo-kept"]
 _LR_SWEPT = ["iterative-dpo", "ssapo"] + _ROBUST
 _NOISY = [
@@ -187,7 +192,10 @@ _register(
         seeds=5,
         methods=_REFS + ["ssapo"] + _EPS_VARIANTS,
         conditions=[(0.0, 0.0, None)],
-        tune={**DEFAULT_TUNE, **{m: {"eps": _EPS} for m in _EPS_VARIANTS}},
+        tune={
+            **{m: DEFAULT_TUNE[m] for m in ("oracle-iterative", "iterative-dpo", "ssapo")},
+            **{m: {"eps": _EPS} for m in _EPS_VARIANTS},
+        },
     )
 )
 _register(
@@ -199,7 +207,7 @@ _register(
         seeds=3,
         methods=_REFS + _LR_SWEPT[1:],
         conditions=[(0.0, 0.0, None)],
-        tune={**DEFAULT_TUNE, **{m: {"learning_rate": _LRS} for m in _LR_SWEPT}},
+        tune={"oracle-iterative": DEFAULT_TUNE["oracle-iterative"], **{m: {"learning_rate": _LRS} for m in _LR_SWEPT}},
     )
 )
 _register(
