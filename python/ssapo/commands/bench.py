@@ -7,7 +7,7 @@ summary.json and PNG plots into the output directory.
     ssapo bench --output-dir runs/bench       # the default preset: 5 seeds, 4 conditions
     ssapo bench --preset eps-sweep            # the ε sweep (per leader loss, space, grouping), 5 seeds
     ssapo bench --preset lr-sweep             # the round-lr sweep (iterative DPO, SSAPO, robust DPO), 3 seeds
-    ssapo bench --full                        # both sweeps, every method, every condition (hours)
+    ssapo bench --full                        # both sweeps, every method, every condition (~70 min)
     ssapo bench --methods ssapo,iterative-dpo --seeds 0,3,7 --flip-rates 0.25 --annotation-flip-rates 0.2
 
 The presets and methods are in ssapo.bench.suite (PRESETS, all_methods()).
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
         "--full",
         action="store_true",
         help="every method; the lr sweep of every self-annotating method and the ε sweep in the clean condition, "
-        "the chosen candidates in the noisy ones (hours)",
+        "the chosen candidates in the noisy ones (about 70 min on 2 cores)",
     )
     g.add_argument(
         "--preset",
