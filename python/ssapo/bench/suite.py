@@ -198,6 +198,20 @@ _register(
         },
     )
 )
+# the ε sweep again at the round lr that SSAPO's tuning chose on the validation prompts in `full` (2e-3), every row
+# at that lr; its runs differ from the default's in the learning rate alone, so it needs its own --output-dir
+_register(
+    Preset(
+        name="eps-sweep-tuned",
+        size="tiny",
+        design=DESIGN_TASK,
+        run={**DESIGN_RUN, "learning_rate": 2e-3},
+        seeds=5,
+        methods=_REFS + ["ssapo"] + _EPS_VARIANTS,
+        conditions=[(0.0, 0.0, None)],
+        tune={m: {"eps": _EPS} for m in _EPS_VARIANTS},
+    )
+)
 _register(
     Preset(
         name="lr-sweep",

@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
     g.add_argument(
         "--preset",
         default=None,
-        help="a preset by name (ssapo.bench.suite.PRESETS: quick, default, eps-sweep, lr-sweep, full)",
+        help="a preset by name (ssapo.bench.suite.PRESETS: quick, default, eps-sweep, eps-sweep-tuned, lr-sweep, full)",
     )
     p.add_argument("--methods", default=None, help="comma-separated (default: the preset's; see ssapo.bench.suite)")
     p.add_argument(
