@@ -138,7 +138,7 @@ def test_kept_mass_trains_less_on_what_the_follower_moved():
     )
     zero_shift, zero_mass = torch.zeros(6, 2, **f64), torch.tensor([[1.0, 0.0]] * 6, **f64)
     assert torch.equal(kept_mass_loss(H, B, zero_shift, zero_mass), dpo_loss(H, B))
-    with pytest.raises(ValueError, match="shift/mass: must both have shape"):
+    with pytest.raises(ValueError, match="shift and mass: must both have shape"):
         kept_mass_loss(H, B, shift[:, :1], mass)
 
 

@@ -102,10 +102,7 @@ def kept_mass_loss(h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torc
     so a pair whose worst case the follower moved is trained less instead of harder (the follower
     moves the least confident pairs first, where mislabelled ones gather). ε = 0 atoms (shift 0)
     give `dpo_loss` exactly."""
-    if shift.shape != mass.shape or shift.dim() != 2 or shift.size(0) != h.size(0):
-        raise ValueError(
-            f"shift/mass: must both have shape ({h.size(0)}, K), got {tuple(shift.shape)} and {tuple(mass.shape)}"
-        )
+    _check_atoms(h, shift, mass)
     moved = (mass * (shift != 0).to(mass.dtype)).sum(dim=1)
     kept = (1.0 - moved).clamp(min=0.0).to(device=h.device, dtype=h.dtype)
     return kept * dpo_loss(h, beta)

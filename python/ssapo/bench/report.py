@@ -89,6 +89,11 @@ class Table:
         return out
 
 
+def _collapsed_seeds(evs: List[dict]) -> int:
+    """How many of these runs ended with answers below half the SFT policy's mean length."""
+    return sum(stats.length_collapsed([e["rounds"][-1]["mean_length"]], e["sft_mean_length"]) for e in evs)
+
+
 def _label(m: str, t: Table) -> str:
     c = t.chosen.get(m)
     return f"{m} ({c})" if c else m
@@ -127,7 +132,7 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         lens = [[r["mean_length"] for r in e["rounds"]] for e in evs]
         L = min(map(len, lens))
         mean_len = [float(np.mean([x[i] for x in lens])) for i in range(L)]
-        collapsed = sum(stats.length_collapsed(x, e["sft_mean_length"]) for x, e in zip(lens, evs))
+        collapsed = _collapsed_seeds(evs)
         lc = _ms([_final(e, "lc_win_rate") for e in evs]) + (
             f" ⚠ lengths collapsed on {collapsed} of {len(evs)} seeds" if collapsed else ""
         )
@@ -243,10 +248,9 @@ def sweep_lines(t: Table) -> List[str]:
             if broke is None and key == "learning_rate" and float(np.mean(test)) < base:
                 broke = k
             lens = [e["rounds"][-1]["mean_length"] for e in evs]
-            collapsed = sum(stats.length_collapsed([x], e["sft_mean_length"]) for x, e in zip(lens, evs))
             lines.append(
                 f"| {k.split('=')[1]} | {_ms([e['val']['win_rate'] for e in evs])} | {_ms(test)} "
-                f"| {_fmt(float(np.mean(lens)), digits=2)} | {collapsed} of {len(evs)} |"
+                f"| {_fmt(float(np.mean(lens)), digits=2)} | {_collapsed_seeds(evs)} of {len(evs)} |"
             )
         lines.append("")
         if key == "learning_rate":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -424,12 +425,13 @@ def _sft_answers(task: dict, split: str, n: int, max_new_tokens: int) -> List[Li
     return ans
 
 
-def evaluate_run(preset: Preset, job: Job, out: str) -> dict:
+def evaluate_run(preset: Preset, job: Job, out: str, started: Optional[float] = None) -> dict:
     """Gold statistics of a finished run, cached in its eval.json: per model (π_0, each round)
     the test win rate against the SFT policy (and LC win rate, gold reward, mean length); the
     final model's validation win rate (for tuning); per round the annotation's gold accuracy,
     gold ties, flipped pairs, the follower's movement, SeRA's selection; parameter
-    displacement of the final model from π_0 and from π_init."""
+    displacement of the final model from π_0 and from π_init. `started` (the time the run began):
+    its seconds until now are kept as `seconds` when the evaluation is new."""
     from ssapo.bench import metrics
     from ssapo.bench.task import load_spec
     from ssapo.io import read_jsonl, write_json
@@ -478,28 +480,21 @@ def evaluate_run(preset: Preset, job: Job, out: str) -> dict:
     res["per_round"] = rounds
     res["displacement_from_pi0"] = metrics.param_displacement(models[-1], models[0]) if len(models) > 1 else 0.0
     res["displacement_from_sft"] = metrics.param_displacement(models[-1], task["sft_model"])
+    if started is not None:  # the run's own time (training and evaluation), so a resumed bench still reports it
+        res["seconds"] = time.time() - started
     write_json(path, res)
     return res
 
 
 def _run_jobs(preset: Preset, out: str, jobs: List[Job], progress: bool = False) -> Dict[Job, dict]:
     """Runs and evaluates `jobs` in order, in this process."""
-    import time
-
     from tqdm.auto import tqdm
-
-    from ssapo.io import write_json
 
     results = {}
     for job in tqdm(jobs, desc="bench", disable=not progress):
-        path = os.path.join(job.dir(out), "eval.json")
-        done, t0 = os.path.exists(path), time.time()
+        t0 = time.time()
         run_job(preset, job, out)
-        ev = evaluate_run(preset, job, out)
-        if not done:  # the run's own time (training and evaluation), kept so a resumed bench still reports it
-            ev["seconds"] = time.time() - t0
-            write_json(path, ev)
-        results[job] = ev
+        results[job] = evaluate_run(preset, job, out, started=t0)
     return results
 
 
