@@ -171,6 +171,18 @@ def test_command_line_options_and_errors(capsys):
         assert flag in capsys.readouterr().err
 
 
+def test_an_unusable_report_dir_is_refused_before_any_run(tmp_path, capsys):
+    from ssapo.commands.bench import run
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = tmp_path / "runs"
+    assert run(_args(quick=True, output_dir=str(out), report_dir=str(blocker / "report"))) == 2
+    err = capsys.readouterr().err
+    assert "--report-dir" in err and str(blocker / "report") in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing ran
+
+
 def test_sweep_presets_share_the_default_runs():
     """A candidate equal to the preset's own setting is the run without it, so the sweeps, run into
     the default's output directory, reuse its runs instead of training them again."""

@@ -124,6 +124,14 @@ def run(args) -> int:
 
     from ssapo.bench import report, suite
 
+    # the report's directory is made before the runs, so an unusable one is said at once, not after hours
+    out = getattr(args, "report_dir", None) or args.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        flag = "--report-dir" if getattr(args, "report_dir", None) else "--output-dir"
+        print(f"ssapo bench: error: {flag}: cannot create {out}: {e.strerror}", file=sys.stderr)
+        return 2
     cmd = "ssapo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("ssapo") else "ssapo bench"
     t0 = time.time()
     workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
@@ -134,8 +142,6 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("ssapo bench: interrupted; finished runs are kept, run the same command to resume", file=sys.stderr)
         return 130
-    out = getattr(args, "report_dir", None) or args.output_dir
-    os.makedirs(out, exist_ok=True)
     md = report.write(preset, results, seeds, methods, out, cmd, time.time() - t0, workers=workers)
     print(md)
     return 0
