@@ -12,6 +12,7 @@ import yaml
 
 from ssapo.config import (
     ACCELERATE_CONFIGS,
+    ConfigError,
     FIELDS,
     METHODS,
     PRESETS,
@@ -222,7 +223,9 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.eps == 0.05 and cfg.learning_rate == 5e-7 and isinstance(cfg.learning_rate, float)
     assert cfg.k == 7 and cfg.use_peft is True and cfg.round_sizes == [4, 5] and cfg.num_rounds == 2
     assert cfg.spa_lambdas == [0.5, 0.1] and cfg.group_size == 0 and cfg.save_total_limit is None
-    assert cfg.accumulation_steps() == 2
+    assert cfg.accumulation_steps(num_processes=2) == 2  # 4 × 2 × 2 processes = 16
+    with pytest.raises(ConfigError, match="^batch_size: 16 cannot be split"):  # 4 × 2 × 1 = 8: refused, not run at 8
+        cfg.accumulation_steps()
     # a mapping works too, and trl's key of the epochs per round is an alias
     cfg = load_config("tiny", overrides={"num_train_epochs": "2", "bf16": "no", "seed": 7})
     assert cfg.num_train_epochs_per_round == 2.0 and cfg.seed == 7
@@ -278,7 +281,7 @@ def test_parse_overrides():
         ({"top_p": "0"}, r"^top_p: must be in \(0, 1\]"),
         ({"warmup_ratio": "1"}, r"^warmup_ratio: must be in \[0, 1\)"),
         ({"learning_rate": "0"}, "^learning_rate: must be > 0"),
-        ({"batch_size": "20"}, r"^batch_size: must be a multiple of .*\(16\)"),
+        ({"batch_size": "20", "per_device_train_batch_size": "16"}, r"^batch_size: must be a multiple of .*\(16\)"),
         ({"max_prompt_length": "64"}, r"^max_prompt_length: must be below max_length \(64\)"),
         ({"load_in_4bit": "true"}, "^load_in_4bit: needs use_peft"),
         ({"spa_lambdas": ""}, "^spa_lambdas: needs one or more values"),

@@ -550,7 +550,9 @@ def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
     assert z.num_processes == 8 and z.engine_config == accelerate_config_path("zero3")
     f = launcher(["--model", "llama3-8b", "--accelerate-config", "fsdp", "--num-processes", "4"])
     assert f.num_processes == 4 and f.engine_config == accelerate_config_path("fsdp")
-    assert launcher(["--model", "llama3-8b", "--num-processes", "1"]) is None  # one process: every step in-process
+    # one process of 8 GPUs: launched, seeing one GPU (in-process it would see 8, which the trainer refuses)
+    one = launcher(["--model", "llama3-8b", "--num-processes", "1"])
+    assert one.num_processes == 1 and one.env()["CUDA_VISIBLE_DEVICES"] == "0"
     assert launcher(["--model", "tiny"]) is None  # use_cpu: one process whatever the GPUs
     n = launcher(
         ["--model", "llama3-8b", "--num-machines", "2", "--machine-rank", "1", "--main-process-ip", "10.0.0.1"]
@@ -647,7 +649,7 @@ MP = {
     "round_sizes": "16 16",
     "num_rounds": "2",
     "batch_size": "8",
-    "per_device_train_batch_size": "4",
+    "per_device_train_batch_size": "null",  # as the tiny preset: derived by the driver, 8 / 2 processes = 4
     "max_new_tokens": "4",
     "seed_epochs": "1",
     "generation_batch_size": "8",

@@ -135,6 +135,25 @@ def _generation_config(path: str):
         return None
 
 
+def tensor_parallel_for(config, gpus: int) -> int:
+    """vLLM's tensor-parallel size for a model of `config` (a transformers config, or a checkpoint path) on
+    `gpus` GPUs: the largest number not above `gpus` that divides both the attention heads and the key-value
+    heads (vLLM refuses a size that does not divide the heads: Llama-3-8B's 32 heads and 8 KV heads on 3, 5,
+    6 or 7 GPUs), at least 1."""
+    if isinstance(config, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    kv = int(getattr(text, "num_key_value_heads", 0) or heads)
+    if gpus < 1:
+        raise ValueError(f"gpus: must be >= 1, got {gpus}")
+    if heads < 1:
+        return 1
+    return max(d for d in range(1, int(gpus) + 1) if heads % d == 0 and kv % d == 0)
+
+
 def release_vllm(llm, had_process_group: bool) -> None:
     """Shuts down a vLLM engine and frees what vLLM documents to free: the
     engine core (a separate process in vLLM's V1 engine), the model-parallel
@@ -182,7 +201,8 @@ def generate_vllm(
     progress: bool = True,
 ):
     """The same as `generate`, through vLLM (GPU machines; not exercised by the
-    CPU test suite). One engine over every visible GPU (tensor parallel), on
+    CPU test suite). One engine over the visible GPUs (tensor parallel over the most that divide the
+    model's attention and key-value heads, `tensor_parallel_for`; the driver makes only the run's GPUs visible), on
     the calling process only, shut down before returning (`release_vllm`).
     Prompt `indices[i]` (default i) is sampled under `prompt_seed(seed, indices[i])`;
     generation stops on `stop_ids` (default: the model's generation config's
@@ -210,7 +230,7 @@ def generate_vllm(
         seed=int(seed),
         dtype=dtype,
         gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size or max(1, torch.cuda.device_count()),
+        tensor_parallel_size=tensor_parallel_size or tensor_parallel_for(model_path, max(1, torch.cuda.device_count())),
         **kw,
     )
     try:

@@ -124,7 +124,7 @@ class RunConfig:
         max_prompt_length, max_length.
     Seed stage (DPO on the labelled seed from π_init): seed_epochs, seed_learning_rate, seed_model.
     Rounds: learning_rate, num_train_epochs_per_round, per_device_train_batch_size,
-        gradient_accumulation_steps, batch_size, lr_scheduler_type, warmup_ratio, beta,
+        gradient_accumulation_steps, batch_size, precompute_ref_batch_size, lr_scheduler_type, warmup_ratio, beta,
         round_reference.
     Annotation: num_samples, temperature, top_p, max_new_tokens, annotation_reference,
         generation_batch_size, generation_backend, system_turn, annotator, annotator_args,
@@ -188,7 +188,11 @@ class RunConfig:
     # -- rounds --
     learning_rate: float = _f(5e-7, "Learning rate of every round (the released Mistral yaml: 3e-7).", bounds="> 0")
     num_train_epochs_per_round: float = _f(1.0, "Epochs per round, on that round's own pairs only.", bounds="> 0")
-    per_device_train_batch_size: int = _f(1, "Micro-batch per device.", bounds=">= 1")
+    per_device_train_batch_size: Optional[int] = _f(
+        1,
+        "Micro-batch per device; null: derived, batch_size / (processes × gradient_accumulation_steps (null: 1)).",
+        bounds=">= 1",
+    )
     gradient_accumulation_steps: Optional[int] = _f(
         None,
         "Accumulation steps; default (null): batch_size / (per_device_train_batch_size × processes).",
@@ -196,6 +200,13 @@ class RunConfig:
     )
     batch_size: int = _f(
         32, "Effective batch size: per device × accumulation × processes (the paper: 32).", bounds=">= 1"
+    )
+    precompute_ref_batch_size: Optional[int] = _f(
+        None,
+        "Pairs per forward pass when the reference's log-probs are computed once before each training stage "
+        "(no gradients: larger than the micro-batch, bounded by the logits' memory, 2 × length × vocabulary per "
+        "pair); null: per_device_train_batch_size (trl's default).",
+        bounds=">= 1",
     )
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule (transformers' names).")
     warmup_ratio: float = _f(0.1, "Warm-up fraction of each stage's optimizer steps.", bounds="[0, 1)")
@@ -387,10 +398,11 @@ class RunConfig:
     )
     accelerate_config: Optional[str] = _f(
         None,
-        "ddp | zero3 | fsdp | zero3_cpu: recipes/accelerate/<name>.yaml for multi-process runs; null: one "
-        "process. zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo, picked by SSAPOConfig), the variant CI "
-        "runs; needs deepspeed and ninja, slow, not a training setup.",
-        (None, *ACCELERATE_CONFIGS),
+        "The training steps' engine: ddp | zero3 | fsdp | zero3_cpu (recipes/accelerate/<name>.yaml), or the path "
+        "of your own accelerate config file (a YAML from `accelerate config`; DeepSpeed settings through its "
+        "deepspeed_config_file), checked at start-up; null: ddp when several processes run, else none. Named "
+        "by you, it is launched even for one process. zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo), the "
+        "variant CI runs; needs deepspeed and ninja, slow, not a training setup.",
     )
 
     def __post_init__(self):
@@ -425,9 +437,7 @@ class RunConfig:
             )
         if not self.spa_lambdas:
             bad("spa_lambdas", f"needs one or more values >= 0, got {self.spa_lambdas}")
-        micro = self.per_device_train_batch_size
-        if self.gradient_accumulation_steps is not None:
-            micro *= self.gradient_accumulation_steps
+        micro = (self.per_device_train_batch_size or 1) * (self.gradient_accumulation_steps or 1)
         if self.batch_size % micro:
             bad(
                 "batch_size",
@@ -438,21 +448,29 @@ class RunConfig:
             bad("load_in_4bit", "needs use_peft: true (4-bit weights are trained through a LoRA adapter)")
         if self.load_in_4bit and self.use_cpu:
             bad("load_in_4bit", "needs a GPU (bitsandbytes); set load_in_4bit: false with use_cpu: true")
+        if self.accelerate_config is not None and self.accelerate_config not in ACCELERATE_CONFIGS:
+            self.accelerate_config = accelerate_config_path(self.accelerate_config)  # the user's file: checked
         if self.use_cpu and self.bf16:
             bad("bf16", "set bf16: false with use_cpu: true")
 
     # -- derived values --
+    def batch_split(self, num_processes: int = 1) -> Tuple[int, int]:
+        """(per-device micro-batch, gradient accumulation steps) whose product with `num_processes` is
+        `batch_size`: a null per_device_train_batch_size is derived (batch_size / (processes × accumulation)),
+        a null gradient_accumulation_steps too (batch_size / (per-device × processes)). ConfigError, one line
+        naming the fields, their values and values that would work, when no such split exists."""
+        n, b = int(num_processes), self.batch_size
+        p, g = self.per_device_train_batch_size, self.gradient_accumulation_steps
+        fixed = (p or 1) * (g or 1) * n  # what one optimizer step holds at least
+        if b % fixed == 0 and (p is None or g is None or p * g * n == b):
+            if p is None:
+                return b // ((g or 1) * n), g or 1
+            return p, g if g is not None else b // (p * n)
+        raise ConfigError(_batch_error(b, p, g, n))
+
     def accumulation_steps(self, num_processes: int = 1) -> int:
-        """Gradient accumulation that makes up `batch_size` on `num_processes` devices."""
-        if self.gradient_accumulation_steps is not None:
-            return self.gradient_accumulation_steps
-        per_step = self.per_device_train_batch_size * num_processes
-        if self.batch_size % per_step:
-            raise ConfigError(
-                f"batch_size: {self.batch_size} is not a multiple of per_device_train_batch_size × "
-                f"processes ({self.per_device_train_batch_size} × {num_processes})"
-            )
-        return max(1, self.batch_size // per_step)
+        """Gradient accumulation that makes up `batch_size` on `num_processes` devices (`batch_split`)."""
+        return self.batch_split(num_processes)[1]
 
     # -- YAML --
     def to_dict(self) -> Dict[str, Any]:
@@ -489,6 +507,32 @@ def _is_import_spec(spec: str) -> bool:
     mod, sep, attr = str(spec).partition(":")
     names = mod.split(".") + attr.split(".")
     return bool(sep) and all(n.isidentifier() for n in names)
+
+
+def _batch_error(b: int, p: Optional[int], g: Optional[int], n: int) -> str:
+    """The one-line error of a batch that `n` processes cannot split (RunConfig.batch_split), with values
+    that would work: other batch sizes, other per-device batches, other process counts."""
+    per = (p or 1) * (g or 1)  # per process and optimizer step, at least
+    have = f"per_device_train_batch_size {'null' if p is None else p} × gradient_accumulation_steps "
+    have += f"{'null' if g is None else g} × {n} process{'es' if n > 1 else ''}"
+    if p is not None and g is not None:
+        have += f" = {p * g * n}"
+    fixes = []
+    step = per * n
+    lo, hi = (b // step) * step, (b // step + 1) * step
+    fixes.append("--batch-size " + " or ".join(str(v) for v in (lo, hi) if v > 0))
+    if p is not None and b % ((g or 1) * n) == 0:
+        room = b // ((g or 1) * n)
+        divs = [d for d in range(room, 0, -1) if room % d == 0][:4]
+        fixes.append(f"--per-device-train-batch-size {' or '.join(map(str, divs))} (or null: derived)")
+    procs = [k for k in range(1, 65) if b % (per * k) == 0 and (p is None or g is None or per * k == b)]
+    if procs:
+        near = sorted(sorted(procs, key=lambda k: (abs(k - n), k))[:4])
+        fixes.append(f"--num-processes {' or '.join(map(str, near))}")
+    return (
+        f"batch_size: {b} cannot be split as {have} (batch_size = per device × accumulation × processes); "
+        f"values that work: {'; '.join(fixes)}"
+    )
 
 
 def check_bounds(name: str, value, note: Optional[str] = None) -> None:
@@ -673,10 +717,87 @@ def recipe_path(preset: str) -> str:
     return PRESETS[preset]
 
 
+# the distributed types an accelerate config may name for ssapo's training steps
+ENGINE_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
+
+
 def accelerate_config_path(name: str) -> str:
-    if name not in ACCELERATE_CONFIGS:
-        raise ConfigError(f"accelerate_config: must be one of {', '.join(ACCELERATE_CONFIGS)}, got {name!r}")
-    return ACCELERATE_CONFIGS[name]
+    """The file of accelerate_config `name`: a shipped one's recipes/accelerate/<name>.yaml (ddp, zero3,
+    fsdp, zero3_cpu), or the absolute path of the user's own accelerate config file, checked
+    (`read_accelerate_config`). ConfigError naming accelerate_config otherwise."""
+    if name in ACCELERATE_CONFIGS:
+        return ACCELERATE_CONFIGS[name]
+    if not (name.endswith((".yaml", ".yml", ".json")) or os.sep in name or os.path.exists(name)):
+        close = difflib.get_close_matches(name, list(ACCELERATE_CONFIGS), n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"accelerate_config: must be one of null, {', '.join(ACCELERATE_CONFIGS)} or the path of an accelerate config "
+            f"file, got {name!r}{hint}"
+        )
+    path = os.path.abspath(os.path.expanduser(name))
+    read_accelerate_config(path)
+    return path
+
+
+def read_accelerate_config(path: str) -> Dict[str, Any]:
+    """The accelerate config at `path` (YAML or JSON), checked as far as can be before a launch: a mapping
+    with a distributed_type ssapo runs (ENGINE_TYPES), a DeepSpeed engine not switched off by use_cpu, its
+    deepspeed_config_file (when named) a readable JSON object with zero_optimization, FSDP with an
+    fsdp_config mapping. ConfigError naming accelerate_config and the file otherwise."""
+    import json
+
+    import yaml
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"accelerate_config: {path}: {msg}")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)  # JSON is YAML
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise bad(f"cannot be read ({e})") from None
+    except yaml.YAMLError as e:
+        raise bad(f"is not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise bad("must hold a mapping (an accelerate config, as `accelerate config` writes it)")
+    kind = str(data.get("distributed_type", "NO")).upper()
+    if kind not in ENGINE_TYPES:
+        raise bad(f"distributed_type must be one of {', '.join(ENGINE_TYPES)}, got {data.get('distributed_type')!r}")
+    if kind == "DEEPSPEED":
+        if str(data.get("use_cpu", False)).lower() in ("true", "1"):
+            raise bad("use_cpu: true switches DeepSpeed off in accelerate; set use_cpu: false (see zero3_cpu.yaml)")
+        ds = data.get("deepspeed_config") or {}
+        if not isinstance(ds, dict):
+            raise bad("deepspeed_config must be a mapping")
+        ds_file = ds.get("deepspeed_config_file")
+        if ds_file:
+            ds_path = ds_file if os.path.isabs(ds_file) else os.path.join(os.path.dirname(path), ds_file)
+            if not os.path.exists(ds_path) and os.path.exists(ds_file):
+                ds_path = ds_file  # accelerate reads it relative to the working directory
+            try:
+                with open(ds_path, encoding="utf-8") as f:
+                    conf = json.load(f)
+            except OSError as e:
+                raise bad(f"deepspeed_config_file {ds_file}: cannot be read ({e.strerror or e})") from None
+            except ValueError as e:
+                raise bad(f"deepspeed_config_file {ds_file}: not valid JSON ({e})") from None
+            if not isinstance(conf, dict) or not isinstance(conf.get("zero_optimization", {}), dict):
+                raise bad(f"deepspeed_config_file {ds_file}: must be a JSON object with a zero_optimization object")
+        elif "zero_stage" not in ds:
+            raise bad("deepspeed_config needs zero_stage (or a deepspeed_config_file)")
+    if kind == "FSDP" and not isinstance(data.get("fsdp_config", {}), dict):
+        raise bad("fsdp_config must be a mapping")
+    return data
+
+
+def engine_of(accelerate_config: Optional[str]) -> str:
+    """The distributed_type of a run's accelerate_config (a shipped name or a path): DEEPSPEED, FSDP,
+    MULTI_GPU, MULTI_CPU, NO; 'NO' for null (one process, no engine)."""
+    if accelerate_config is None:
+        return "NO"
+    return str(read_accelerate_config(accelerate_config_path(accelerate_config)).get("distributed_type", "NO")).upper()
 
 
 def parse_overrides(tokens: Sequence[str]) -> Dict[str, Any]:

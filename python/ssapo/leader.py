@@ -117,6 +117,7 @@ def train_stage(
     )
 
     procs = PartialState()
+    micro, accumulation = cfg.batch_split(procs.num_processes)  # the driver checked it before any launch
     resolving = resolve_reference is not None and cfg.resolve_every > 0
     keep = [c for c in TRAIN_COLUMNS if c in rows[0]]
     data = [{k: r[k] for k in keep} for r in rows]
@@ -132,8 +133,8 @@ def train_stage(
         output_dir=work_dir,
         learning_rate=lr,
         num_train_epochs=epochs,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.accumulation_steps(procs.num_processes),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,
         beta=cfg.beta,
@@ -149,6 +150,7 @@ def train_stage(
         max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing,
         precompute_ref_log_probs=True,
+        precompute_ref_batch_size=cfg.precompute_ref_batch_size,
         disable_tqdm=False,
         ddp_timeout=cfg.ddp_timeout,
         ddp_backend="gloo" if procs.num_processes > 1 and not torch.cuda.is_available() else None,

@@ -35,17 +35,21 @@ def load(path: str, cfg, device=None, train: bool = False):
     """(model, tokenizer) from a checkpoint (safetensors). `train`: the policy
     a leader trains, through ssapo.trainer.load_policy (fp32 master weights;
     with load_in_4bit the 4-bit base for a LoRA adapter); otherwise a model
-    that only scores or generates (bfloat16 with bf16), moved to `device`."""
+    that only scores or generates (bfloat16 with bf16), loaded onto `device`
+    (`device_map`, not through host memory)."""
     if train:
         from ssapo.trainer import load_policy
 
         return load_policy(path, cfg, train=True), tokenizer(cfg, path)
     from ssapo.tiny import load as load_checkpoint
 
-    model, tok = load_checkpoint(path, trust_remote_code=cfg.trust_remote_code, dtype="bfloat16" if cfg.bf16 else None)
+    dtype = "bfloat16" if cfg.bf16 else None
+    # straight onto this process's device: 8 ranks each building two whole 8B models in host memory first
+    # would need about 128 GB of it at once
+    model, tok = load_checkpoint(path, trust_remote_code=cfg.trust_remote_code, dtype=dtype, device=device)
     if cfg.tokenizer:
         tok = tokenizer(cfg, path)
-    if device is not None:
+    if device is not None and str(device) == "cpu":
         model = model.to(device)
     return model, tok
 

@@ -117,6 +117,7 @@ class Launcher:
         echo: bool = True,
         poll_s: float = 2.0,
         timeout_s: float = 10800.0,
+        visible_gpus: int = 0,
     ):
         self.out = out
         self.num_processes = int(num_processes)
@@ -124,6 +125,7 @@ class Launcher:
         self.accelerate_args = list(accelerate_args)
         self.machine_rank, self.num_machines = int(machine_rank), int(num_machines)
         self.echo, self.poll_s, self.timeout_s = echo, poll_s, timeout_s
+        self.visible_gpus = int(visible_gpus)
         self.last_log: Optional[str] = None
         engine = _read_yaml(self.engine_config)
         self.engine_type = str(engine.get("distributed_type", "MULTI_GPU"))
@@ -212,6 +214,17 @@ class Launcher:
             extra += ["--main_process_port", str(free_port())]  # concurrent runs on one machine do not collide
         return cmd + extra + stage
 
+    def env(self) -> dict:
+        """The environment of every launch: this one, marked as launched, and on one machine with more GPUs
+        visible than the run's processes, CUDA_VISIBLE_DEVICES cut to the first `num_processes` of them (so
+        a one-process launch on an 8-GPU node sees one GPU, and vLLM's tensor parallelism the run's GPUs)."""
+        env = {**os.environ, LAUNCHED_ENV: "1"}
+        if self.num_machines == 1 and self.num_processes < self.visible_gpus:
+            shown = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            ids = shown if shown else [str(i) for i in range(self.visible_gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[: self.num_processes])
+        return env
+
     def log_path(self, steps: List[str]) -> str:
         name = "+".join(s.replace("/", "_") for s in steps)
         if len(name) > 120:
@@ -233,7 +246,7 @@ class Launcher:
         os.makedirs(os.path.dirname(log), exist_ok=True)
         self._say(f"ssapo train: {', '.join(steps)}: {how[1]} process(es): {' '.join(cmd)}")
         t0 = time.time()
-        env = {**os.environ, LAUNCHED_ENV: "1"}
+        env = self.env()
         with open(log, "a") as f:
             f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
             f.flush()
@@ -256,7 +269,14 @@ class Launcher:
                     p.kill()
                 raise
         if rc != 0:
-            raise StepFailed(f"step {self._first_pending(steps)} failed (exit {rc}{_cause(log)}); log: {log}")
+            pending = self._pending_steps(steps)
+            if not pending:  # every step was recorded as done: the launch failed on its way out
+                self._say(
+                    f"ssapo train: {', '.join(steps)}: recorded as done, but the launch exited {rc}{_cause(log, rc)}; "
+                    f"going on (log: {log})"
+                )
+                return
+            raise StepFailed(f"step {pending[0]} failed (exit {rc}{_cause(log, rc)}); log: {log}")
         self._say(f"ssapo train: {', '.join(steps)}: done in {time.time() - t0:.0f} s")
 
     def in_driver(self, fn: Callable[[], None], step: str, state) -> None:
@@ -267,15 +287,19 @@ class Launcher:
         fn()
         self._say(f"ssapo train: {step}: done in {time.time() - t0:.2f} s (in the driver)")
 
-    def _first_pending(self, steps: List[str]) -> str:
+    def _pending_steps(self, steps: List[str]) -> List[str]:
+        """`steps` not recorded as done in state.json (all of them when it cannot be read)."""
         import json
 
         try:
             with open(os.path.join(self.out, "state.json")) as f:
                 done = set(json.load(f)["done"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             done = set()
-        return next((s for s in steps if s not in done), steps[-1])
+        return [s for s in steps if s not in done]
+
+    def _first_pending(self, steps: List[str]) -> str:
+        return next(iter(self._pending_steps(steps)), steps[-1])
 
     def _wait_for(self, steps: List[str]) -> None:
         from ssapo.loop import StepFailed
@@ -305,20 +329,72 @@ class Launcher:
 
 
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Interrupt)|torch\.\w+\.\w+Error)\b.*")
+_RANK_PREFIX = re.compile(r"^\[(?:default)?(?:rank)?(\d+)\]:\s?")  # torchrun's --tee/--role prefixes: "[rank0]: "
+# wrappers that only say a child failed: the cause is elsewhere in the log
+_WRAPPERS = ("ChildFailedError", "CalledProcessError", "SystemExit")
+# torchrun's report of a child ended by a signal: "exitcode  : -9 (pid: 123)", "Signal 9 (SIGKILL) received by PID"
+_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_SIGNAL = re.compile(r"Signal (\d+) \((SIG[A-Z]+)\) received by PID")
+_RANK_LINE = re.compile(r"^\s*rank\s*:\s*(\d+)")
 
 
-def _cause(log: str) -> str:
-    """'; <the last exception line of the log>' when there is one."""
+def signal_text(signum: int) -> str:
+    """'SIGKILL (signal 9; ...)': a signal number as a user reads it, with what usually sends it."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+    why = {
+        "SIGKILL": "sent by the kernel's out-of-memory killer when memory runs out, or by a kill -9",
+        "SIGTERM": "a kill, a scheduler's time limit or a shutdown",
+        "SIGSEGV": "a crash in native code",
+        "SIGABRT": "an abort in native code (e.g. a CUDA or NCCL error)",
+        "SIGBUS": "a bus error (often /dev/shm full)",
+    }.get(name)
+    return f"{name} (signal {signum}{'; ' + why if why else ''})"
+
+
+def _cause(log: str, rc: Optional[int] = None) -> str:
+    """'; <why the launch failed>' from its log: the final exception line of the first rank whose error
+    appears in the log (torchrun's "[rankN]: " prefix or none), else the signal that ended a process
+    (torchrun's report of a child's negative exit code, or the launch's own `rc` < 0), else ''."""
     try:
         with open(log, errors="replace") as f:
-            lines = f.readlines()[-400:]
+            lines = f.readlines()[-4000:]
     except OSError:
-        return ""
-    for line in reversed(lines):
-        m = _ERROR_LINE.match(line)
-        if m and "ChildFailedError" not in line:
-            text = line.strip()
-            return f"; {text[:300]}"
+        lines = []
+    start = 0
+    for i, line in enumerate(lines):  # only the last launch of this log (a resumed step appends)
+        if line.startswith("# ") and " -m ssapo.stage " in line:
+            start = i
+    first: dict = {}  # rank ('' = unprefixed) -> (index of its first error line, its last error line)
+    killed: Optional[Tuple[str, int]] = None
+    rank_of_report = None
+    for i, raw in enumerate(lines[start:]):
+        m = _RANK_PREFIX.match(raw)
+        rank, text = (m.group(1), raw[m.end() :]) if m else ("", raw)
+        r = _RANK_LINE.match(text)
+        if r:
+            rank_of_report = r.group(1)
+        e = _EXITCODE.search(text)
+        if e and int(e.group(1)) < 0 and killed is None:
+            local = re.search(r"local_rank:\s*(\d+)", text)  # torchrun's "failed (exitcode: -9) local_rank: 1"
+            killed = (local.group(1) if local else rank_of_report or "?", -int(e.group(1)))
+        sg = _SIGNAL.search(text)
+        if sg and killed is None:
+            killed = (rank_of_report or "?", int(sg.group(1)))
+        em = _ERROR_LINE.match(text)
+        if em and not any(w in text for w in _WRAPPERS):
+            line = text.strip()
+            first[rank] = (first[rank][0] if rank in first else i, line)
+    if first:
+        rank, (_, line) = min(first.items(), key=lambda kv: kv[1][0])
+        who = f"rank {rank}: " if rank else ""
+        return f"; {who}{line[:300]}"
+    if killed is not None:
+        return f"; rank {killed[0]} was killed by {signal_text(killed[1])}"
+    if rc is not None and rc < 0:
+        return f"; killed by {signal_text(-rc)}"
     return ""
 
 

@@ -112,9 +112,11 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike) -> str:
     return path
 
 
-def load(path: str, trust_remote_code: bool = False, dtype: Optional[str] = None):
+def load(path: str, trust_remote_code: bool = False, dtype: Optional[str] = None, device=None):
     """Loads a causal LM and its tokenizer from a local path or hub id
-    (safetensors only; no remote code unless asked)."""
+    (safetensors only; no remote code unless asked). `device` (e.g. "cuda:3"):
+    the weights are loaded straight onto it (`device_map={"": device}`), never
+    whole in host memory first; None: on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ssapo.io import InputError
@@ -124,6 +126,8 @@ def load(path: str, trust_remote_code: bool = False, dtype: Optional[str] = None
         import torch
 
         kw["dtype"] = getattr(torch, dtype)
+    if device is not None and str(device) != "cpu":
+        kw["device_map"] = {"": str(device)}
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kw)

@@ -616,10 +616,12 @@ class SSAPOTrainer(DPOTrainer):
         self.accelerator.wait_for_everyone()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate below, once this checkpoint is complete
+        self._in_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+            self._in_checkpoint = False
         os.makedirs(folder, exist_ok=True)
         write_json(os.path.join(folder, LEADER_STATE.format(self.args.process_index)), self._leader_state())
         for name, obj in self._checkpoint_states.items():
@@ -638,6 +640,16 @@ class SSAPOTrainer(DPOTrainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """transformers' `save_model`, except inside a checkpoint under DeepSpeed: there the engine's own
+        sharded checkpoint, which `_save_checkpoint` writes next (weights, fp32 masters and optimizer state,
+        each rank its part; what a resumed stage loads), is the checkpoint's model. transformers would first
+        gather the 16-bit weights to rank 0 (`zero3_save_16bit_model: true`) or write that same DeepSpeed
+        checkpoint a second time (false). A stage's model is written by `save_trained`, not here."""
+        if getattr(self, "_in_checkpoint", False) and self.is_deepspeed_enabled:
+            return
+        return super().save_model(output_dir, _internal_call=_internal_call)
 
     def _leader_state(self) -> dict:
         return {
@@ -1015,11 +1027,12 @@ def save_trained(
       writer in CPU memory (4 bytes a parameter: 32 GB for an 8B model). FSDP's
       FULL_STATE_DICT is already the fp32 parameters (accelerate keeps them fp32
       under bf16 mixed precision and torch unshards them in full precision for
-      the state dict); one process / DDP saves the fp32 parameters themselves.
+      the state dict; a SHARDED_STATE_DICT config is switched to FULL for this save,
+      `full_state_dict`); one process / DDP saves the fp32 parameters themselves.
     - README.md: trl's model card naming SSAPO, its paper (arXiv 2502.18099) and
       citation, tags `trl`, `dpo`, `ssapo`; `model_name` defaults to the name of `path`.
-    - Raises ValueError when the engine wrote no weights (FSDP with a sharded
-      state dict), or for a `save_dtype` other than "float32" / "bfloat16".
+    - Raises ValueError when the engine wrote no weights, or for a `save_dtype`
+      other than "float32" / "bfloat16".
     - `push_to_hub` (default `trainer.args.push_to_hub`): process 0 uploads
       `path` to `args.hub_model_id` (default: the name of `path`) with
       `args.hub_token`, `args.hub_private_repo`, `args.hub_revision`.
@@ -1042,7 +1055,8 @@ def save_trained(
         trainer._save(tmp, state_dict=_cast_state_dict(state, dtype) if writer else None)
         del state
     else:
-        trainer.save_model(tmp, _internal_call=True)  # collective; writes on the writer only; no hub push here
+        with full_state_dict(trainer):  # FSDP: the full weights here even where checkpoints are sharded
+            trainer.save_model(tmp, _internal_call=True)  # collective; writes on the writer only; no hub push here
     acc.wait_for_everyone()
     error: Optional[BaseException] = None
     if writer:
@@ -1083,6 +1097,25 @@ def save_trained(
             )
         acc.wait_for_everyone()
     return path
+
+
+@contextlib.contextmanager
+def full_state_dict(trainer):
+    """Inside, an FSDP trainer's `save_model` writes the full (gathered, fp32) weights whatever the accelerate
+    config's `fsdp_state_dict_type`: mid-round checkpoints stay SHARDED_STATE_DICT (each rank writes its own
+    shard of weights and optimizer state, no gather to rank 0 every `save_steps`), the stage's final model is
+    FULL_STATE_DICT (accelerate's `FullyShardedDataParallelPlugin.set_state_dict_type`, its documented
+    "train with sharded, final save with full"). Nothing changes without FSDP."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    old = getattr(plugin, "state_dict_type", None)
+    if plugin is None or "FULL_STATE_DICT" in str(old):
+        yield
+        return
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        yield
+    finally:
+        plugin.set_state_dict_type(old)
 
 
 def deepspeed_fp32_state_dict(trainer, *, trainable_only: bool = False, keep: Optional[bool] = None):
@@ -1223,8 +1256,8 @@ def _check_weights_written(tmp: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(
             "trainer: save_model wrote no safetensors weights (DeepSpeed's are gathered here, whatever "
-            "stage3_gather_16bit_weights_on_model_save says; under FSDP set fsdp_state_dict_type: "
-            "FULL_STATE_DICT in the accelerate config)"
+            "stage3_gather_16bit_weights_on_model_save says, and FSDP's are switched to FULL_STATE_DICT for "
+            "this save)"
         )
 
 

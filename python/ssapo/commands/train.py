@@ -210,7 +210,13 @@ def build_config(args, extra: Optional[List[str]] = None):
         if name != "model" and hasattr(args, name):
             value = getattr(args, name)
             overrides[name] = " ".join(value) if isinstance(value, list) else value
-    return load_config(args.model, args.config, overrides)
+    cfg = load_config(args.model, args.config, overrides)
+    if args.config:  # the fields the user gave (not the preset's): an accelerate_config named there is launched
+        from ssapo.config import read_yaml
+
+        overrides.update({key_name(k): v for k, v in read_yaml(args.config).items()})
+    args.given_fields = set(overrides)
+    return cfg
 
 
 def with_tiny_task(cfg, task_dir: Optional[str] = None, size: str = "tiny", procs=None):
@@ -264,11 +270,20 @@ def launcher_of(args, cfg):
     if machines > 1 and not args.main_process_ip:
         raise ConfigError("--main-process-ip: needed with --num-machines > 1 (machine 0's address)")
     n = args.num_processes
+    gpus = 0 if cfg.use_cpu else _visible_gpus()
     if n is None:
-        n = 1 if cfg.use_cpu else max(1, _visible_gpus()) * machines
+        n = max(1, gpus) * machines
     if n < machines:
         raise ConfigError(f"--num-processes: {n} processes for {machines} machines")
-    if n == 1:
+    if n > gpus * machines > 0:
+        raise ConfigError(
+            f"--num-processes: {n} processes need one GPU each; {gpus} GPU(s) are visible"
+            f"{' per machine' if machines > 1 else ''} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})"
+        )
+    named = cfg.accelerate_config is not None and "accelerate_config" in getattr(args, "given_fields", ())
+    # one process runs every step in this process, unless the user named an engine (launched as asked) or more
+    # GPUs are visible than the run uses (the launch's processes see only the run's GPUs, CUDA_VISIBLE_DEVICES)
+    if n == 1 and not named and gpus <= 1:
         return None
     from ssapo.stage import Launcher
 
@@ -289,6 +304,7 @@ def launcher_of(args, cfg):
         machine_rank=rank,
         num_machines=machines,
         timeout_s=float(cfg.ddp_timeout),
+        visible_gpus=gpus,
     )
 
 
@@ -318,6 +334,8 @@ def run(args, extra: Optional[List[str]] = None) -> int:
                 procs = PartialState(cpu=cfg.use_cpu, timeout=timedelta(seconds=cfg.ddp_timeout))
         else:
             launcher = launcher_of(args, cfg)
+        # the batch's arithmetic, before any launch or model load: one line when it cannot be split
+        cfg.batch_split(launcher.num_processes if launcher else (procs.num_processes if procs else 1))
         if cfg.model == "tiny":  # the preset's task, built here; the loop gets its paths
             cfg = with_tiny_task(cfg, procs=procs)
     except ConfigError as e:
