@@ -8,7 +8,8 @@
 build: a Llama-architecture model from a config (default ~1.0B parameters: hidden 2048,
 16 layers, 32 heads / 8 KV heads, MLP 8192, vocabulary 32,768, tied embeddings, the
 shape of Llama-3.2-1B with a smaller vocabulary; --tiny: hidden 64, 2 layers, for a CPU
-dry run), random weights in bfloat16, saved with safetensors, with a word-level tokenizer
+dry run), random weights in float32 (most not representable in bf16: the precision probe's
+start), saved with safetensors, with a word-level tokenizer
 built locally (ssapo.tiny.build_tokenizer: chat template, left padding) and a JSONL of
 preference pairs over its words (prompt / chosen / rejected strings).
 
@@ -88,7 +89,7 @@ def build(out: str, tiny: bool, pairs: int, prompt_words: int, answer_words: int
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.float32)  # fp32 weights bf16 cannot hold (the precision probe)
     model.generation_config.pad_token_id = tok.pad_token_id
     n_params = sum(p.numel() for p in model.parameters())
     model_dir = os.path.join(out, "model")
@@ -124,7 +125,7 @@ def build(out: str, tiny: bool, pairs: int, prompt_words: int, answer_words: int
         "n_pairs": pairs,
         "parameters": n_params,
         "config": {k: v for k, v in shape.items()},
-        "dtype": "bfloat16",
+        "dtype": "float32",
         "build_seconds": round(built_s, 1),
         "built_on": device,
     }
@@ -287,8 +288,93 @@ def _metrics(run_dir: str, step: str) -> dict:
         return {}
 
 
+def bf16_exact_fraction(model_dir: str) -> float:
+    """Fraction of the floating-point elements of a checkpoint that bf16 holds exactly."""
+    import torch
+
+    same = total = 0
+    for k, f, _ in _tensors(model_dir):
+        t = f.get_tensor(k)
+        if t.is_floating_point():
+            same += int((t.to(torch.bfloat16).to(t.dtype) == t).sum())
+            total += t.numel()
+    return same / total if total else float("nan")
+
+
+def step_costs(run_dir: str) -> dict:
+    """{step: metrics.json's "steps" entry} of every stage of the run (what each step measured itself)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "*", "metrics.json"))):
+        stage = os.path.basename(os.path.dirname(path))
+        try:
+            steps = json.load(open(path)).get("steps", {})
+        except Exception:
+            continue
+        for name, cost in steps.items():
+            out[stage if name == stage else f"{stage}/{name}"] = cost
+    return out
+
+
+def engines(run_dir: str) -> dict:
+    """{stage: the engine its leader reports (metrics.json leader.engine)} for the seed and every round."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "*", "metrics.json"))):
+        try:
+            lead = json.load(open(path)).get("leader") or {}
+        except Exception:
+            continue
+        if "engine" in lead:
+            out[os.path.basename(os.path.dirname(path))] = lead["engine"]
+    return out
+
+
+def checks(res: dict, run_dir: str, start_dir: str, expect_engine: str | None, check: str) -> list:
+    """What makes a run fail: a non-zero exit, a stage under another engine than claimed, the precision
+    probe's weights not equal to the start, vLLM's memory not given back, a resume that did not resume."""
+    problems = []
+    if res["rc"] != 0:
+        problems.append(f"exit {res['rc']}")
+    got = res["engines"]
+    if expect_engine:
+        if not got:
+            problems.append(f"no stage reports its engine (expected {expect_engine})")
+        wrong = {k: v for k, v in got.items() if v != expect_engine}
+        if wrong:
+            problems.append(f"expected {expect_engine}, got {wrong}")
+    if check == "precision":
+        exact = bf16_exact_fraction(start_dir)
+        res["start_bf16_exact_fraction"] = exact
+        if not exact < 0.5:
+            problems.append(f"the start is bf16-representable ({exact:.2%}): the probe cannot see a rounding")
+        for stage, m in res["weights"].items():
+            if m["changed_fraction"] != 0 or m["problems"]:
+                problems.append(f"{stage}/model differs from the start in {m['changed_fraction']:.2%} of elements")
+        if not res["weights"]:
+            problems.append("no stage saved a model")
+    if check == "vllm":
+        ann = [a for a in res.get("annotation", {}).values() if a.get("backend") == "vllm"]
+        if not ann:
+            problems.append("no annotation step ran vLLM")
+        for a in ann:
+            before, after = a.get("gpu_free_before_engine_bytes"), a.get("gpu_free_after_release_bytes")
+            if not before or after is None or after < 0.95 * before:
+                problems.append(f"vLLM gave back {after} of {before} free bytes (< 95 %)")
+    if check == "resume":
+        if not res.get("resumed_from_checkpoint"):
+            problems.append("the killed stage did not resume from a checkpoint")
+    return problems
+
+
 def report(
-    work: str, run_dir: str, label: str, samples: str, out_json: str | None, wall: float | None, rc: int | None
+    work: str,
+    run_dir: str,
+    label: str,
+    samples: str,
+    out_json: str | None,
+    wall: float | None,
+    rc: int | None,
+    expect_engine: str | None = None,
+    check: str = "none",
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -342,6 +428,19 @@ def report(
         engine = "launched steps, no DeepSpeed in their logs"
     else:
         engine = "one process, no launch (no DIR/logs)"
+    costs = step_costs(run_dir)
+    for s in steps:
+        s["measured"] = costs.get(s["step"], {})
+    annotation = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "round_*", "metrics.json"))):
+        ann = json.load(open(path)).get("annotation")
+        if ann:
+            annotation[os.path.basename(os.path.dirname(path))] = ann
+    resumed = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "*", "metrics.json"))):
+        lead = json.load(open(path)).get("leader") or {}
+        if lead.get("resumed_from"):
+            resumed.append(f"{os.path.basename(os.path.dirname(path))} from {lead['resumed_from']}")
     res = {
         "label": label,
         "rc": rc,
@@ -349,9 +448,14 @@ def report(
         "steps": steps,
         "weights": moved,
         "engine": engine,
+        "engines": engines(run_dir),
+        "annotation": annotation,
+        "resumed_from_checkpoint": resumed,
         "start_to_first_sample": t_start,
         "parameters": build_info["parameters"],
     }
+    res["problems"] = checks(res, run_dir, build_info["model_dir"], expect_engine, check)
+    res["ok"] = not res["problems"]
     if out_json:
         with open(out_json, "w") as f:
             json.dump(res, f, indent=1)
@@ -359,21 +463,43 @@ def report(
     return res
 
 
+def _mib(values) -> str:
+    vals = [v for v in (values or []) if v is not None]
+    return f"{max(vals) / 2**20:,.0f}" if vals else ""
+
+
+def _rate(v) -> str:
+    return f"{v:,.0f}" if isinstance(v, (int, float)) else ""
+
+
 def render(results: list) -> str:
     lines = []
     for r in results:
-        lines.append(f"### {r['label']}  (exit {r['rc']}, {r['wall_seconds']} s wall, engine: {r['engine']})")
+        verdict = "ok" if r.get("ok") else f"FAILED: {'; '.join(r.get('problems', []))}"
+        lines.append(
+            f"### {r['label']}  ({verdict}; exit {r['rc']}, {r['wall_seconds']} s wall, "
+            f"engine per stage: {r.get('engines') or r['engine']})"
+        )
         lines.append("")
         lines.append(
-            "| step | seconds | peak GPU MiB | response tokens | tokens/s: step (generation + scoring) | "
-            "tokens/s: generation (the loop's generate_seconds) |"
+            "| step | seconds | processes | peak GPU MiB (allocator, max over processes) | peak GPU MiB used "
+            "(nvidia-smi, device 0) | peak host MiB | generation tokens/s | training tokens/s |"
         )
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for s in r["steps"]:
+            m = s.get("measured", {})
             lines.append(
-                f"| {s['step']} | {s['seconds']} | {s['peak_gpu_mib']} | {s.get('response_tokens', '')} | "
-                f"{s.get('tokens_per_s', '')} | {s.get('generation_tokens_per_s', '')} |"
+                f"| {s['step']} | {m.get('seconds', s['seconds'])} | {m.get('processes', '')} | "
+                f"{_mib(m.get('peak_device_bytes'))} | {s['peak_gpu_mib'] or ''} | {_mib(m.get('peak_resident_bytes'))} | "
+                f"{_rate(m.get('generation_tokens_per_second'))} | {_rate(m.get('training_tokens_per_second'))} |"
             )
+        for rd, a in r.get("annotation", {}).items():
+            if a.get("backend") == "vllm":
+                lines.append(
+                    f"- {rd} vLLM: generation {a.get('generate_seconds', 0):.1f} s, scoring {a.get('score_seconds', 0):.1f}"
+                    f" s; free GPU memory {a.get('gpu_free_before_engine_bytes', 0) / 2**30:.2f} GiB before the engine,"
+                    f" {a.get('gpu_free_after_release_bytes', 0) / 2**30:.2f} GiB after its release"
+                )
         for stage, m in r["weights"].items():
             lines.append(
                 f"- weights of {stage}/model vs the start: moved={m['moved']}, "
@@ -388,13 +514,21 @@ def render(results: list) -> str:
     return "\n".join(lines)
 
 
-def summary(work: str) -> str:
+def summary(work: str) -> list:
+    """Writes WORK/gpu_check.md: one verdict line per run, then each run's table. Returns the reports."""
     results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(work, "report_*.json")))]
-    text = render(results)
+    head = ["| run | verdict | wall s |", "|---|---|---|"]
+    for r in results:
+        verdict = "ok" if r.get("ok") else "FAILED: " + "; ".join(r.get("problems", []))
+        head.append(f"| {r['label']} | {verdict} | {r['wall_seconds']} |")
+    skipped = sorted(glob.glob(os.path.join(work, "skipped_*.txt")))
+    for p in skipped:
+        head.append(f"| {os.path.basename(p)[8:-4]} | skipped: {open(p).read().strip()} | |")
+    text = "\n".join(head) + "\n\n" + render(results)
     with open(os.path.join(work, "gpu_check.md"), "w") as f:
         f.write(text)
     print(text)
-    return text
+    return results
 
 
 def main(argv=None) -> int:
@@ -419,6 +553,8 @@ def main(argv=None) -> int:
     r.add_argument("--json", default=None)
     r.add_argument("--wall", type=float, default=None)
     r.add_argument("--rc", type=int, default=None)
+    r.add_argument("--expect-engine", default=None, help="the engine every stage must report, e.g. 'DEEPSPEED zero-3'")
+    r.add_argument("--check", default="none", choices=["none", "precision", "vllm", "resume"])
     s = sub.add_parser("summary")
     s.add_argument("--work", required=True)
     a = p.parse_args(argv)
@@ -428,9 +564,10 @@ def main(argv=None) -> int:
     elif a.cmd == "monitor":
         monitor(a.run_dir, a.out, a.stop)
     elif a.cmd == "report":
-        report(a.work, a.run_dir, a.label, a.samples, a.json, a.wall, a.rc)
+        report(a.work, a.run_dir, a.label, a.samples, a.json, a.wall, a.rc, a.expect_engine, a.check)
     else:
-        summary(a.work)
+        results = summary(a.work)
+        return 0 if results and all(r.get("ok") for r in results) else 1
     return 0
 
 

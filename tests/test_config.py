@@ -12,11 +12,11 @@ import yaml
 
 from ssapo.config import (
     ACCELERATE_CONFIGS,
-    ConfigError,
     FIELDS,
     METHODS,
     PRESETS,
     RECIPES_DIR,
+    ConfigError,
     RunConfig,
     load_config,
     parse_overrides,

@@ -163,12 +163,16 @@ def test_a_launch_that_recorded_its_steps_but_failed_on_its_way_out_goes_on(tmp_
     lz = Launcher(str(out), 2, ACCELERATE_CONFIGS["ddp"], echo=True)
     state = out / "state.json"
     script = f"import json; json.dump({{'done': ['seed']}}, open({str(state)!r}, 'w')); raise SystemExit(1)"
-    monkeypatch.setattr(Launcher, "command", lambda self, steps, how, mp=None: [sys.executable, "-c", script])
+    monkeypatch.setattr(
+        Launcher, "command", lambda self, steps, how, mp=None, generate_only=False: [sys.executable, "-c", script]
+    )
     lz.launch(["seed"], (ACCELERATE_CONFIGS["ddp"], 2))  # recorded: no StepFailed
     assert "recorded as done, but the launch exited 1" in capsys.readouterr().err
     state.write_text(json.dumps({"done": []}))
     script2 = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
-    monkeypatch.setattr(Launcher, "command", lambda self, steps, how, mp=None: [sys.executable, "-c", script2])
+    monkeypatch.setattr(
+        Launcher, "command", lambda self, steps, how, mp=None, generate_only=False: [sys.executable, "-c", script2]
+    )
     with pytest.raises(StepFailed, match=r"^step seed failed \(exit -9; killed by SIGKILL \(signal 9"):
         lz.launch(["seed"], (ACCELERATE_CONFIGS["ddp"], 2))
 
@@ -212,7 +216,18 @@ def test_accelerate_config_takes_the_path_of_the_users_own_file(tmp_path, monkey
     )
     lz = train.launcher_of(args, train.build_config(args, extra))
     assert lz.engine_config == mine and lz.num_processes == 4 and lz.engine_type == "DEEPSPEED"
-    assert lz.command(["seed"], lz.how(c, "seed"))[3:5] == ["--config_file", mine]
+    # its DeepSpeed JSON named beside it: the launch reads a copy naming it by its absolute path (accelerate would
+    # look for ds.json in the working directory of the launch)
+    lz.write_configs()
+    launched = lz.command(["seed"], lz.how(c, "seed"))[4]
+    assert launched == str(tmp_path / "r" / "launch" / "engine.yaml")
+    import yaml
+
+    conf = yaml.safe_load(open(launched))
+    assert conf["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "ds.json")
+    assert {k: v for k, v in conf.items() if k != "deepspeed_config"} == {
+        k: v for k, v in yaml.safe_load(open(mine)).items() if k != "deepspeed_config"
+    }
 
 
 @pytest.mark.parametrize(
@@ -303,6 +318,11 @@ def test_the_tensor_parallel_size_divides_the_attention_and_kv_heads():
     assert [tensor_parallel_for(odd, g) for g in (5, 6, 7, 8)] == [4, 6, 6, 6]
     with pytest.raises(ValueError, match="^gpus: must be >= 1"):
         tensor_parallel_for(llama3, 0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # a checkpoint directory: its config.json
+        llama3.save_pretrained(d)
+        assert tensor_parallel_for(d, 6) == 4
 
 
 # -- data steps load onto their device; the reference pass's batch; FSDP's checkpoints ---------------------
@@ -380,3 +400,90 @@ def test_fsdp_checkpoints_are_sharded_and_the_final_save_full():
     tr.is_fsdp_enabled = False
     with full_state_dict(tr):
         assert plugin.state_dict_type == "StateDictType.SHARDED_STATE_DICT"
+
+
+# -- vLLM: generation alone in one process, then the scoring shared out over every GPU ----------------------
+
+
+def test_a_vllm_annotation_on_several_gpus_is_generation_then_scoring_on_every_process(tmp_path, monkeypatch):
+    import json
+
+    from ssapo import annotate
+    from ssapo.loop import State
+    from ssapo.stage import VLLM_THEN_SCORE, Launcher
+
+    monkeypatch.setattr(annotate, "use_vllm", lambda backend: True)
+    c = load_config("llama3-8b", overrides={"output_dir": str(tmp_path)})
+    lz = Launcher(str(tmp_path), 4, ACCELERATE_CONFIGS["zero3"], echo=False)
+    assert lz.how(c, "round_1/annotate") == (VLLM_THEN_SCORE, 4)
+    assert Launcher(str(tmp_path), 1, ACCELERATE_CONFIGS["zero3"]).how(c, "round_1/annotate") == ("", 1)
+    cmd = lz.command(["round_1/annotate"], ("", 1), generate_only=True)
+    assert cmd[1:] == ["-m", "ssapo.stage", "--run-dir", str(tmp_path), "--step", "round_1/annotate", "--generate-only"]
+    calls = []
+
+    def fake_launch(self, steps, how, generate_only=False):
+        calls.append((list(steps), how, generate_only))
+        if not generate_only:
+            (tmp_path / "state.json").write_text(json.dumps({"done": list(steps)}))
+
+    monkeypatch.setattr(Launcher, "launch", fake_launch)
+    lz.drive(c, State(str(tmp_path), resume=True), ["round_1/annotate"], lambda s: None)
+    assert calls == [
+        (["round_1/annotate"], ("", 1), True),  # vLLM alone, the GPUs to itself
+        (["round_1/annotate"], (lz.data_config, 4), False),  # then every process scores its chunks
+    ]
+
+
+class _Ranks:
+    """Stands in for accelerate's PartialState of rank `r` of `n` (annotate_round's file exchange)."""
+
+    def __init__(self, r, n):
+        self.process_index, self.num_processes, self.is_main_process = r, n, r == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_pregenerated_responses_score_to_the_rows_of_the_one_process_vllm_path(tmp_path, monkeypatch):
+    from ssapo import annotate
+    from ssapo.annotators import RESPONSES, annotate_round, pregenerate_round
+    from ssapo.processes import Solo
+    from ssapo.tiny import build_tokenizer, save_pretrained, tiny_llama
+
+    tok = build_tokenizer("a b c d e f g h".split())
+    model_dir = save_pretrained(tiny_llama(tok, hidden_size=32), tok, tmp_path / "m")
+    ref_dir = save_pretrained(tiny_llama(tok, hidden_size=32, seed=1), tok, tmp_path / "ref")  # rewards not all 0
+    eos = tok.eos_token_id
+    words = [tok.convert_tokens_to_ids(w) for w in "a b c d e f".split()]
+
+    def fake_vllm(path, tok_, prompts, n, temperature, top_p, max_new_tokens, seed, **kw):
+        assert kw["stop_ids"] == [eos]
+        return [
+            [[words[(i + j * k) % 6] for k in range(1 + (i + j) % 3)] + [eos] for j in range(n)]
+            for i in range(len(prompts))
+        ]
+
+    monkeypatch.setattr(annotate, "use_vllm", lambda backend: True)
+    monkeypatch.setattr(annotate, "generate_vllm", fake_vllm)
+    cfg = load_config("tiny", overrides={"model": model_dir, "num_samples": "3", "generation_batch_size": "4"})
+    prompts = [f"{a} {b} " for a in "abcd" for b in "efgh"][:10]
+    rows_a, stats_a = annotate_round(cfg, Solo(), str(tmp_path / "one"), model_dir, ref_dir, prompts, seed=7)
+
+    split = tmp_path / "split"
+    pregenerate_round(cfg, str(split), model_dir, prompts, seed=7)
+    assert (split / RESPONSES).exists()
+
+    def no_engine(*a, **k):
+        raise AssertionError("the scoring launch must not start vLLM again")
+
+    monkeypatch.setattr(annotate, "generate_vllm", no_engine)
+    pregenerate_round(cfg, str(split), model_dir, prompts, seed=7)  # already there: not generated again
+    assert annotate_round(cfg, _Ranks(1, 2), str(split), model_dir, ref_dir, prompts, seed=7) is None
+    rows_b, stats_b = annotate_round(cfg, _Ranks(0, 2), str(split), model_dir, ref_dir, prompts, seed=7)
+    assert rows_b == rows_a and len(rows_a) > 0
+    assert stats_a["backend"] == stats_b["backend"] == "vllm"
+    assert stats_b["response_tokens"] == stats_a["response_tokens"] and stats_b["pairs"] == stats_a["pairs"]
+    # another seed or policy is not this round's: generated anew, never scored from the stale file
+    monkeypatch.setattr(annotate, "generate_vllm", fake_vllm)
+    rows_c, _ = annotate_round(cfg, Solo(), str(split), model_dir, ref_dir, prompts, seed=8)
+    assert len(rows_c) == len(rows_a)

@@ -136,6 +136,23 @@ def test_two_rounds_write_everything(reference_run):
     assert not leftovers and not os.path.exists(os.path.join(out, "round_1", "trainer"))
 
 
+def test_each_step_measures_itself_in_metrics(reference_run):
+    """metrics.json's "steps": each step's wall seconds, processes, each process's peak memory (resident on
+    CPU; the GPU allocator's peak where there is one), generation and training tokens per second."""
+    out, _ = reference_run
+    seed = json.load(open(os.path.join(out, "seed", "metrics.json")))["steps"]
+    r1 = json.load(open(os.path.join(out, "round_1", "metrics.json")))["steps"]
+    assert sorted(seed) == ["eval", "seed"] and sorted(r1) == ["annotate", "eval", "follow", "lead"]
+    for step in (*seed.values(), *r1.values()):
+        assert step["seconds"] > 0 and step["processes"] == 1
+        assert step["peak_device_bytes"] == [None]  # no GPU here
+        assert 50e6 < step["peak_resident_bytes"][0] < 8e9  # a Python process with torch: 50 MB .. 8 GB
+    assert r1["annotate"]["generated_tokens"] > 0 and r1["annotate"]["generation_tokens_per_second"] > 0
+    for step in (seed["seed"], r1["lead"]):
+        assert step["trained_tokens"] > 0 and step["training_tokens_per_second"] > 0
+    assert "training_tokens_per_second" not in r1["annotate"] and "generated_tokens" not in r1["lead"]
+
+
 def test_an_existing_run_needs_resume_and_the_same_config(reference_run, task_dir):
     out, _ = reference_run
     with pytest.raises(ValueError, match="^output_dir: .* already holds a run"):
@@ -173,6 +190,7 @@ def test_resolve_every_moves_the_atoms(tmp_path, task_dir):
             round_reference="init",
             gradient_accumulation_steps="1",
             per_device_train_batch_size="4",
+            batch_size="4",  # 4 × 1 × 1 process (with batch_size 8 it trained batches of 4 silently; now refused)
         )
     )
     m = json.load(open(out / "round_1" / "metrics.json"))
@@ -530,7 +548,8 @@ def test_launcher_runs_each_step_where_it_belongs(tmp_path):
     orig = annotate.use_vllm
     try:
         annotate.use_vllm = lambda backend: backend == "vllm"
-        assert z.how(v, "round_1/annotate") == ("", 1) and z.how(v, "round_1/lead") == (z.engine_config, 4)
+        # vLLM generates in one process, then every process scores (two launches: test_gpu_paths)
+        assert z.how(v, "round_1/annotate") == ("vllm+score", 4) and z.how(v, "round_1/lead") == (z.engine_config, 4)
     finally:
         annotate.use_vllm = orig
     assert z.command(["round_1/annotate"], ("", 1))[1:3] == ["-m", "ssapo.stage"]
@@ -619,7 +638,11 @@ def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypa
     monkeypatch.setattr(
         Launcher,
         "command",
-        lambda self, steps, how, mp=None: [sys.executable, "-c", "raise FileNotFoundError('cache-0.arrow')"],
+        lambda self, steps, how, mp=None, generate_only=False: [
+            sys.executable,
+            "-c",
+            "raise FileNotFoundError('cache-0.arrow')",
+        ],
     )
     monkeypatch.delenv(train.LAUNCHED_ENV, raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -633,6 +656,7 @@ def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypa
         str(out),
         *task_args(task_dir),
         *[f"--{k}={v}" for k, v in SMALL.items()],
+        "--per-device-train-batch-size=null",  # SMALL's 8 × 2 processes would be refused before the launch
     ]
     args, extra = build_parser().parse_known_args(argv)
     assert train.run(args, extra) == 1

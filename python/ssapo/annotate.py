@@ -61,7 +61,7 @@ import gc
 import os
 import time
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -136,21 +136,28 @@ def _generation_config(path: str):
 
 
 def tensor_parallel_for(config, gpus: int) -> int:
-    """vLLM's tensor-parallel size for a model of `config` (a transformers config, or a checkpoint path) on
-    `gpus` GPUs: the largest number not above `gpus` that divides both the attention heads and the key-value
-    heads (vLLM refuses a size that does not divide the heads: Llama-3-8B's 32 heads and 8 KV heads on 3, 5,
-    6 or 7 GPUs), at least 1."""
-    if isinstance(config, (str, os.PathLike)):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = int(getattr(text, "num_attention_heads", 0) or 0)
-    kv = int(getattr(text, "num_key_value_heads", 0) or heads)
+    """vLLM's tensor-parallel size for a model of `config` (a transformers config, or a checkpoint directory,
+    whose config.json is read) on `gpus` GPUs: the largest number not above `gpus` that divides both the
+    attention heads and the key-value heads (vLLM refuses a size that does not divide the heads: Llama-3-8B's
+    32 heads and 8 KV heads on 3, 5, 6 or 7 GPUs), at least 1. A config that names no heads: `gpus`."""
     if gpus < 1:
         raise ValueError(f"gpus: must be >= 1, got {gpus}")
-    if heads < 1:
-        return 1
+    if isinstance(config, (str, os.PathLike)):
+        import json
+
+        try:
+            with open(os.path.join(config, "config.json")) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data = data.get("text_config") or data
+        heads, kv = data.get("num_attention_heads"), data.get("num_key_value_heads")
+    else:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads, kv = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    if not heads:
+        return int(gpus)
+    heads, kv = int(heads), int(kv or heads)
     return max(d for d in range(1, int(gpus) + 1) if heads % d == 0 and kv % d == 0)
 
 
@@ -650,6 +657,49 @@ def _settings(cfg, **kw) -> dict:
     return out
 
 
+def _vllm_responses(policy_path: str, tok, prompts: Sequence, s: dict, stop_ids, progress: bool):
+    """`generate_vllm` over the rendered `prompts` with the annotation settings `s`, and what it cost:
+    the free GPU memory before the engine and after its release (`torch.cuda.mem_get_info`: the device
+    check wants at least 95 % back), its seconds."""
+    out: Dict[str, Any] = {}
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        out["gpu_free_before_engine_bytes"], out["gpu_total_bytes"] = torch.cuda.mem_get_info()
+    t0 = time.time()
+    responses = generate_vllm(
+        policy_path,
+        tok,
+        prompts,
+        s["n"],
+        s["temperature"],
+        s["top_p"],
+        s["max_new_tokens"],
+        s["seed"],
+        stop_ids=stop_ids,
+        max_length=s["max_length"],
+        progress=progress,
+    )
+    out["generate_seconds"] = time.time() - t0
+    if torch.cuda.is_available():
+        out["gpu_free_after_release_bytes"] = torch.cuda.mem_get_info()[0]
+    return responses, out
+
+
+def vllm_pregenerate(policy_path: str, tok, prompts: Sequence, cfg=None, *, seed: Optional[int] = None, progress=True):
+    """The vLLM half of `annotate_rows` on its own (the driver's first launch of a vLLM annotation step, one
+    process with the GPUs to itself): the responses (token ids per prompt, exactly what `annotate_rows`'
+    vLLM path would sample: the same rendering, stop ids and per-prompt seeds) and the engine's stats
+    (`generate_seconds`, free GPU memory before and after). `annotate_rows(..., responses=...)` then scores
+    them, shared out over every process of the next launch."""
+    s = _settings(cfg, seed=seed)
+    name = (getattr(cfg, "tokenizer", None) or getattr(cfg, "model", None)) if cfg is not None else None
+    rendered = [chat.with_system_turn(p, chat.wants_system_turn(tok, s["system_turn"], name)) for p in prompts]
+    stop_ids = chat.stop_token_ids(None, tok, _generation_config(policy_path))
+    responses, st = _vllm_responses(policy_path, tok, rendered, s, stop_ids, progress)
+    return responses, {**st, "backend": "vllm"}
+
+
 def annotate_rows(
     policy,
     init_model,
@@ -727,6 +777,7 @@ def annotate_rows(
         unscored=() if s["score_stop"] else stop,
     )
     vllm = responses is None and use_vllm(s["backend"])
+    engine_stats: Dict[str, Any] = {}
     t0 = time.time()
     if vllm:  # one engine on this process over every prompt (run it on the main process only)
         if world != 1:
@@ -735,22 +786,7 @@ def annotate_rows(
             raise ValueError("policy_path: vLLM loads the policy from its checkpoint directory; give policy_path")
         for m in (policy, init_model):  # the engine gets the GPUs to itself; the scorers come back after it
             _place(m, torch.device("cpu"))
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        responses = generate_vllm(
-            policy_path,
-            tok,
-            prompts,
-            s["n"],
-            s["temperature"],
-            s["top_p"],
-            s["max_new_tokens"],
-            s["seed"],
-            stop_ids=stop_ids,
-            max_length=s["max_length"],
-            progress=progress,
-        )
+        responses, engine_stats = _vllm_responses(policy_path, tok, prompts, s, stop_ids, progress)
     target = torch.device(device) if device is not None else scoring_device(cfg)
     _place(policy, target)
     _place(init_model, target)
@@ -830,6 +866,7 @@ def annotate_rows(
     stats["pairs"] = len(rows)
     stats["generate_seconds"] = gen_s if not vllm else time.time() - t0 - score_s
     stats["score_seconds"] = score_s
+    stats.update({k: v for k, v in engine_stats.items() if k != "generate_seconds"})
     stats["backend"] = "vllm" if vllm else ("given" if responses is not None and not vllm else "transformers")
     return rows, stats
 

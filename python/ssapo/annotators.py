@@ -106,19 +106,61 @@ def flip_pairs(rows: List[dict], rate: float, seed: Sequence[int]) -> List[dict]
     return out
 
 
+RESPONSES = "responses.json"  # a round's vLLM responses, written by the driver's generation launch
+
+
+def _responses_key(policy_path: str, prompts: List, seed: int) -> dict:
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
+    return {"policy": os.path.abspath(policy_path), "seed": int(seed), "prompts_sha256": digest}
+
+
+def pregenerate_round(cfg, rd: str, policy_path: str, prompts: List, seed: int) -> None:
+    """The vLLM half of a round's annotation, alone in its process (the driver's first launch of a vLLM
+    annotation step on several GPUs; `ssapo.annotate.vllm_pregenerate`): writes DIR/round_<t>/responses.json
+    (atomically), which `annotate_round` then scores over every process of the next launch. Skipped when
+    that file already holds this policy's, seed's and prompts' responses (a resumed step)."""
+    from ssapo import annotate, models
+    from ssapo.io import write_json
+
+    key = _responses_key(policy_path, prompts, seed)
+    if _read_responses(rd, key) is not None:
+        return
+    tok = models.tokenizer(cfg, policy_path)
+    responses, stats = annotate.vllm_pregenerate(policy_path, tok, prompts, cfg, seed=seed)
+    os.makedirs(rd, exist_ok=True)
+    write_json(os.path.join(rd, RESPONSES), {**key, "responses": responses, "stats": stats})
+
+
+def _read_responses(rd: str, key: dict) -> Optional[dict]:
+    import json
+
+    try:
+        with open(os.path.join(rd, RESPONSES)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if all(data.get(k) == v for k, v in key.items()) else None
+
+
 def annotate_round(cfg, procs, rd: str, policy_path: str, ref_path: str, prompts: List, seed: int):
-    """Round annotation shared out over `procs` by prompt chunks (one process
-    under vLLM): π at `policy_path` samples, the annotator (cfg.annotator; the
-    implicit reward against `ref_path` by default) ranks. Returns (rows in
-    prompt order, merged stats) on the main process, None elsewhere; the
-    shards are exchanged through files in `rd`."""
+    """Round annotation shared out over `procs` by prompt chunks: π at
+    `policy_path` samples, the annotator (cfg.annotator; the implicit reward
+    against `ref_path` by default) ranks. Under vLLM one process generates and
+    scores, unless the driver's generation launch left this round's responses
+    (`pregenerate_round`): then every process scores its chunks of them.
+    Returns (rows in prompt order, merged stats) on the main process, None
+    elsewhere; the shards are exchanged through files in `rd`."""
     import json
     import shutil
 
     from ssapo import annotate, chat, models
     from ssapo.processes import merge_counts, write_ordered
 
-    vllm = annotate.use_vllm(cfg.generation_backend)
+    given = _read_responses(rd, _responses_key(policy_path, prompts, seed))
+    vllm = given is None and annotate.use_vllm(cfg.generation_backend)
     world, rank = (1 if vllm else procs.num_processes), procs.process_index
     rows: List[dict] = []
     stats: dict = {}
@@ -129,12 +171,22 @@ def annotate_round(cfg, procs, rd: str, policy_path: str, ref_path: str, prompts
         fn = load_annotator(cfg)
         scorer = text_scorer(fn, tok, chat.stop_token_ids(policy, tok)) if fn is not None else None
         rows, stats = annotate.annotate_rows(
-            policy, ref, tok, prompts, cfg, seed=seed, policy_path=policy_path, rank=rank, world=world, scorer=scorer
+            policy,
+            ref,
+            tok,
+            prompts,
+            cfg,
+            seed=seed,
+            policy_path=policy_path,
+            rank=rank,
+            world=world,
+            scorer=scorer,
+            responses=given["responses"] if given else None,
         )
         del policy, ref
         models.free()
     if world == 1:
-        return (rows, stats) if procs.is_main_process else None
+        return (rows, {**stats, **(given["stats"] if given else {})}) if procs.is_main_process else None
     shard_dir = os.path.join(rd, "annotate_shards")
     write_ordered(os.path.join(shard_dir, f"rank_{rank}.json"), {"rows": rows, "stats": stats})
     procs.wait_for_everyone()
@@ -146,4 +198,5 @@ def annotate_round(cfg, procs, rd: str, policy_path: str, ref_path: str, prompts
             parts.append(json.load(f))
     shutil.rmtree(shard_dir, ignore_errors=True)
     rows = sorted((row for p in parts for row in p["rows"]), key=lambda row: row["index"])
-    return rows, merge_counts([p["stats"] for p in parts])
+    stats = merge_counts([p["stats"] for p in parts])
+    return rows, {**stats, **(given["stats"] if given else {})}  # the generation launch's seconds and backend

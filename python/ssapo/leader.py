@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from typing import Any, Dict, List, Optional
 
 from ssapo import models
@@ -79,6 +80,18 @@ def _resolver(cfg, rows: List[dict], reference_path: str, tok, procs):
 
     broadcast = broadcast_from_main if procs.num_processes > 1 else None
     return follower.Resolver(cfg, cfg.resolve_every, margins_fn, Atoms.of_rows(rows), broadcast)
+
+
+def engine_name(trainer) -> str:
+    """The engine a trainer runs under, as accelerate set it up: 'DEEPSPEED zero-3', 'FSDP', 'MULTI_GPU'
+    (DDP), 'MULTI_CPU', 'NO' (one process)."""
+    acc = trainer.accelerator
+    if trainer.is_deepspeed_enabled:
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        return f"DEEPSPEED zero-{getattr(plugin, 'zero_stage', '?')}"
+    if trainer.is_fsdp_enabled:
+        return "FSDP"
+    return str(acc.distributed_type).split(".")[-1]
 
 
 def train_stage(
@@ -151,6 +164,7 @@ def train_stage(
         gradient_checkpointing=cfg.gradient_checkpointing,
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=cfg.precompute_ref_batch_size,
+        include_num_input_tokens_seen="non_padding",  # the step's training tokens per second (metrics "steps")
         disable_tqdm=False,
         ddp_timeout=cfg.ddp_timeout,
         ddp_backend="gloo" if procs.num_processes > 1 and not torch.cuda.is_available() else None,
@@ -179,8 +193,13 @@ def train_stage(
         trainer = ResolvingTrainer(model, resolver=_resolver(cfg, rows, resolve_reference, tok, procs), **kw)
     else:
         trainer = SSAPOTrainer(model, **kw)
+    t0 = time.time()
     trainer.train(resume_from_checkpoint=checkpoint) if checkpoint else trainer.train()
     stats, steps = dict(trainer.leader_stats), trainer.state.global_step
+    stats["train_seconds"] = time.time() - t0  # with the reference pass and a resume's load
+    stats["train_tokens"] = int(trainer.state.num_input_tokens_seen)  # every process's, non-padding
+    stats["engine"] = engine_name(trainer)  # what really ran (the device check fails a run on another)
+    stats["resumed_from"] = os.path.basename(checkpoint) if checkpoint else None  # a killed stage's checkpoint
     if resolving:
         stats["resolves"] = trainer.resolver.history
     # through the trainer on every rank: gathers ZeRO-3 / FSDP weights, merges a LoRA adapter into the full

@@ -66,7 +66,7 @@ from ssapo.config import ConfigError, RunConfig
 from ssapo.io import atomic_write, read_jsonl, write_json, write_jsonl
 from ssapo.leader import train_stage
 from ssapo.methods import Step, method_of, round_step_names
-from ssapo.processes import Solo
+from ssapo.processes import Solo, gather_strings, peak_memory, reset_peak_memory
 
 # fields that may change between a run and its resumption (they do not change results)
 RESUME_MAY_DIFFER = {
@@ -333,15 +333,41 @@ def run_step(run: Run, state: State, step: str) -> None:
     if step in state:
         return
     spec, t = step_spec(run.cfg, step)
+    reset_peak_memory()
     t0 = time.time()
     sections = spec.fn(run, state, t)
+    seconds = time.time() - t0
+    peaks = [json.loads(p) for p in gather_strings(state.procs, json.dumps(peak_memory()))]  # every process
     if state.main and sections is not None:
         first = next(iter(sections))
-        sections[first] = {**sections[first], "seconds": sections[first].get("seconds", time.time() - t0)}
-        write_json(run.metrics_path(t), {**read_metrics(run.metrics_path(t)), **sections})
+        sections[first] = {**sections[first], "seconds": sections[first].get("seconds", seconds)}
+        old = read_metrics(run.metrics_path(t))
+        cost = {**old.get("steps", {}), step.partition("/")[2] or step: step_cost(sections, seconds, peaks)}
+        write_json(run.metrics_path(t), {**old, **sections, "steps": cost})
         if spec.after is not None:
             spec.after(run, t)
     state.mark(step)
+
+
+def step_cost(sections: Dict[str, Any], seconds: float, peaks: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What a step cost, for metrics.json's "steps" section: its wall `seconds`, its `processes`, each
+    process's peak memory (`peak_device_bytes`: the GPU allocator's; `peak_resident_bytes`: host memory; in
+    rank order) and, where the step generated or trained, tokens per second over all its processes
+    (generation: response tokens / generation seconds per generating process; training: the non-padding
+    tokens the trainer saw / its training seconds)."""
+    out: Dict[str, Any] = {"seconds": round(seconds, 3), "processes": len(peaks)}
+    out["peak_device_bytes"] = [p.get("device_bytes") for p in peaks]
+    out["peak_resident_bytes"] = [p.get("resident_bytes") for p in peaks]
+    ann = sections.get("annotation") or {}
+    if ann.get("generate_seconds"):
+        generating = 1 if ann.get("backend") == "vllm" else len(peaks)  # each process's seconds are summed
+        out["generated_tokens"] = int(ann.get("response_tokens", 0))
+        out["generation_tokens_per_second"] = ann.get("response_tokens", 0) / (ann["generate_seconds"] / generating)
+    lead = sections.get("leader") or {}
+    if lead.get("train_seconds"):
+        out["trained_tokens"] = int(lead.get("train_tokens", 0))
+        out["training_tokens_per_second"] = lead.get("train_tokens", 0) / lead["train_seconds"]
+    return out
 
 
 def check_resumable(cfg: RunConfig, out: str) -> None:
@@ -387,6 +413,19 @@ def prepare(cfg: RunConfig, out: str, state: State) -> None:
     state.wait()
 
 
+def pregenerate(cfg: RunConfig, out: str, step: str) -> None:
+    """The generation half of a vLLM annotation step (`python -m ssapo.stage --generate-only`, one process
+    with the run's GPUs): π_{t−1} samples round t's prompts into DIR/round_<t>/responses.json; the step
+    itself, launched next on every process, scores them (`ssapo.annotators.annotate_round`)."""
+    from ssapo.annotators import pregenerate_round
+
+    spec, t = step_spec(cfg, step)
+    if spec.name != "annotate":
+        raise ValueError(f"step: only an annotation step generates on its own, got {step!r}")
+    run = Run(cfg, out)
+    pregenerate_round(cfg, run.dir(t), run.model(t - 1), run.prompts(t), cfg.seed + t)
+
+
 def run_steps(cfg: RunConfig, out: str, steps: List[str], procs=None) -> None:
     """Runs `steps` of the prepared run in `out` (those not yet in state.json) on
     the processes of `procs` (accelerate's PartialState inside a launch): what
@@ -408,6 +447,12 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
     launch. Without it every step runs here, on the processes of `procs`
     (default: this process alone; accelerate's PartialState when every rank
     of an existing launch calls `run`)."""
+    import torch
+
+    from ssapo.config import check_bf16
+
+    # bf16 without a GPU only under a DeepSpeed engine: refused here, before any step, not in the seed step
+    check_bf16(cfg, launcher.engine_type if launcher is not None else "NO", torch.cuda.device_count())
     out = os.path.abspath(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
     state = State(out, resume, procs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class Solo:
@@ -109,3 +109,49 @@ def process_group_timeout() -> Optional[float]:
         return float(dist.group.WORLD._get_backend(device).options._timeout.total_seconds())
     except Exception:  # a backend without readable options (mpi, ucc): nothing to report
         return None
+
+
+# -- what a step costs: each process measures itself ----------------------------------------------------
+
+
+def _vm_hwm() -> Optional[int]:
+    """This process's peak resident memory in bytes since the last `reset_peak_memory` (Linux VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # the process's whole life
+    except (ImportError, OSError):
+        return None
+
+
+def reset_peak_memory() -> None:
+    """Starts this process's peak-memory count anew: the GPU allocator's peak (torch.cuda) and the
+    resident peak (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> Dict[str, Optional[int]]:
+    """This process's peaks since `reset_peak_memory`: `device_bytes` (the most torch's CUDA allocator
+    held on this process's GPU; None without a GPU; vLLM's engine, a process of its own, is not in it)
+    and `resident_bytes` (host memory)."""
+    import torch
+
+    device = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = int(torch.cuda.max_memory_allocated())
+    return {"device_bytes": device, "resident_bytes": _vm_hwm()}

@@ -35,6 +35,7 @@ import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # set in every process a launcher starts
+VLLM_THEN_SCORE = "vllm+score"  # a vLLM annotation step on several GPUs: generate in one process, score on all
 ENGINES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # distributed types whose state must not reach a data step
 
 
@@ -44,6 +45,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--run-dir", required=True, help="the run directory (holds config.yaml, data/, state.json)")
     p.add_argument("--step", action="append", required=True, help="a step (repeatable), e.g. seed, round_1/lead")
+    p.add_argument(
+        "--generate-only",
+        action="store_true",
+        help="an annotation step's vLLM generation alone, in this one process (the driver's first launch of the "
+        "step on several GPUs; the step's own launch then scores on every process)",
+    )
     args = p.parse_args(argv)
     from datetime import timedelta
 
@@ -58,6 +65,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 2
     cfg = RunConfig.from_yaml(path)
+    if args.generate_only:
+        from ssapo.loop import pregenerate
+
+        for s in args.step:
+            pregenerate(cfg, out, s)
+        print(f"ssapo.stage: generated: {', '.join(args.step)}", file=sys.stderr)
+        return 0
     import torch
     from accelerate import PartialState
 
@@ -131,6 +145,22 @@ class Launcher:
         self.engine_type = str(engine.get("distributed_type", "MULTI_GPU"))
         self.data_config = self.engine_config
         self._data_text: Optional[str] = None
+        # a DeepSpeed JSON named relative to the accelerate config (a shipped recipe's, or the user's beside
+        # their YAML): accelerate would read it relative to the working directory, so the launch gets a copy
+        # of the config naming it by its absolute path (DIR/launch/engine.yaml)
+        self._engine_launch, self._engine_text = self.engine_config, None
+        ds = engine.get("deepspeed_config") if isinstance(engine.get("deepspeed_config"), dict) else {}
+        ds_file = ds.get("deepspeed_config_file")
+        beside = os.path.join(os.path.dirname(self.engine_config), str(ds_file)) if ds_file else None
+        if ds_file and not os.path.isabs(ds_file) and os.path.exists(beside):
+            import yaml
+
+            resolved = {**engine, "deepspeed_config": {**ds, "deepspeed_config_file": os.path.abspath(beside)}}
+            self._engine_launch = os.path.join(self.out, "launch", "engine.yaml")
+            self._engine_text = (
+                f"# written by ssapo train: {self.engine_config} with its deepspeed_config_file's absolute path\n"
+                + yaml.safe_dump(resolved, sort_keys=False)
+            )
         if self.engine_type in ENGINES:
             import yaml
 
@@ -144,12 +174,13 @@ class Launcher:
             )
 
     def write_configs(self) -> None:
-        """Writes DIR/launch/data_parallel.yaml (when the engine is not plain ddp), atomically."""
-        if self._data_text is not None:
-            from ssapo.io import atomic_write
+        """Writes DIR/launch/data_parallel.yaml (when the engine is not plain ddp) and DIR/launch/engine.yaml
+        (when its DeepSpeed JSON is named relative to it), atomically."""
+        from ssapo.io import atomic_write
 
-            text = self._data_text
-            atomic_write(self.data_config, lambda tmp: open(tmp, "w").write(text))
+        for path, text in ((self.data_config, self._data_text), (self._engine_launch, self._engine_text)):
+            if text is not None:
+                atomic_write(path, lambda tmp, text=text: open(tmp, "w").write(text))
 
     # -- planning ---------------------------------------------------------------------------------
     def how(self, cfg, step: str) -> Optional[Tuple[str, int]]:
@@ -166,6 +197,10 @@ class Launcher:
             from ssapo.annotate import use_vllm
 
             if use_vllm(cfg.generation_backend):
+                if spec.name == "annotate" and self.num_processes > 1 and self.num_machines == 1:
+                    # one vLLM engine over the GPUs (its own tensor parallelism) in one process, then the
+                    # scoring shared out over every GPU: two launches of the step (see drive)
+                    return VLLM_THEN_SCORE, self.num_processes
                 return "", 1  # one vLLM engine (its own tensor parallelism), no accelerate
         return self.data_config, self.num_processes
 
@@ -193,6 +228,9 @@ class Launcher:
                 for s in group:
                     self.in_driver(lambda s=s: run_here(s), s, state)
                 continue
+            if how[0] == VLLM_THEN_SCORE:  # generation alone (the GPUs to vLLM), then scoring on every process
+                self.launch(group, ("", 1), generate_only=True)
+                how = (self.data_config, how[1])
             self.launch(group, how)
             state.reload()
             missing = [s for s in group if s not in state]
@@ -201,11 +239,19 @@ class Launcher:
                     f"step {missing[0]}: its launch ended without recording it in {state.path}; see {self.last_log}"
                 )
 
-    def command(self, steps: List[str], how: Tuple[str, int], cfg_mixed_precision: Optional[str] = None) -> List[str]:
+    def command(
+        self,
+        steps: List[str],
+        how: Tuple[str, int],
+        cfg_mixed_precision: Optional[str] = None,
+        generate_only: bool = False,
+    ) -> List[str]:
         conf, n = how
         stage = ["-m", "ssapo.stage", "--run-dir", self.out] + [a for s in steps for a in ("--step", s)]
+        stage += ["--generate-only"] if generate_only else []
         if not conf:  # one plain process
             return [sys.executable] + stage
+        conf = self._engine_launch if conf == self.engine_config else conf
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", conf, "--num_processes", str(n)]
         if cfg_mixed_precision:
             cmd += ["--mixed_precision", cfg_mixed_precision]
@@ -225,24 +271,25 @@ class Launcher:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[: self.num_processes])
         return env
 
-    def log_path(self, steps: List[str]) -> str:
+    def log_path(self, steps: List[str], suffix: str = "") -> str:
         name = "+".join(s.replace("/", "_") for s in steps)
         if len(name) > 120:
             name = f"{steps[0].replace('/', '_')}+{len(steps) - 1}_more"
-        return os.path.join(self.out, "logs", f"{name}.log")
+        return os.path.join(self.out, "logs", f"{name}{suffix}.log")
 
-    def launch(self, steps: List[str], how: Tuple[str, int]) -> None:
-        """Runs one launch of `steps` to its end; raises StepFailed when it fails."""
+    def launch(self, steps: List[str], how: Tuple[str, int], generate_only: bool = False) -> None:
+        """Runs one launch of `steps` to its end; raises StepFailed when it fails. `generate_only`: the
+        vLLM generation of annotation steps alone (`python -m ssapo.stage --generate-only`)."""
         from ssapo.config import RunConfig
         from ssapo.loop import StepFailed
 
-        log = self.log_path(steps)
+        log = self.log_path(steps, "_generate" if generate_only else "")
         self.last_log = log
         if self.machine_rank > 0 and not how[0]:  # one-process launches run on machine 0 only
             return self._wait_for(steps)
         cfg = RunConfig.from_yaml(os.path.join(self.out, "config.yaml"))
         self.write_configs()
-        cmd = self.command(steps, how, "bf16" if cfg.bf16 else "no")
+        cmd = self.command(steps, how, "bf16" if cfg.bf16 else "no", generate_only=generate_only)
         os.makedirs(os.path.dirname(log), exist_ok=True)
         self._say(f"ssapo train: {', '.join(steps)}: {how[1]} process(es): {' '.join(cmd)}")
         t0 = time.time()
@@ -270,6 +317,11 @@ class Launcher:
                 raise
         if rc != 0:
             pending = self._pending_steps(steps)
+            if generate_only:
+                raise StepFailed(
+                    f"step {pending[0] if pending else steps[0]}: its vLLM generation failed (exit {rc}"
+                    f"{_cause(log, rc)}); log: {log}"
+                )
             if not pending:  # every step was recorded as done: the launch failed on its way out
                 self._say(
                     f"ssapo train: {', '.join(steps)}: recorded as done, but the launch exited {rc}{_cause(log, rc)}; "
