@@ -158,8 +158,17 @@ def load_policy_kwargs(
       them). Never bf16 weights under plain AdamW: at lr 5e-7 a step is below
       bf16 resolution for most weights (`SSAPOTrainer` refuses them).
     - `train=True, load_in_4bit=True` (QLoRA): the 4-bit NF4 base with bf16
-      compute on this process's device (`device_map={"": local_process_index}`);
-      the LoRA weights peft adds are float32.
+      compute. On one process or under DDP it loads onto this process's device
+      (`device_map={"": local_process_index}`, `"cpu"` without an accelerator).
+      Under a sharding engine (DeepSpeed ZeRO-3 or FSDP, read from accelerate's
+      launch environment or the DeepSpeed config that `TrainingArguments`
+      registered) there is no `device_map` (the engine places the model) and
+      the 4-bit weights are stored in bfloat16 (`bnb_4bit_quant_storage`, the
+      dtype of the rest of the model), as peft's QLoRA-with-FSDP/ZeRO-3 recipe
+      does: those engines shard and gather only floating-point tensors of one
+      dtype. The LoRA weights are float32 (peft's default;
+      `SSAPOTrainer` puts them back after trl's bf16 cast, see
+      `SSAPOTrainer._restore_fp32_adapter`).
     - `train=False` (reference, scoring, annotation: no optimizer):
       `dtype=torch.bfloat16` when `bf16`, else float32.
     Always `use_safetensors=True`; `trust_remote_code` only when asked."""
@@ -173,19 +182,49 @@ def load_policy_kwargs(
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
 
+        sharded = sharding_engine() is not None
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}),
         )
         kw["dtype"] = torch.bfloat16
-        kw["device_map"] = {"": PartialState().local_process_index}
+        if not sharded:
+            device = PartialState().device
+            kw["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
     elif train:
         kw["dtype"] = torch.float32
     else:
         kw["dtype"] = torch.bfloat16 if bf16 else torch.float32
     return kw
+
+
+def sharding_engine() -> Optional[str]:
+    """The engine that shards the model in this process: "zero3" (DeepSpeed
+    ZeRO-3: the DeepSpeed config a `TrainingArguments` has registered, or an
+    `accelerate launch` whose config or DeepSpeed JSON says stage 3), "fsdp"
+    (accelerate's `ACCELERATE_USE_FSDP`), else None (one process, DDP,
+    ZeRO-1/2)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return "zero3"
+    if _true(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if stage is None and config_file:  # a DeepSpeed JSON named in the accelerate config
+            try:
+                with open(config_file) as f:
+                    stage = str(json.load(f).get("zero_optimization", {}).get("stage"))
+            except (OSError, ValueError, AttributeError):
+                stage = None
+        if stage == "3":
+            return "zero3"
+    if _true(os.environ.get("ACCELERATE_USE_FSDP", "false")):
+        return "fsdp"
+    return None
 
 
 def load_policy(path: str, cfg=None, *, train: bool = True, **flags):
@@ -449,6 +488,30 @@ def _check_one_device_per_process(args, model) -> None:
         )
 
 
+def _reentrant_checkpointing_reaches_transformers(args, model, peft_config) -> None:
+    """LoRA under DeepSpeed ZeRO-3 with gradient checkpointing: trl forces
+    reentrant checkpointing (non-reentrant checkpointing rejects the frozen
+    weights that ZeRO-3 partitioned again during the recompute,
+    `CheckpointError ... saved [N] vs recomputed [0]`, until DeepSpeed 0.19.3,
+    deepspeedai/DeepSpeed#8148). trl writes `use_reentrant=True` into a new
+    `gradient_checkpointing_kwargs` dict, while transformers 5 enables
+    checkpointing in `train()` from `activation_checkpointing_kwargs` (the old
+    name mirrors the new one only once, in `TrainingArguments.__post_init__`):
+    the model got transformers' non-reentrant default, and the reentrant
+    setting came in only where trl re-enables checkpointing after a reference
+    forward during training (the per-step reference of `spa`), never with the
+    precomputed reference log-probs. Give both names one dict here, before
+    trl: trl's write then reaches transformers, and every step runs
+    reentrant."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+    if not (peft and args.gradient_checkpointing and plugin is not None and plugin.zero_stage == 3):
+        return
+    kwargs = dict(args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs or {})
+    kwargs.setdefault("use_reentrant", True)  # an explicit False is trl's to warn about and override
+    args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
+
+
 class _AtomCollator:
     """Wraps trl's preference collator and adds each row's atoms as float32
     tensors, in the order of the rows: shift/mass (B, K), weight (B,)
@@ -537,6 +600,7 @@ class SSAPOTrainer(DPOTrainer):
             # SPA needs the reference's logits at every step: keep a frozen copy of the start
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         _check_one_device_per_process(args, model)
+        _reentrant_checkpointing_reaches_transformers(args, model, peft_config)
         super().__init__(
             model,
             ref_model=ref_model,
@@ -547,6 +611,7 @@ class SSAPOTrainer(DPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        self._restore_fp32_adapter()
         self._check_master_weights()
         self.data_collator = _AtomCollator(self.data_collator)
         gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
@@ -568,10 +633,36 @@ class SSAPOTrainer(DPOTrainer):
             raise ValueError(f"obj: needs state_dict() and load_state_dict(state), got {type(obj).__name__}")
         self._checkpoint_states[name] = obj
 
+    def _restore_fp32_adapter(self):
+        """QLoRA: trl casts a 4-/8-bit model's trainable parameters (the LoRA
+        adapter) to bfloat16 (its `_is_quantized_model` branch), where plain
+        AdamW would update them in bf16 and drop every step below bf16
+        resolution. Put them back in float32, as peft itself makes them
+        (`get_peft_model`'s default `autocast_adapter_dtype=True`): peft's
+        bitsandbytes LoRA layers cast the input to the adapter's dtype and the
+        output back to the base layer's without autocast, and run the adapter in
+        bf16 under `bf16=True`'s autocast. Not under DeepSpeed: its engine sets
+        the module's dtype from its own config and keeps fp32 master weights (a
+        bf16 adapter beside a bf16 quant storage keeps ZeRO-3's gathers to one
+        dtype)."""
+        if self.is_deepspeed_enabled:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(model):
+            return
+        base = model.get_base_model()
+        if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+            return
+        for p in model.parameters():
+            if p.requires_grad and p.dtype in _HALF:
+                p.data = p.data.float()
+
     def _check_master_weights(self):
         """Plain AdamW (one process or DDP) updates the parameters in their own
         dtype: 16-bit trainable weights would drop most updates at lr 5e-7.
-        DeepSpeed and FSDP keep fp32 master weights of their own."""
+        DeepSpeed keeps fp32 master weights of its own; under FSDP with mixed
+        precision accelerate upcasts 16-bit trainable parameters to fp32 when it
+        wraps the model. A QLoRA adapter is fp32 here (`_restore_fp32_adapter`)."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return
         half = [(n, p.dtype) for n, p in self.model.named_parameters() if p.requires_grad and p.dtype in _HALF]
