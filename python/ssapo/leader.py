@@ -127,6 +127,7 @@ def train_stage(
         last_checkpoint,
         leader_fields,
         save_trained,
+        sharding_engine,
     )
 
     procs = PartialState()
@@ -177,7 +178,11 @@ def train_stage(
     if cfg.use_peft:
         from peft import LoraConfig
 
-        if cfg.load_in_4bit:
+        if cfg.load_in_4bit and sharding_engine() is None:
+            # one process / DDP: peft's QLoRA preparation (base frozen, its 16-bit norms and embeddings in fp32,
+            # input grads for checkpointing). Not under ZeRO-3 / FSDP: their 4-bit storage and every other weight
+            # stay bf16, one dtype to shard and gather (peft's QLoRA-with-FSDP/DeepSpeed recipe); get_peft_model
+            # freezes the base and trl enables the input grads there
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
