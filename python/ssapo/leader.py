@@ -17,10 +17,12 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 from ssapo import models
 from ssapo.atoms import COLUMNS as ATOM_COLUMNS
 from ssapo.atoms import Atoms
-from ssapo.processes import Solo, broadcast_from_main, gather_strings, process_group_timeout
+from ssapo.processes import Solo, broadcast_from_main, exchange, gather_strings, process_group_timeout
 
 TRAIN_COLUMNS = ("prompt", "chosen", "rejected", *ATOM_COLUMNS)  # what a leader trains on
 
@@ -61,25 +63,111 @@ def shared_dataset(rows: List[dict], path: str, procs=None):
     return load_from_disk(path)
 
 
-def _resolver(cfg, rows: List[dict], reference_path: str, tok, procs):
+def _resolver(cfg, rows: List[dict], reference_path: str, tok, procs, work_dir: str):
     """The `resolve_every` hook of a round: margins of the round's pairs under
     the policy being trained (implicit reward against `reference_path`, the
     annotation's reference), re-solved every `resolve_every` optimizer steps;
-    every process takes the main process's atoms."""
+    every process takes the main process's atoms. The margins are
+    `_SharedMargins`: shared out over the processes, the same on each."""
     from ssapo import follower
 
-    ref, _ = models.load(reference_path, cfg, procs.device)
-    cache: Dict[str, Any] = {}
-    bs = max(8, cfg.generation_batch_size)
-
-    def margins_fn(model):
-        was_training = model.training
-        m, cache["ref"] = models.pair_margins(model, ref, tok, rows, bs, cache.get("ref"), max_length=cfg.max_length)
-        model.train(was_training)
-        return m.numpy()
-
+    margins_fn = _SharedMargins(cfg, rows, reference_path, tok, procs, work_dir)
     broadcast = broadcast_from_main if procs.num_processes > 1 else None
     return follower.Resolver(cfg, cfg.resolve_every, margins_fn, Atoms.of_rows(rows), broadcast)
+
+
+class _SharedMargins:
+    """`margins_fn` of a `follower.Resolver`: the implicit-reward margins
+    [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)] of `rows`, in
+    row order, on every process. The rows are shared out by chunks of
+    `max(8, generation_batch_size)` (chunk c to process c mod world, each chunk
+    one batch, so the values do not depend on the process count) and the
+    margins exchanged through files in `work_dir`.
+
+    The reference's log-probs are computed here, once: the reference is loaded
+    whole on each process (`ssapo.trainer.unsharded_loading`: under a DeepSpeed
+    ZeRO-3 launch the TrainingArguments switched zero.Init on for the process,
+    and a model partitioned by it but never wrapped by an engine cannot run a
+    forward; under FSDP ranks other than 0 would load it empty), scores this
+    process's chunks, and is freed before training. The policy is called as
+    the trainer hands it over (`ResolvingTrainer.scoring_model`: a module whose
+    forward gathers its sharded parameters), and under ZeRO-3 or FSDP each of
+    its forwards is a collective: every process runs the same number of them
+    (the most chunks any process has, padded with a repeat of chunk 0 whose
+    result is dropped), each one whole forward, whatever the rows hold."""
+
+    def __init__(self, cfg, rows: List[dict], reference_path: str, tok, procs, work_dir: str):
+        from ssapo.processes import chunked, chunks_of
+        from ssapo.trainer import unsharded_loading
+
+        self.procs, self.dir, self.n = procs, work_dir, len(rows)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        bs = max(8, cfg.generation_batch_size)
+        self.chunks = chunked(self.n, bs, procs)
+        self.rounds = len(chunks_of(self.n, bs, 0, procs.num_processes))  # process 0 has the most chunks
+        self.forwards = 0  # the policy's forwards so far (the same on every process)
+
+        def tokenized(c: range):
+            from ssapo.annotate import tokenize_for_scoring
+
+            part = [rows[i] for i in c]
+            prompts = [r["prompt"] for r in part]
+            return tuple(
+                tokenize_for_scoring(tok, prompts, [r[k] for r in part], cfg.max_length) for k in ("chosen", "rejected")
+            )
+
+        self.batches = [tokenized(c) for c in self.chunks]
+        self.padding = self.batches[0] if self.batches else tokenized(range(min(bs, self.n)))
+        os.makedirs(work_dir, exist_ok=True)
+        with unsharded_loading():
+            ref, _ = models.load(reference_path, cfg, models.device_of(cfg, procs))
+        ref.eval()
+        self.ref = [tuple(_batch_logps(ref, b, self.pad) for b in pair) for pair in self.batches]
+        del ref
+        models.free()
+
+    def __call__(self, model) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        mine = {}
+        for k in range(self.rounds):
+            real = k < len(self.batches)
+            chosen, rejected = self.batches[k] if real else self.padding
+            lw, ll = _batch_logps(model, chosen, self.pad), _batch_logps(model, rejected, self.pad)
+            self.forwards += 2
+            if real:
+                ref_w, ref_l = self.ref[k]
+                mine[str(self.chunks[k].start)] = ((lw - ref_w) - (ll - ref_l)).tolist()
+        model.train(was_training)
+        merged = {
+            int(s): v for part in exchange(self.procs, self.dir, "resolve_margins", mine) for s, v in part.items()
+        }
+        margins = [m for s in sorted(merged) for m in merged[s]]
+        if len(margins) != self.n:
+            raise RuntimeError(f"resolve: {len(margins)} margins gathered for {self.n} rows")
+        return np.asarray(margins, dtype=np.float64)
+
+
+def _batch_logps(model, pairs, pad: int):
+    """Σ log π(y|x) of each (sequence ids, scored tokens) in `pairs` (`annotate.tokenize_for_scoring`), as
+    a CPU float64 tensor: one whole forward of `model`, run even when no token is scored (a forward of a
+    sharded model is a collective every process joins), without gradients."""
+    import torch
+
+    from ssapo.annotate import selective_log_softmax
+
+    device = next(model.parameters()).device
+    width = max(len(q) for q, _ in pairs)
+    ids = torch.tensor([list(q) + [pad] * (width - len(q)) for q, _ in pairs], device=device)
+    attn = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q, _ in pairs], device=device)
+    at = [(b, t) for b, (q, c) in enumerate(pairs) for t in range(max(len(q) - c, 1), len(q))]
+    r = torch.tensor([b for b, _ in at], dtype=torch.long, device=device)
+    t = torch.tensor([t for _, t in at], dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        lp = selective_log_softmax(logits[r, t - 1], ids[r, t], 1024)
+    del logits
+    return torch.zeros(len(pairs), dtype=torch.float64).index_add_(0, r.cpu(), lp.double().cpu())
 
 
 def engine_name(trainer) -> str:
@@ -195,7 +283,7 @@ def train_stage(
         )
     kw = dict(ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
     if resolving:
-        trainer = ResolvingTrainer(model, resolver=_resolver(cfg, rows, resolve_reference, tok, procs), **kw)
+        trainer = ResolvingTrainer(model, resolver=_resolver(cfg, rows, resolve_reference, tok, procs, work_dir), **kw)
     else:
         trainer = SSAPOTrainer(model, **kw)
     t0 = time.time()

@@ -1059,6 +1059,16 @@ class ResolvingTrainer(SSAPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != PAIR_INDEX})
 
+    def scoring_model(self):
+        """The policy as the re-solve's margin pass calls it: a module whose forward gathers its sharded
+        parameters. Under FSDP the FSDP-wrapped model (its root's forward unshards the root's own parameters,
+        the embeddings, final norm and head; `unwrap_model` would strip it); otherwise the unwrapped model
+        (under DeepSpeed ZeRO-3 the engine's gather/release hooks live on the module itself; under DDP or
+        one process it is whole)."""
+        if self.is_fsdp_enabled:
+            return self.model_wrapped
+        return self.accelerator.unwrap_model(self.model)
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if PAIR_INDEX not in self._signature_columns:
@@ -1072,7 +1082,7 @@ class _ResolveCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         every = self.trainer.resolver.every
         if state.global_step % every == 0 and state.global_step < state.max_steps:
-            self.trainer.resolver.resolve(state.global_step, self.trainer.accelerator.unwrap_model(self.trainer.model))
+            self.trainer.resolver.resolve(state.global_step, self.trainer.scoring_model())
         return control
 
 
