@@ -3,6 +3,7 @@ paper's (docs/METHOD.md §4.6); overrides are typed; bad
 values name the field; `ssapo train` reports them with exit code 2."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_recipes_ship_inside_the_package_and_the_top_level_is_a_link():
                 os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f)).read()
                 for r, _, fs in os.walk(d)
                 for f in fs
-                if f.endswith(".yaml")
+                if f.endswith((".yaml", ".json"))  # accelerate configs and the DeepSpeed JSON they name
             }
 
         assert files(RECIPES_DIR) == files(src)
@@ -96,9 +97,15 @@ def test_accelerate_configs_ship():
     kinds = {name: read(path)["distributed_type"] for name, path in ACCELERATE_CONFIGS.items()}
     assert kinds == {"ddp": "MULTI_GPU", "zero3": "DEEPSPEED", "fsdp": "FSDP", "zero3_cpu": "DEEPSPEED"}
     assert read(ACCELERATE_CONFIGS["zero3"])["deepspeed_config"]["zero_stage"] == 3
-    # the CPU (gloo) variant CI runs: ZeRO-3 without use_cpu (with it accelerate skips DeepSpeed), fp32
+    # the CPU (gloo) variant CI runs: ZeRO-3 without use_cpu (with it accelerate skips DeepSpeed), its
+    # DeepSpeed settings in the JSON it names (shipped next to it), fp32 unless the launch says bf16
     cpu = read(ACCELERATE_CONFIGS["zero3_cpu"])
-    assert cpu["deepspeed_config"]["zero_stage"] == 3 and cpu["use_cpu"] is False and cpu["mixed_precision"] == "no"
+    assert cpu["use_cpu"] is False and "mixed_precision" not in cpu
+    ds_file = os.path.join(
+        os.path.dirname(ACCELERATE_CONFIGS["zero3_cpu"]), cpu["deepspeed_config"]["deepspeed_config_file"]
+    )
+    ds = json.load(open(ds_file))
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     from ssapo.config import accelerate_config_path
 
     assert accelerate_config_path("zero3_cpu") == ACCELERATE_CONFIGS["zero3_cpu"]

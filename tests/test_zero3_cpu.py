@@ -11,6 +11,17 @@ resolution: `save_trained` writes the fp32 master weights exactly (moved from
 the start, where their bf16 rounding, which `save_model`'s 16-bit gather
 writes, has not), and `save_dtype="bfloat16"` their bf16 rounding.
 
+Both launches check that ZeRO-3 really partitions: the recipe's DeepSpeed JSON
+(zero3_cpu.json) sets `stage3_param_persistence_threshold: 0`, so after training
+each rank holds only a slice of every parameter (`p.ds_tensor.numel() <
+p.ds_numel`), released between forwards (DeepSpeed's default would keep all of
+this tiny model's parameters whole on every rank).
+
+A third launch runs a leader stage (`ssapo.leader.train_stage`) with
+`resolve_every` 1: the re-solve's margins are shared out over the ranks (the
+same number of forwards on each), equal on both ranks and to a one-process
+computation from the policy's gathered weights (issue 16, finding 4).
+
 Runs only where `deepspeed` and `ninja` are installed (skipped with the reason
 otherwise). Needs DS_ACCELERATOR=cpu (set here); see
 recipes/accelerate/zero3_cpu.yaml. This file is also the launched worker:
@@ -44,6 +55,15 @@ def _recipe() -> str:
     from ssapo.config import RECIPES_DIR
 
     return os.path.join(RECIPES_DIR, "accelerate", "zero3_cpu.yaml")
+
+
+def _ds_config() -> str:
+    """The DeepSpeed JSON the recipe names (relative to the recipe: accelerate reads it relative to the
+    working directory, so the launch names its absolute path)."""
+    import yaml
+
+    name = yaml.safe_load(open(_recipe()))["deepspeed_config"]["deepspeed_config_file"]
+    return os.path.join(os.path.dirname(_recipe()), name)
 
 
 def worker(work: str, mode: str = "fp32") -> None:
@@ -93,6 +113,18 @@ def worker(work: str, mode: str = "fp32") -> None:
     rows = [{**r, "shift": [0.0, 0.05 * (i % 3)], "mass": [0.8, 0.2]} for i, r in enumerate(PAIRS * 4)]
     trainer = SSAPOTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.train()
+    # ZeRO-3 really partitioned the trained model: each rank holds a slice of every parameter (ds_tensor),
+    # released between forwards (none kept whole as persistent: the recipe's persistence threshold is 0)
+    params = list(trainer.model_wrapped.module.parameters())
+    partitioning = {
+        "params": len(params),
+        "partitioned": sum(int(p.ds_tensor.numel() < p.ds_numel) for p in params),
+        "released": sum(int(p.data.numel() == 0) for p in params),
+        "persistent": sum(int(p.ds_persist) for p in params),
+        "local_numel": sum(p.ds_tensor.numel() for p in params),
+        "full_numel": sum(p.ds_numel for p in params),
+        "persistence_threshold": trainer.model_wrapped.zero_param_persistence_threshold(),
+    }
     trainer.save_model(os.path.join(work, "saved"))  # every rank: gathers the 16-bit weights to rank 0
     try:  # the loop's own save path (model card, atomic rename), where this version of ssapo has it
         from ssapo.trainer import save_trained
@@ -129,8 +161,131 @@ def worker(work: str, mode: str = "fp32") -> None:
         "ddp_backend": args.ddp_backend,
         "bf16_enabled": bool(engine.bfloat16_enabled()),
         "module_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
+        "partitioning": partitioning,
     }
     with open(os.path.join(work, f"rank{state.process_index}_of_{state.num_processes}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+# the re-solve launch: 24 pairs, scored by chunks of 8 (3 chunks over 2 ranks: one rank pads with a repeat)
+RESOLVE_ROWS = [
+    {
+        "prompt": f"{WORDS[i % 10]} {WORDS[(i + 1) % 10]} ",
+        "chosen": f"{WORDS[(i + 2) % 10]} {WORDS[(i + 3) % 10]}",
+        "rejected": " ".join(WORDS[(i + k) % 10] for k in (5, 7, 1)[: 2 + i % 2]),
+    }
+    for i in range(24)
+]
+
+
+def resolve_config():
+    """The RunConfig of the re-solve launch (and of the test's one-process recomputation)."""
+    from ssapo.config import load_config
+
+    return load_config(
+        "tiny",
+        overrides={
+            "batch_size": "4",
+            "per_device_train_batch_size": "2",
+            "gradient_accumulation_steps": "1",
+            "warmup_ratio": "0",
+            "lr_scheduler_type": "constant",
+            "generation_batch_size": "8",
+            "max_length": "32",
+            "max_prompt_length": "16",
+            "resolve_every": "1",
+            "eps": "0.05",
+            "use_cpu": "false",
+            "save_steps": "0",
+            "seed": "0",
+            "ddp_timeout": "300",
+        },
+    )
+
+
+def resolve_worker(work: str) -> None:
+    """One process of the re-solve launch: `ssapo.leader.train_stage` with resolve_every 1 under ZeRO-3 (3
+    steps: re-solves after steps 1 and 2). Each re-solve's margins (what the follower solved), the policy's
+    forwards during it (counted on the module the trainer hands the resolver), the partitioning of its
+    parameters then, and on rank 0 the policy's full weights at that moment (gathered) are written out."""
+    import torch
+    from accelerate import PartialState
+
+    from ssapo import follower
+    from ssapo.atoms import Atoms
+    from ssapo.leader import train_stage
+
+    torch.set_num_threads(1)
+    state = PartialState(backend="gloo")  # as ssapo.stage starts a launched step: DeepSpeed on CPU processes
+    cfg = resolve_config()
+    init = os.path.join(work, "init")
+    rows = Atoms.identity(len(RESOLVE_ROWS)).attach(RESOLVE_ROWS)
+    seen = {
+        "margins": [],
+        "forwards": [],
+        "sequences": [],
+        "partitioned": [],
+        "released": [],
+        "params": [],
+        "steps": [],
+        "atoms": [],
+    }
+    counting = {"on": False, "forwards": 0, "sequences": 0}
+    hooked = set()
+    follow, resolve = follower.follow, follower.Resolver.resolve
+
+    def spy_follow(margins, c):
+        seen["margins"].append([float(m) for m in margins])
+        return follow(margins, c)
+
+    def count(module, args, kwargs):
+        if counting["on"]:
+            counting["forwards"] += 1
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            counting["sequences"] += int(ids.shape[0])
+
+    def spy_resolve(self, step, model=None):
+        import deepspeed
+
+        if id(model) not in hooked:
+            model.register_forward_pre_hook(count, with_kwargs=True)
+            hooked.add(id(model))
+        params = list(model.parameters())
+        # ZeRO-3 partitioning: this rank holds a slice of each parameter (ds_tensor); between forwards the
+        # parameter itself is released (no data) unless ZeRO-3 keeps it whole as persistent (ds_persist)
+        seen["partitioned"].append(sum(int(p.ds_tensor.numel() < p.ds_numel) for p in params))
+        seen["released"].append(sum(int(p.data.numel() == 0 and not p.ds_persist) for p in params))
+        seen["params"].append(len(params))
+        with deepspeed.zero.GatheredParameters(params):  # every rank: an all-gather per parameter
+            if state.is_main_process:
+                full = {n: p.detach().clone() for n, p in model.named_parameters()}
+                torch.save(full, os.path.join(work, f"resolve_weights_step{step}.pt"))
+        counting.update(on=True, forwards=0, sequences=0)
+        try:
+            return resolve(self, step, model)
+        finally:
+            counting["on"] = False
+            seen["forwards"].append(counting["forwards"])
+            seen["sequences"].append(counting["sequences"])
+            seen["steps"].append(step)
+            seen["atoms"].append({k: v.tolist() for k, v in self.atoms.arrays().items()})
+
+    follower.follow = spy_follow
+    follower.Resolver.resolve = spy_resolve
+    stats = train_stage(
+        cfg,
+        init,
+        init,
+        rows,
+        1e-2,
+        0.5,
+        "shift_prob",
+        os.path.join(work, "resolved_model"),
+        os.path.join(work, "stage"),
+        resolve_reference=init,
+    )
+    report = {**seen, "resolves": stats["resolves"], "steps_trained": stats["steps"], "processes": stats["processes"]}
+    with open(os.path.join(work, f"resolve_rank{state.process_index}_of_{state.num_processes}.json"), "w") as f:
         json.dump(report, f, indent=1)
 
 
@@ -169,6 +324,8 @@ def launch(work: str, mode: str = "fp32", timeout: int = 900) -> subprocess.Comp
         "accelerate.commands.launch",
         "--config_file",
         _recipe(),
+        "--deepspeed_config_file",
+        _ds_config(),
         "--num_processes",
         "2",
         "--mixed_precision",
@@ -191,7 +348,10 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], *sys.argv[2:3])
+    if sys.argv[2:3] == ["resolve"]:
+        resolve_worker(sys.argv[1])
+    else:
+        worker(sys.argv[1], *sys.argv[2:3])
     sys.exit(0)
 
 # ---------------------------------------------------------------- the test
@@ -210,9 +370,27 @@ def test_zero3_cpu_recipe_is_deepspeed_stage3_without_use_cpu():
     import yaml
 
     conf = yaml.safe_load(open(_recipe()))
-    assert conf["distributed_type"] == "DEEPSPEED" and conf["deepspeed_config"]["zero_stage"] == 3
-    assert conf["deepspeed_config"]["zero3_save_16bit_model"] is True  # save_model gathers the weights
+    assert conf["distributed_type"] == "DEEPSPEED" and conf["deepspeed_config"]["zero3_init_flag"] is True
     assert conf["use_cpu"] is False  # with use_cpu accelerate skips DeepSpeed
+    # with a deepspeed_config_file, accelerate refuses its own DeepSpeed keys and a mixed_precision here
+    assert not {"zero_stage", "zero3_save_16bit_model", "offload_param_device"} & set(conf["deepspeed_config"])
+    assert "mixed_precision" not in conf
+    ds = json.load(open(_ds_config()))
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True  # save_model gathers
+    # every parameter partitioned, however small (DeepSpeed's default keeps those below 1e5 elements whole)
+    assert zero["stage3_param_persistence_threshold"] == 0
+    # what the launch and the TrainingArguments fill in
+    assert ds["bf16"]["enabled"] == ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+
+
+def _assert_partitioned(part: dict) -> None:
+    """After training, on a rank: every parameter of the model is a slice there (ds_tensor smaller than the
+    parameter), released (no data), none persistent; the rank holds about half of the model."""
+    assert part["persistence_threshold"] == 0, part
+    assert part["params"] > 0 and part["partitioned"] == part["released"] == part["params"], part
+    assert part["persistent"] == 0, part
+    assert part["local_numel"] <= part["full_numel"] // 2 + part["params"], part
 
 
 @pytest.mark.timeout(1200)
@@ -237,6 +415,7 @@ def test_zero3_two_cpu_processes_train_and_save_full_weights(tmp_path):
         assert r["loaded_partitioned"] and r["local_numel_after_load"] == 0, r
         assert r["global_step"] == STEPS and len(r["loss_history"]) == STEPS
         assert r["ddp_backend"] == "gloo"  # chosen by SSAPOConfig: the worker does not set it
+        _assert_partitioned(r["partitioning"])
     assert reps[0]["loss_history"] == reps[1]["loss_history"]  # the mean over ranks, the same on both
     # the saved model holds the full weights, gathered from both partitions, and they moved
     from transformers import AutoModelForCausalLM
@@ -296,6 +475,7 @@ def test_zero3_bf16_save_trained_writes_the_fp32_master_weights(tmp_path):
         # DeepSpeed's bf16 mode: the module holds bf16 weights, the optimizer fp32 masters
         assert r["bf16_enabled"] and r["module_dtypes"] == ["torch.bfloat16"], r
         assert r["global_step"] == STEPS
+        _assert_partitioned(r["partitioning"])
     masters = torch.load(os.path.join(work, "masters.pt"), weights_only=True)
     expected = {k for k in init if k != "lm_head.weight"}  # tied to the embeddings
     assert expected <= set(masters), sorted(expected - set(masters))
@@ -322,6 +502,81 @@ def test_zero3_bf16_save_trained_writes_the_fp32_master_weights(tmp_path):
         back = AutoModelForCausalLM.from_pretrained(os.path.join(work, d))  # dtype="auto": the config's
         assert {str(p.dtype) for p in back.parameters()} == {f"torch.{dtype}"}
     shutil.rmtree(os.path.join(work, "train"), ignore_errors=True)
+
+
+@pytest.mark.timeout(1200)
+def test_zero3_resolve_every_shares_the_margins_out_and_matches_one_process(tmp_path):
+    """resolve_every under ZeRO-3 (issue 16, finding 4): a leader stage (`train_stage`) with re-solves after
+    steps 1 and 2, on 2 CPU processes. The reference is whole on each rank (loaded under zero.Init and never
+    wrapped by an engine, its forward failed: 'weight' must be 2-D), the policy's parameters stay
+    partitioned and are gathered by its forward, the 24 rows are shared out by chunks of 8 (3 chunks: each
+    rank runs 2 chunks' forwards, one rank a padding repeat, instead of all 3 on every rank), and the
+    margins are the same on both ranks and equal those of the policy's gathered weights scored in this one
+    process; both ranks re-solve to the same atoms."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ssapo import models
+    from ssapo.leader import _SharedMargins
+    from ssapo.processes import Solo
+    from ssapo.tiny import load as load_checkpoint
+
+    work = str(tmp_path)
+    build_init(os.path.join(work, "init"))
+    proc = launch(work, "resolve")
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    reps = [json.load(open(os.path.join(work, f"resolve_rank{i}_of_2.json"))) for i in range(2)]
+    for r in reps:
+        assert r["processes"] == 2 and r["steps_trained"] == 3 and r["steps"] == [1, 2], r
+        # the policy really is partitioned: every parameter a slice on this rank, released between forwards
+        assert r["partitioned"] == r["params"] and r["released"] == r["params"], r
+        # 3 chunks over 2 ranks: 2 chunks (chosen + rejected: 4 forwards of 8 sequences) on each rank
+        assert r["forwards"] == [4, 4] and r["sequences"] == [32, 32], r
+        assert len(r["margins"]) == 2 and all(len(m) == len(RESOLVE_ROWS) for m in r["margins"])
+    assert reps[0]["margins"] == reps[1]["margins"]  # every rank solved the same margins
+    # both ranks train on the same (the main process's) atoms after each re-solve; the diagnostics agree
+    assert reps[0]["atoms"] == reps[1]["atoms"] and reps[0]["atoms"][0] != reps[0]["atoms"][1]
+    for a, b in zip(reps[0]["resolves"], reps[1]["resolves"]):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert reps[0]["margins"][0] != reps[0]["margins"][1]  # the policy moved between the re-solves
+    # one process, whole models: the same margins from the policy's weights at each re-solve
+    cfg = resolve_config()
+    init = os.path.join(work, "init")
+    tok = load_checkpoint(init)[1]
+    one = _SharedMargins(cfg, RESOLVE_ROWS, init, tok, Solo(), os.path.join(work, "one"))
+    ref = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    for step, got in zip((1, 2), reps[0]["margins"]):
+        policy = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        full = torch.load(os.path.join(work, f"resolve_weights_step{step}.pt"), weights_only=True)
+        missing, unexpected = policy.load_state_dict(full, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        np.testing.assert_array_equal(got, one(policy))  # bit for bit (measured so on this CPU)
+        # and they are the margins ssapo scores pairs with everywhere else (models.pair_margins)
+        pm, _ = models.pair_margins(policy, ref, tok, RESOLVE_ROWS, 8, max_length=cfg.max_length)
+        np.testing.assert_allclose(got, pm.numpy(), rtol=0, atol=1e-6)
+    shutil.rmtree(os.path.join(work, "stage"), ignore_errors=True)
+
+
+def test_the_resolver_scores_through_the_fsdp_wrapper_under_fsdp():
+    """FSDP cannot be launched without a GPU, so its side of the re-solve is pinned here: under FSDP the
+    margin pass gets the FSDP-wrapped model (its root's forward unshards the root's own parameters;
+    `unwrap_model` strips the wrapper, the bug of finding 4), otherwise the unwrapped module (ZeRO-3's
+    gather hooks live on it, as the launch above shows)."""
+    import types
+
+    from ssapo.trainer import ResolvingTrainer
+
+    inner, wrapped = object(), object()
+    fake = types.SimpleNamespace(
+        is_fsdp_enabled=True,
+        model=wrapped,
+        model_wrapped=wrapped,
+        accelerator=types.SimpleNamespace(unwrap_model=lambda m: inner if m is wrapped else m),
+    )
+    assert ResolvingTrainer.scoring_model(fake) is wrapped
+    fake.is_fsdp_enabled = False
+    assert ResolvingTrainer.scoring_model(fake) is inner
 
 
 def test_ssapo_config_picks_gloo_for_deepspeed_without_a_gpu(monkeypatch):
