@@ -167,7 +167,8 @@ def worker(work: str, mode: str = "fp32") -> None:
         json.dump(report, f, indent=1)
 
 
-# the re-solve launch: 24 pairs, scored by chunks of 8 (3 chunks over 2 ranks: one rank pads with a repeat)
+# the re-solve launch: 24 pairs, scored by chunks of 8 (precompute_ref_batch_size; 3 chunks over 2 ranks: one rank
+# pads with a repeat)
 RESOLVE_ROWS = [
     {
         "prompt": f"{WORDS[i % 10]} {WORDS[(i + 1) % 10]} ",
@@ -190,7 +191,8 @@ def resolve_config():
             "gradient_accumulation_steps": "1",
             "warmup_ratio": "0",
             "lr_scheduler_type": "constant",
-            "generation_batch_size": "8",
+            "generation_batch_size": "64",
+            "precompute_ref_batch_size": "8",  # the re-solve's chunk (not max(8, generation_batch_size))
             "max_length": "32",
             "max_prompt_length": "16",
             "resolve_every": "1",

@@ -80,9 +80,12 @@ class _SharedMargins:
     """`margins_fn` of a `follower.Resolver`: the implicit-reward margins
     [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)] of `rows`, in
     row order, on every process. The rows are shared out by chunks of
-    `max(8, generation_batch_size)` (chunk c to process c mod world, each chunk
-    one batch, so the values do not depend on the process count) and the
-    margins exchanged through files in `work_dir`.
+    `precompute_ref_batch_size` pairs, the batch of the trainer's own no-grad
+    reference pass (else `max(8, generation_batch_size)`; the logits of a forward
+    take length × vocabulary × batch: for Llama-3 at 2,048 tokens, 0.5 GB in bf16
+    per sequence), chunk c to process c mod world, each chunk one batch, so the
+    values do not depend on the process count; the margins are exchanged
+    through files in `work_dir`.
 
     The reference's log-probs are computed here, once: the reference is loaded
     whole on each process (`ssapo.trainer.unsharded_loading`: under a DeepSpeed
@@ -102,7 +105,7 @@ class _SharedMargins:
 
         self.procs, self.dir, self.n = procs, work_dir, len(rows)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        bs = max(8, cfg.generation_batch_size)
+        bs = cfg.precompute_ref_batch_size or max(8, cfg.generation_batch_size)
         self.chunks = chunked(self.n, bs, procs)
         self.rounds = len(chunks_of(self.n, bs, 0, procs.num_processes))  # process 0 has the most chunks
         self.forwards = 0  # the policy's forwards so far (the same on every process)
