@@ -451,7 +451,11 @@ class RunConfig:
         if self.accelerate_config is not None and self.accelerate_config not in ACCELERATE_CONFIGS:
             self.accelerate_config = accelerate_config_path(self.accelerate_config)  # the user's file: checked
         if self.use_cpu and self.bf16:
-            bad("bf16", "set bf16: false with use_cpu: true")
+            bad(
+                "bf16",
+                "set bf16: false with use_cpu: true (bf16 without a GPU runs only under DeepSpeed: use_cpu: false "
+                "with accelerate_config: zero3_cpu)",
+            )
 
     # -- derived values --
     def batch_split(self, num_processes: int = 1) -> Tuple[int, int]:
@@ -798,6 +802,19 @@ def engine_of(accelerate_config: Optional[str]) -> str:
     if accelerate_config is None:
         return "NO"
     return str(read_accelerate_config(accelerate_config_path(accelerate_config)).get("distributed_type", "NO")).upper()
+
+
+def check_bf16(cfg: "RunConfig", engine: str, gpus: int) -> None:
+    """Whether the run's bf16 can run where it starts, before any step: bf16 needs a GPU, except under a
+    DeepSpeed engine (`engine`: the training steps' accelerate distributed_type, e.g. engine_of(...) or the
+    Launcher's; "NO" for one process), whose bf16 runs on CPU processes too (recipes/accelerate/zero3_cpu.yaml with
+    use_cpu: false and bf16: true: its training steps run DeepSpeed's bf16, its data steps bf16 models on the
+    CPU). ConfigError naming bf16 otherwise (with use_cpu the field check already refused it)."""
+    if cfg.bf16 and not cfg.use_cpu and gpus < 1 and str(engine).upper() != "DEEPSPEED":
+        raise ConfigError(
+            "bf16: needs a GPU (none is visible), or a DeepSpeed engine (--accelerate-config zero3_cpu runs "
+            "DeepSpeed's bf16 on CPU processes); set bf16: false (--no-bf16) with use_cpu: true on a CPU"
+        )
 
 
 def parse_overrides(tokens: Sequence[str]) -> Dict[str, Any]:

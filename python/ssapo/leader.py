@@ -206,7 +206,12 @@ def train_stage(
     `resolve_reference` (with cfg.resolve_every > 0): the rows' atoms are
     re-solved during training (`ssapo.trainer.ResolvingTrainer`) on margins
     against that model. Returns trainer.leader_stats plus steps, pairs,
-    data_hashes, processes and process_group_timeout_s (and resolves)."""
+    data_hashes, processes and process_group_timeout_s (and resolves), and
+    fp32_start_restored: under DeepSpeed, the number of parameters whose fp32
+    master weights the main process set from the policy's file before the
+    first step (`ssapo.trainer.restore_fp32_start`; ZeRO-3: every trainable
+    one; 0 in fp32 or with peft), None otherwise or when the stage resumed
+    from a checkpoint."""
     import torch
     from accelerate import PartialState
 
@@ -284,7 +289,11 @@ def train_stage(
             target_modules=models.lora_modules(cfg.lora_target_modules),
             task_type="CAUSAL_LM",
         )
+    # start_weights: under DeepSpeed with bf16 the optimizer's fp32 master weights are set from the policy's file
+    # before the first step (else they start as its bf16 rounding: every round would lose what the last round's
+    # fp32 weights hold below bf16 resolution); not when resuming, the checkpoint has them
     kw = dict(ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
+    kw["start_weights"] = policy
     if resolving:
         trainer = ResolvingTrainer(model, resolver=_resolver(cfg, rows, resolve_reference, tok, procs, work_dir), **kw)
     else:
@@ -292,6 +301,7 @@ def train_stage(
     t0 = time.time()
     trainer.train(resume_from_checkpoint=checkpoint) if checkpoint else trainer.train()
     stats, steps = dict(trainer.leader_stats), trainer.state.global_step
+    stats["fp32_start_restored"] = trainer.fp32_start_restored  # None: not DeepSpeed, or resumed
     stats["train_seconds"] = time.time() - t0  # with the reference pass and a resume's load
     stats["train_tokens"] = int(trainer.state.num_input_tokens_seen)  # every process's, non-padding
     stats["engine"] = engine_name(trainer)  # what really ran (the device check fails a run on another)

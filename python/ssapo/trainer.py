@@ -36,6 +36,16 @@ Precision, checkpoints and saving (the functions a leader stage uses):
   QLoRA (`load_in_4bit`) keeps its 4-bit base. `SSAPOTrainer` refuses a
   trainable parameter in 16 bits without DeepSpeed/FSDP: at the paper's
   learning rates an Adam step is below bf16 resolution for most weights.
+- DeepSpeed with bf16 builds its fp32 masters from the bf16 module weights
+  (ZeRO-3's zero.Init loads the file into bf16 partitions; ZeRO-1/2 casts the
+  module): they would start at the bf16 rounding of the file.
+  `SSAPOTrainer(start_weights=...)` ("auto": the model's own `name_or_path`)
+  sets them to the file's exact fp32 values before the first optimizer step of
+  a stage that does not resume (`restore_fp32_start`), so a stage started
+  from the previous round's fp32 checkpoint loses nothing. FSDP, DDP and one
+  process keep fp32 parameters and need nothing. Without a GPU, `bf16=True`
+  is taken only under an accelerate launch with DeepSpeed (its bf16 on CPU
+  processes: recipes/accelerate/zero3_cpu.yaml).
 - Mid-round checkpoints: with `save_strategy="steps"` every `save_steps`
   optimizer steps a `checkpoint-N` directory is written into `output_dir`
   (transformers' own: weights, optimizer, scheduler, RNG of every rank, trainer
@@ -290,18 +300,26 @@ def _true(value) -> bool:
     return str(value).lower() in ("1", "true", "yes")
 
 
+def _deepspeed_on_cpu(args) -> bool:
+    """Whether these arguments train under DeepSpeed on CPU processes: a DeepSpeed
+    launch (accelerate's `ACCELERATE_USE_DEEPSPEED`, or `args.deepspeed`), no GPU,
+    and not `use_cpu` (with it accelerate skips DeepSpeed altogether)."""
+    if args.use_cpu or _true(os.environ.get("ACCELERATE_USE_CPU", "false")):
+        return False
+    if not (_true(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")) or args.deepspeed):
+        return False
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
 def _cpu_deepspeed_backend(args) -> Optional[str]:
     """ "gloo" for a DeepSpeed launch without a GPU when no `ddp_backend` was
     given, else `args.ddp_backend`. accelerate finds no backend of its own for
     DeepSpeed on CPU and then reports one process, rank 0, in every process;
     with "gloo" it builds the group through `deepspeed.init_distributed` and
     reads the real world size and rank (recipes/accelerate/zero3_cpu.yaml)."""
-    if args.ddp_backend is not None or args.use_cpu or _true(os.environ.get("ACCELERATE_USE_CPU", "false")):
+    if args.ddp_backend is not None:
         return args.ddp_backend
-    if not (_true(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")) or args.deepspeed):
-        return None
-    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return None if gpu else "gloo"
+    return "gloo" if _deepspeed_on_cpu(args) else None
 
 
 @contextlib.contextmanager
@@ -422,7 +440,32 @@ class SSAPOConfig(DPOConfig):
         if self.leader_loss == "spa":
             self.precompute_ref_log_probs = False  # the de-coupled model needs reference logits every step
         self.ddp_backend = _cpu_deepspeed_backend(self)  # DeepSpeed on CPU: gloo, else accelerate sees 1 process
-        super().__post_init__()
+        # bf16 without a GPU: DeepSpeed's bf16 on CPU processes under an accelerate launch (bf16 module weights,
+        # fp32 master weights). transformers refuses bf16 without a GPU unless use_cpu, which would switch DeepSpeed
+        # off: its check runs with bf16 off and accelerate's mixed precision "bf16" (which DeepSpeed's config takes,
+        # as bf16=True gives it on a GPU), and bf16 is set again after it
+        cpu_bf16 = bool(self.bf16) and _deepspeed_on_cpu(self) and not self.deepspeed
+        if self.bf16 and not cpu_bf16 and not self.use_cpu:
+            from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+            if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+                raise ValueError(
+                    "bf16: needs a GPU with bf16, or an accelerate launch with DeepSpeed (its bf16 runs on CPU "
+                    "processes: recipes/accelerate/zero3_cpu.yaml); neither here: set bf16=False (or use_cpu=True)"
+                )
+        env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if cpu_bf16:
+            self.bf16 = False
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+        try:
+            super().__post_init__()
+        finally:
+            if cpu_bf16:
+                self.bf16 = True
+                if env is None:
+                    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+                else:
+                    os.environ["ACCELERATE_MIXED_PRECISION"] = env
         loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_type != ["sigmoid"]:
             raise ValueError(
@@ -556,6 +599,14 @@ class SSAPOTrainer(DPOTrainer):
       micro-batches and ranks), independent of `logging_steps`;
     - `grad_norms`: the pre-clipping gradient norm of every optimizer step;
     - `spa_flagged_fraction`: flagged pairs / pairs seen ('spa' only, else 0.0).
+
+    `start_weights`: where the policy's exact start lies (a directory or hub id
+    of safetensors weights), for DeepSpeed with 16-bit module weights: on the
+    first `train()` that does not resume, the optimizer's fp32 master weights
+    are set from it before the first step (`restore_fp32_start`; the count is
+    `fp32_start_restored`). "auto" (default): the model's `name_or_path`, used
+    only when the loaded weights are its 16-bit rounding (else a warning);
+    a path: they must be (else ValueError); None: never.
     """
 
     _tag_names = ["trl", "dpo", "ssapo"]
@@ -571,6 +622,7 @@ class SSAPOTrainer(DPOTrainer):
         eval_dataset=None,
         processing_class=None,
         peft_config=None,
+        start_weights: Optional[str] = "auto",
         **kwargs,
     ):
         if args is None:
@@ -619,6 +671,10 @@ class SSAPOTrainer(DPOTrainer):
         self._reset_stats()
         self.leader_stats: dict[str, Any] = {}
         self._checkpoint_states: dict[str, Any] = {}
+        self.start_weights = start_weights
+        self.fp32_start_restored: Optional[int] = None  # parameters whose fp32 master was set from start_weights
+        self._resuming = False
+        self.add_callback(_RestoreFP32Start(self))
 
     def add_checkpoint_state(self, name: str, obj) -> None:
         """Keeps `obj`'s state in every checkpoint: `obj.state_dict()` (tensors,
@@ -675,6 +731,27 @@ class SSAPOTrainer(DPOTrainer):
                 "bf16=True, which runs the compute in bfloat16 (or train under DeepSpeed / FSDP, which keep fp32 "
                 "master weights)"
             )
+
+    def _restore_fp32_start(self) -> None:
+        """Under DeepSpeed with 16-bit module weights: the optimizer's fp32
+        master weights set to the exact start, read from `start_weights`
+        (`restore_fp32_start`; "auto": the model's own `name_or_path` when that
+        is a local directory of safetensors, and a model changed since it was
+        loaded keeps its masters, with a warning; a path: it must hold the
+        model's start, else ValueError). Every process, once."""
+        source, strict = self.start_weights, self.start_weights != "auto"
+        if not self.is_deepspeed_enabled or source is None:
+            return
+        if source == "auto":
+            source = getattr(self.accelerator.unwrap_model(self.model), "name_or_path", None)
+        directory = _weights_dir(source)
+        if directory is None:
+            if strict:
+                raise ValueError(f"start_weights: no safetensors weights found at {source} (a directory or hub id)")
+            return
+        self.fp32_start_restored = restore_fp32_start(self, directory, strict=strict)
+        if self.fp32_start_restored and self.accelerator.is_main_process:
+            logger.info("fp32 master weights of %d parameters set from %s", self.fp32_start_restored, source)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # trl caches the reference log-probs in a file named from the data's fingerprint and the reference's
@@ -986,6 +1063,7 @@ class SSAPOTrainer(DPOTrainer):
         else:
             resume_from_checkpoint = None
         self._reset_stats()
+        self._resuming = resume_from_checkpoint is not None
         if resume_from_checkpoint is not None:
             self._load_leader_state(resume_from_checkpoint)
         # the start point, on the main process only (ranks hold the same replica), on CPU in the params' dtype
@@ -1023,6 +1101,23 @@ class SSAPOTrainer(DPOTrainer):
             "spa_flagged_fraction": flagged / seen if seen else 0.0,
         }
         return out
+
+
+class _RestoreFP32Start(TrainerCallback):
+    """At the start of the first `train()` (the engine and its optimizer exist,
+    a resumed run's checkpoint is loaded, no optimizer step yet): unless that
+    train() resumes, the DeepSpeed optimizer's fp32 master weights are set to
+    the exact start (`restore_fp32_start`). Later train() calls leave them."""
+
+    def __init__(self, trainer: "SSAPOTrainer"):
+        self.trainer, self.pending = trainer, True
+
+    def on_train_begin(self, args, state, control, **kw):
+        if self.pending:
+            self.pending = False
+            if not self.trainer._resuming:
+                self.trainer._restore_fp32_start()
+        return control
 
 
 class ResolvingTrainer(SSAPOTrainer):
@@ -1250,7 +1345,9 @@ def deepspeed_fp32_state_dict(trainer, *, trainable_only: bool = False, keep: Op
             return False
         if hasattr(p, "ds_id"):  # ZeRO-3: linked to the stage-3 optimizer when that is built
             return getattr(p, "_z3_optimizer", None) is not None
-        return getattr(p, "_hp_mapping", None) is not None  # ZeRO-1/2 and the bf16 optimizer
+        # ZeRO-1/2 and the bf16 optimizer: every trainable parameter has the attribute, None on the ranks that
+        # hold none of its fp32 partition; safe_get_full_fp32_param's all-reduce needs every rank, so test for it
+        return hasattr(p, "_hp_mapping")
 
     def visit(mod, prefix: str) -> None:
         for name, p in mod.named_parameters(recurse=False):
@@ -1291,6 +1388,184 @@ def deepspeed_fp32_state_dict(trainer, *, trainable_only: bool = False, keep: Op
         if optimizer is not None and hasattr(optimizer, "checkpoint_event_epilogue"):
             optimizer.checkpoint_event_epilogue()
     return out
+
+
+def restore_fp32_start(trainer, weights_dir, *, strict: bool = True) -> int:
+    """Sets the fp32 master weights of a DeepSpeed trainer's optimizer to the
+    exact float32 start values in `weights_dir` (the safetensors file(s) the
+    policy was loaded from); returns how many parameters this process set (its
+    partition of each under ZeRO-3, so all of them; under ZeRO-1/2 those it holds
+    a fragment of), 0 when there was nothing to do. EVERY process must call it, once the engine and its
+    optimizer exist and before the first optimizer step (`SSAPOTrainer` does,
+    on the first `train()` that does not resume from a checkpoint: a resumed
+    stage's DeepSpeed checkpoint holds its fp32 masters).
+
+    Why: under bf16 (or fp16) DeepSpeed builds its fp32 masters from the 16-bit
+    module weights, so they start as the 16-bit rounding of the file. ZeRO-3:
+    `zero.Init` makes the parameters bf16 partitions as the model is built
+    (`partition_parameters._set_dtype`) and the file's fp32 values are copied
+    into them at load; `stage3._create_fp32_partitions` then copies those.
+    ZeRO-1/2 and the bf16 optimizer: the engine casts the module to bf16
+    (`_cast_module_mixed_precision`) before the optimizer copies its partitions
+    to fp32 (`stage_1_and_2`: `parallel_partitioned_bit16_groups[i][p].clone()
+    .to(fp32)`). Every stage (seed, each round's leader) would then start from
+    the bf16 rounding of the previous stage's fp32 weights (which `save_trained`
+    writes exactly): updates below half a bf16 ulp (a round at lr 1e-6) would be
+    lost at every round boundary. FSDP (accelerate upcasts trainable parameters
+    to fp32 before sharding them, its `MixedPrecision` casts only the compute),
+    one process and DDP (fp32 parameters, bf16 autocast) keep the fp32 start.
+
+    How: each rank reads, one tensor at a time and only the part it owns, the
+    file's values of the trainable parameters whose master it holds (ZeRO-3:
+    its partition of the flattened parameter, `deepspeed.utils.
+    safe_set_local_fp32_param`; ZeRO-1/2: its fragment, DeepSpeed's
+    `_hp_mapping`, as `safe_set_full_fp32_param` writes it), so no rank holds
+    more than that in extra memory. Before anything is set, every master must
+    equal the file's value rounded to the module's dtype (the model was loaded
+    from this file and not changed since; then the module's 16-bit weights are
+    already the rounding of the restored masters, and nothing else needs
+    refreshing); the ranks agree on that with one all-reduce. A mismatch raises
+    ValueError with `strict`, else leaves every master as it is (a warning).
+    Tied weights are one parameter (found under any of their names); a
+    parameter not in the file (or of another shape) is left as it is and
+    counted in a warning. Nothing to do, 0: no DeepSpeed engine yet, no 16-bit
+    module weights (fp32 training), or a peft model (its trainable parameters
+    are the adapter, created at the start of training and not in the file;
+    lora_B starts at zero, lora_A's random start is rounded to bf16 with the
+    module, which loses nothing trained)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    engine = trainer.model_wrapped
+    if not isinstance(engine, deepspeed.DeepSpeedEngine) or getattr(engine, "optimizer", None) is None:
+        return 0
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()) or is_peft_model(engine.module):
+        return 0
+    directory = os.fspath(weights_dir)
+    files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"weights_dir: no .safetensors files in {directory}")
+    acc = trainer.accelerator
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for f in files:
+            h = stack.enter_context(safe_open(f, framework="pt"))
+            handles.update({key: h for key in h.keys()})
+        names: dict[int, list] = {}
+        params = {}
+        for name, p in engine.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+        targets, missing, differ = [], 0, []
+        for pid, p in params.items():
+            part = _local_master(p) if p.requires_grad else None
+            if part is None:
+                continue
+            key = next((n for n in names[pid] if n in handles), None)
+            full_shape = tuple(getattr(p, "ds_shape", p.shape))
+            if key is None or tuple(handles[key].get_slice(key).get_shape()) != full_shape:
+                missing += 1
+                continue
+            start, numel, master, _ = part
+            value = _read_flat(handles[key], key, start, numel)
+            dtype = p.ds_tensor.dtype if hasattr(p, "ds_id") else p.dtype
+            if not torch.equal(value.to(dtype).float(), master.float().cpu()):
+                differ.append(key)
+            targets.append((p, key))
+        n_differ = torch.tensor([len(differ)], dtype=torch.int64, device=acc.device)
+        if acc.num_processes > 1:
+            n_differ = acc.reduce(n_differ, reduction="sum")
+        n_differ = int(n_differ.item())
+        if n_differ:
+            msg = (
+                f"{directory} does not hold this model's start: {n_differ} parameter part(s) over the ranks are not "
+                f"the file's values rounded to the module's dtype (e.g. {differ[0] if differ else 'on another rank'})"
+            )
+            if strict:
+                raise ValueError(f"start_weights: {msg}")  # on every rank: they all know
+            if acc.is_main_process:
+                logger.warning("%s; the fp32 master weights keep their 16-bit start", msg)
+            return 0
+        for p, key in targets:
+            start, numel, _, set_value = _local_master(p)
+            set_value(_read_flat(handles[key], key, start, numel))
+    if missing and acc.is_main_process:
+        logger.warning(
+            "%d trainable parameter(s) are not in %s (or have another shape): their fp32 master weights keep "
+            "their 16-bit start",
+            missing,
+            directory,
+        )
+    return len(targets)
+
+
+def _weights_dir(source) -> Optional[str]:
+    """The local directory holding the safetensors weights of `source` (a
+    directory, or a hub id already in the local cache, as `from_pretrained`
+    left it); None when there is none."""
+    if not source:
+        return None
+    source = os.fspath(source)
+    if not os.path.isdir(source):
+        try:
+            from huggingface_hub import snapshot_download
+
+            source = snapshot_download(source, allow_patterns=["*.safetensors"], local_files_only=True)
+        except Exception:  # noqa: BLE001  not a hub id, or not in the cache: nothing to read
+            return None
+    return source if any(f.endswith(".safetensors") for f in os.listdir(source)) else None
+
+
+def _local_master(p):
+    """(flat start, numel, this rank's fp32 master of p.flatten()[start:start+numel],
+    set(value)) for a trainable parameter of a DeepSpeed model; None when this
+    rank holds no master of it. ZeRO-3: the rank's partition (the last one padded:
+    only its real elements are read or written); ZeRO-1/2, bf16 optimizer: the
+    rank's fragment (`_hp_mapping`, possibly empty)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    if hasattr(p, "ds_id"):
+        if getattr(p, "_z3_optimizer", None) is None:
+            return None
+        import torch.distributed as dist
+
+        size = p.ds_tensor.ds_numel
+        start = dist.get_rank(group=p.ds_process_group) * size
+        numel = max(0, min(size, p.ds_numel - start))
+        local = safe_get_local_fp32_param(p)
+
+        def set_value(value):
+            full = local.detach().clone()
+            full[:numel] = value.to(full.device, full.dtype)
+            safe_set_local_fp32_param(p, full)
+
+        return start, numel, local[:numel], set_value
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address, fragment = mapping.lp_fragment_address, mapping.get_hp_fragment()
+    return (
+        address.start,
+        address.numel,
+        fragment.flatten(),
+        lambda value: fragment.data.copy_(value.to(fragment.device, fragment.dtype).view_as(fragment)),
+    )
+
+
+def _read_flat(handle, key: str, start: int, numel: int) -> torch.Tensor:
+    """Elements [start, start+numel) of tensor `key` of an open safetensors file,
+    flattened, as float32, reading only the rows that hold them."""
+    view = handle.get_slice(key)
+    shape = list(view.get_shape())
+    if numel <= 0:
+        return torch.zeros(0, dtype=torch.float32)
+    if len(shape) == 0:
+        return handle.get_tensor(key).reshape(-1)[start : start + numel].float()
+    row = math.prod(shape[1:])
+    first, last = start // row, -(-(start + numel) // row)
+    rows = view[first:last].reshape(-1)
+    offset = start - first * row
+    return rows[offset : offset + numel].float()
 
 
 def _cast_state_dict(state_dict: dict, dtype: torch.dtype) -> dict:
