@@ -91,6 +91,17 @@ def test_train_refuses_a_batch_the_processes_cannot_split_before_any_launch(tmp_
     assert time.time() - t0 < 60
 
 
+def test_bf16_without_a_gpu_is_refused_before_the_tiny_task_is_built(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    out = tmp_path / "run"
+    r = _train("--model", "tiny", "--bf16", "--no-use-cpu", "--output-dir", str(out), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and r.stderr.startswith("ssapo train: error: bf16: needs a GPU"), r.stderr[-2000:]
+    assert not out.exists()  # no task built (it takes tens of seconds), nothing launched
+
+
 # -- a failed launch says why ----------------------------------------------------------------------------------
 
 TORCHRUN_KILLED = """\

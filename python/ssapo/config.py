@@ -203,9 +203,10 @@ class RunConfig:
     )
     precompute_ref_batch_size: Optional[int] = _f(
         None,
-        "Pairs per forward pass when the reference's log-probs are computed once before each training stage "
-        "(no gradients: larger than the micro-batch, bounded by the logits' memory, 2 × length × vocabulary per "
-        "pair); null: per_device_train_batch_size (trl's default).",
+        "Pairs per forward pass when the reference's log-probs are computed once before each training stage, "
+        "and in the re-solve's margin pass (resolve_every) (no gradients: larger than the micro-batch, bounded by "
+        "the logits' memory, 2 × length × vocabulary per pair); null: per_device_train_batch_size (trl's default; "
+        "the re-solve: max(8, generation_batch_size)).",
         bounds=">= 1",
     )
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule (transformers' names).")
@@ -524,7 +525,8 @@ def _batch_error(b: int, p: Optional[int], g: Optional[int], n: int) -> str:
     fixes = []
     step = per * n
     lo, hi = (b // step) * step, (b // step + 1) * step
-    fixes.append("--batch-size " + " or ".join(str(v) for v in (lo, hi) if v > 0))
+    sizes = [step] if p is not None and g is not None else [v for v in (lo, hi) if v > 0]
+    fixes.append("--batch-size " + " or ".join(map(str, sizes)))
     if p is not None and b % ((g or 1) * n) == 0:
         room = b // ((g or 1) * n)
         divs = [d for d in range(room, 0, -1) if room % d == 0][:4]

@@ -336,6 +336,10 @@ def run(args, extra: Optional[List[str]] = None) -> int:
             launcher = launcher_of(args, cfg)
         # the batch's arithmetic, before any launch or model load: one line when it cannot be split
         cfg.batch_split(launcher.num_processes if launcher else (procs.num_processes if procs else 1))
+        # bf16 without a GPU only under DeepSpeed: refused before the tiny task is built or anything launched
+        from ssapo.config import check_bf16
+
+        check_bf16(cfg, launcher.engine_type if launcher else "NO", _visible_gpus())
         if cfg.model == "tiny":  # the preset's task, built here; the loop gets its paths
             cfg = with_tiny_task(cfg, procs=procs)
     except ConfigError as e:
