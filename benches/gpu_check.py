@@ -134,6 +134,17 @@ def build(out: str, tiny: bool, pairs: int, prompt_words: int, answer_words: int
     return info
 
 
+def by_length(args=None):
+    """The precision probe's annotator (`--annotator gpu_check:by_length`, benches/ on PYTHONPATH): a response's
+    reward is its length. At lr 1e-30 the policy never moves, so the implicit reward is 0 for every response and
+    every prompt ties; any fixed ranking lets the round's leader stage run."""
+
+    def score(prompts, responses):
+        return [[float(len(r)) for r in rs] for rs in responses]
+
+    return score
+
+
 # ---------------------------------------------------------------- monitor
 def _memory_reader():
     """A function returning the GPU's used memory in MiB (device 0), or None where there is no GPU."""

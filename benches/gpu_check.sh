@@ -87,6 +87,11 @@ COMMON+=(--seed-epochs 1 --learning-rate 1e-6 --seed-learning-rate 1e-6 --num-sa
          --eps 0.01 --group-size 100 --report-to none --logging-steps 1 --method ssapo
          --generation-backend transformers)
 
+# the precision probe: learning rates too small to move any fp32 weight; the policy then never moves, so the
+# implicit reward ties every response: responses are ranked by length instead (gpu_check.by_length)
+PROBE=(--learning-rate 1e-30 --seed-learning-rate 1e-30 --annotator gpu_check:by_length)
+export PYTHONPATH="$REPO/benches${PYTHONPATH:+:$PYTHONPATH}"
+
 echo "== build ($( [ "$DRY" = 1 ] && echo tiny || echo ~1B )) -> $WORK" >&2
 "$PY" "$REPO/benches/gpu_check.py" build --out "$WORK" "${SIZE[@]}" --pairs "$PAIRS" > "$WORK/logs/build.log" 2>&1 \
   || { cat "$WORK/logs/build.log" >&2; exit 1; }
@@ -143,7 +148,7 @@ if [ "$DRY" = 1 ]; then
   wanted zero3 && run zero3 "DEEPSPEED zero-3" none "${ENGINE_CPU[@]}" --accelerate-config zero3_cpu --num-processes 1
   wanted fsdp && skip fsdp "accelerate does not launch FSDP without a GPU"
   wanted precision && run precision "DEEPSPEED zero-3" precision --use-cpu false --bf16 true \
-      --accelerate-config zero3_cpu --num-processes 2 --learning-rate 1e-30 --seed-learning-rate 1e-30
+      --accelerate-config zero3_cpu --num-processes 2 "${PROBE[@]}"
   wanted lora && run lora "DEEPSPEED zero-3" resume "${ENGINE_CPU[@]}" --accelerate-config zero3_cpu \
       --num-processes 1 --use-peft --gradient-checkpointing --save-steps 1 --seed-epochs 2
   wanted qlora && skip qlora "bitsandbytes' 4-bit layers need a GPU"
@@ -153,7 +158,7 @@ else
   wanted zero3 && run zero3 "DEEPSPEED zero-3" none "${CPU[@]}" --accelerate-config zero3 --num-processes 1
   wanted fsdp && run fsdp "FSDP" none "${CPU[@]}" --accelerate-config fsdp --num-processes 1 --save-steps 2
   wanted precision && run precision "DEEPSPEED zero-3" precision "${CPU[@]}" --accelerate-config zero3 \
-      --num-processes 1 --learning-rate 1e-30 --seed-learning-rate 1e-30
+      --num-processes 1 "${PROBE[@]}"
   wanted lora && run lora "DEEPSPEED zero-3" resume "${CPU[@]}" --accelerate-config zero3 --num-processes 1 \
       --use-peft --gradient-checkpointing --save-steps 1 --seed-epochs 2
   if wanted qlora; then
