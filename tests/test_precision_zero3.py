@@ -90,8 +90,9 @@ def test_zero3_bf16_stages_keep_the_fp32_start_bit_for_bit(tmp_path):
         f"--seed-learning-rate={TINY_LR}",
         f"--learning-rate={TINY_LR}",
         # one pair per reference forward: every rank runs several before training (with exactly one, trl's
-        # precompute engine and the training engine break DeepSpeed's ZeRO-3 parameter trace: IndexError
-        # "pop from an empty deque" at the first training forward, in fp32 as in bf16)
+        # precompute engine and the training engine broke DeepSpeed's ZeRO-3 parameter trace, IndexError
+        # "pop from an empty deque" at the first training forward, before SSAPOTrainer._precompute_ref_logps
+        # destroyed that engine after its pass: tests/test_zero3_precompute.py)
         "--precompute-ref-batch-size=1",
     ]
     env = {

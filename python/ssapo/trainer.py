@@ -23,7 +23,9 @@ meets its own atoms in the loss.
 Reference: `ref_model` when given, else (with peft) the adapter-disabled model,
 else the policy as it is before training. Its log-probabilities are computed
 once, before training (`precompute_ref_log_probs=True`, the default here), and
-stored as dataset columns. `spa` needs the reference's token logits at every
+stored as dataset columns (under DeepSpeed through trl's precompute engine,
+destroyed after the pass, or the training engine once it exists:
+`_precompute_ref_logps`). `spa` needs the reference's token logits at every
 step for its de-coupled model, so it runs the reference each step (it then
 takes the reference log-probabilities from that same forward) and keeps a
 frozen copy of the start model when there is neither `ref_model` nor peft.
@@ -765,7 +767,23 @@ class SSAPOTrainer(DPOTrainer):
             cache_dir = os.path.join(self.args.output_dir, "ref_logps")
             os.makedirs(cache_dir, exist_ok=True)
             dataset._get_cache_file_path = lambda fingerprint: os.path.join(cache_dir, f"{name}-{fingerprint}.arrow")
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        # Under DeepSpeed (no ref_model) trl runs the pass through a second engine over the policy's module
+        # (prepare_deepspeed, kept in _precompute_engine). Under ZeRO-3 its hooks and parameter coordinator stay
+        # on the module: after exactly one forward its coordinator is still recording, its trace keyed by the
+        # modules' ds_ids; the training engine renumbers them (DeepSpeed's counter runs on across engines), and
+        # the stale engine's start-of-forward hook, still called at the first training forward, then completes
+        # its trace with the new ids (IndexError: pop from an empty deque, in record_parameters). So: once the
+        # training engine exists, a pass runs through it (no second engine); otherwise the pass's engine is
+        # destroyed (its hooks removed) after the pass, and trl builds a new one for a later pass.
+        training_engine = self.deepspeed if self.is_deepspeed_enabled and self.ref_model is None else None
+        if training_engine is not None:
+            self._precompute_engine = training_engine
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            engine, self._precompute_engine = self._precompute_engine, None
+            if engine is not None and engine is not training_engine:
+                engine.destroy()
 
     # -- checkpoints -------------------------------------------------------------------
 
