@@ -90,6 +90,10 @@ def build(out: str, tiny: bool, pairs: int, prompt_words: int, answer_words: int
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.float32)  # fp32 weights bf16 cannot hold (the precision probe)
+        with torch.no_grad():  # no exact zeros (the padding row): lr 1e-30 moves a 0 to ~1e-30, a true fp32 update
+            for p in model.parameters():
+                zero = p == 0
+                p[zero] = torch.randn(int(zero.sum()), dtype=p.dtype, device=p.device) * 0.02
     model.generation_config.pad_token_id = tok.pad_token_id
     n_params = sum(p.numel() for p in model.parameters())
     model_dir = os.path.join(out, "model")
