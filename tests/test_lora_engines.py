@@ -26,6 +26,9 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_engines, run as a worker too
+import cpu_engines  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = "a b c d e f g h i j".split()
 PAIRS = [
@@ -150,55 +153,10 @@ def build(work: str) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _recipe() -> list:
-    """`--config_file` recipes/accelerate/zero3_cpu.yaml, and the DeepSpeed JSON it names (if it names one) by
-    its absolute path: accelerate reads that path relative to the working directory."""
-    import yaml
-
-    from ssapo.config import RECIPES_DIR
-
-    recipe = os.path.join(RECIPES_DIR, "accelerate", "zero3_cpu.yaml")
-    name = (yaml.safe_load(open(recipe)).get("deepspeed_config") or {}).get("deepspeed_config_file")
-    return ["--config_file", recipe] + (
-        ["--deepspeed_config_file", os.path.join(os.path.dirname(recipe), name)] if name else []
-    )
-
-
 def launch(work: str, mode: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")])),
-    }
-    env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *_recipe(),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "bf16" if mode == "bf16" else "no",
-        "--main_process_port",
-        str(_free_port()),
-        os.path.abspath(__file__),
-        work,
-        mode,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return cpu_engines.launch(
+        __file__, [work, mode], mixed_precision="bf16" if mode == "bf16" else "no", timeout=timeout
+    )
 
 
 if __name__ == "__main__":
@@ -210,7 +168,7 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
-_MISSING = [m for m in ("deepspeed", "ninja") if importlib.util.find_spec(m) is None]
+_MISSING = cpu_engines.MISSING
 needs_deepspeed = pytest.mark.skipif(
     bool(_MISSING), reason=f"needs {' and '.join(_MISSING)} (pip install deepspeed ninja)"
 )

@@ -16,16 +16,18 @@ tests/test_zero3_cpu.py. Below it, without processes: bf16 without a GPU is refu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_engines, run as a worker too
 import time
 
+import cpu_engines  # noqa: E402
 import pytest
 
-_MISSING = [m for m in ("deepspeed", "ninja") if importlib.util.find_spec(m) is None]
+_MISSING = cpu_engines.MISSING
 needs_deepspeed = pytest.mark.skipif(
     bool(_MISSING), reason=f"needs {' and '.join(_MISSING)} (pip install deepspeed ninja)"
 )
@@ -89,25 +91,12 @@ def test_zero3_bf16_stages_keep_the_fp32_start_bit_for_bit(tmp_path):
         "--warmup-ratio=0",  # the step runs at the learning rate itself
         f"--seed-learning-rate={TINY_LR}",
         f"--learning-rate={TINY_LR}",
-        # one pair per reference forward: every rank runs several before training (with exactly one, trl's
-        # precompute engine and the training engine broke DeepSpeed's ZeRO-3 parameter trace, IndexError
-        # "pop from an empty deque" at the first training forward, before SSAPOTrainer._precompute_ref_logps
-        # destroyed that engine after its pass: tests/test_zero3_precompute.py)
-        "--precompute-ref-batch-size=1",
+        # the seed's 16 pairs and the micro-batch of 8: one reference forward per rank, the case that broke
+        # DeepSpeed's ZeRO-3 parameter trace before the precompute engine was destroyed after its pass
+        # (tests/test_zero3_precompute.py)
     ]
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        # torch's JIT build runs `ninja` from PATH: the one installed beside this interpreter (a venv's bin)
-        "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")])),
-    }
-    env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(cmd, env=cpu_engines.env(), capture_output=True, text=True, timeout=840)
     seconds = time.time() - t0
     assert proc.returncode == 0, f"ssapo train failed ({proc.returncode}, {seconds:.0f} s):\n{proc.stderr[-6000:]}"
     done = json.loads((out / "state.json").read_text())["done"]
@@ -230,20 +219,9 @@ def test_zero2_bf16_stage_keeps_the_fp32_start_and_saves_its_masters(tmp_path):
     assert not any(bool((v == 0).any()) for v in start.values())
     config = tmp_path / "zero2.yaml"
     config.write_text(ZERO2)
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")])),
-    }
-    env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
-    cmd += ["--mixed_precision", "bf16", "--main_process_port", str(port), os.path.abspath(__file__), work]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    proc = cpu_engines.launch(
+        __file__, [work], config=["--config_file", str(config)], mixed_precision="bf16", timeout=540
+    )
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     reps = [json.load(open(os.path.join(work, f"rank{i}.json"))) for i in range(2)]
     for r in reps:
@@ -256,14 +234,6 @@ def test_zero2_bf16_stage_keeps_the_fp32_start_and_saves_its_masters(tmp_path):
         assert moved == 0, f"{k}: {moved} of {v.numel()} values differ (bf16 rounding: {rounded})"
     # every parameter's fp32 master was set from the file on the rank(s) holding a fragment of it
     assert sum(r["restored"] for r in reps) >= len(start), reps
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bf16_without_a_gpu_is_refused_at_start_up_outside_deepspeed(tmp_path, monkeypatch):

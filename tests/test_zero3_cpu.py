@@ -36,6 +36,9 @@ import shutil
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_engines, run as a worker too
+import cpu_engines  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORDS = "a b c d e f g h i j".split()
@@ -52,18 +55,11 @@ TINY_LR = 1e-6
 
 
 def _recipe() -> str:
-    from ssapo.config import RECIPES_DIR
-
-    return os.path.join(RECIPES_DIR, "accelerate", "zero3_cpu.yaml")
+    return cpu_engines.zero3_cpu_recipe()
 
 
 def _ds_config() -> str:
-    """The DeepSpeed JSON the recipe names (relative to the recipe: accelerate reads it relative to the
-    working directory, so the launch names its absolute path)."""
-    import yaml
-
-    name = yaml.safe_load(open(_recipe()))["deepspeed_config"]["deepspeed_config_file"]
-    return os.path.join(os.path.dirname(_recipe()), name)
+    return cpu_engines.zero3_cpu_json()
 
 
 def worker(work: str, mode: str = "fp32") -> None:
@@ -309,44 +305,9 @@ def build_init(path: str, bf16_values: bool = False):
 
 
 def launch(work: str, mode: str = "fp32", timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        # torch's JIT build runs `ninja` from PATH: the one installed beside this interpreter (a venv's bin)
-        "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")])),
-    }
-    env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        _recipe(),
-        "--deepspeed_config_file",
-        _ds_config(),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "bf16" if mode == "bf16" else "no",
-        "--main_process_port",
-        str(_free_port()),
-        os.path.abspath(__file__),
-        work,
-        mode,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return cpu_engines.launch(
+        __file__, [work, mode], mixed_precision="bf16" if mode == "bf16" else "no", timeout=timeout
+    )
 
 
 if __name__ == "__main__":
@@ -357,11 +318,10 @@ if __name__ == "__main__":
     sys.exit(0)
 
 # ---------------------------------------------------------------- the test
-import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
-_MISSING = [m for m in ("deepspeed", "ninja") if importlib.util.find_spec(m) is None]
+_MISSING = cpu_engines.MISSING
 pytestmark = [
     pytest.mark.multiprocess,
     pytest.mark.skipif(bool(_MISSING), reason=f"needs {' and '.join(_MISSING)} (pip install deepspeed ninja)"),

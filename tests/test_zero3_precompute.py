@@ -22,12 +22,15 @@ Runs only where `deepspeed` and `ninja` are installed (skipped otherwise). This 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_engines, run as a worker too
 import time
+
+import cpu_engines  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = "a b c d e f g h i j".split()
@@ -104,38 +107,7 @@ def worker(work: str, n_pairs: int) -> None:
 
 
 def launch(work: str, n_pairs: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    sys.path.insert(0, HERE)
-    from test_zero3_cpu import _ds_config, _free_port, _recipe
-
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")])),
-    }
-    env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        _recipe(),
-        "--deepspeed_config_file",
-        _ds_config(),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        os.path.abspath(__file__),
-        work,
-        str(n_pairs),
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return cpu_engines.launch(__file__, [work, n_pairs], timeout=timeout)
 
 
 if __name__ == "__main__":
@@ -145,7 +117,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- the test
 import pytest  # noqa: E402
 
-_MISSING = [m for m in ("deepspeed", "ninja") if importlib.util.find_spec(m) is None]
+_MISSING = cpu_engines.MISSING
 
 
 def _reference(init: str, n_pairs: int) -> dict:
