@@ -793,6 +793,8 @@ def test_two_processes_annotate_and_follow_as_one(two_process_run, tmp_path, tas
                 **task_paths(task_dir),
                 "num_rounds": "1",
                 "round_sizes": "16",
+                # the micro-batch the 2-process run derived (8 / 2): here 2 accumulated micro-batches of 4
+                "per_device_train_batch_size": "4",
                 "output_dir": str(tmp_path / "one"),
             },
         )
