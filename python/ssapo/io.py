@@ -116,3 +116,64 @@ def read_column(
         return np.asarray([float(v) for v in vals], dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise InputError(f"{colarg}: {col!r} of {path} holds a value that is not a number ({e})") from None
+
+
+LOCK_NAME = ".ssapo.lock"  # in a run directory: held by the one process that drives the run
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on DIR/.ssapo.lock, held while a run is driven
+    (`with RunLock(out): ...`). The kernel drops it when its holder exits, however it exits (a SIGKILL
+    included), so a lock file left by a killed run never blocks `--resume`. The holder's pid, host, start
+    time and command are written into the file for the error the next writer gets: ConfigError naming
+    the directory and the holder, raised at once (never a wait). POSIX only; a filesystem without flock
+    (some network mounts) is not protected, and says so in a warning."""
+
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+        self.path = os.path.join(self.out, LOCK_NAME)
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import socket
+        import sys
+        import time
+        import warnings
+
+        from ssapo.config import ConfigError
+
+        os.makedirs(self.out, exist_ok=True)
+        try:
+            fd, writable = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), True
+        except OSError:  # a read-only run directory: lock the file if it is there, else run unprotected
+            try:
+                fd, writable = os.open(self.path, os.O_RDONLY), False
+            except OSError as e:
+                warnings.warn(f"output_dir: cannot lock {self.path} ({e.strerror or e})", stacklevel=2)
+                return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"output_dir: {self.out} is in use by another ssapo run ({holder}); wait for it to end, stop it, "
+                "or choose another directory"
+            ) from None
+        except OSError as e:  # no flock here (e.g. some network filesystems): run unprotected, and say so
+            warnings.warn(
+                f"output_dir: cannot lock {self.path} ({e}); two runs on it would not be stopped", stacklevel=2
+            )
+        if writable:
+            info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            info += " ".join(sys.argv)[:300]
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (info + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None

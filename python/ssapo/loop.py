@@ -453,17 +453,24 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
 
     # bf16 without a GPU only under a DeepSpeed engine: refused here, before any step, not in the seed step
     check_bf16(cfg, launcher.engine_type if launcher is not None else "NO", torch.cuda.device_count())
+    import contextlib
+
+    from ssapo.io import RunLock
+
     out = os.path.abspath(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
-    state = State(out, resume, procs)
-    if resume:
-        check_resumable(cfg, out)
-    prepare(cfg, out, state)
-    todo = [s for s in steps_of(cfg) if s not in state]
-    if todo and launcher is None:
-        ctx = Run(cfg, out)
-        for s in todo:
-            run_step(ctx, state, s)
-    elif todo:
-        launcher.drive(cfg, state, todo, lambda s: run_step(Run(cfg, out), state, s))
+    # one writer per run directory: the driver (machine 0's), or the main rank of an existing launch
+    writer = (launcher is None or launcher.machine_rank == 0) and (procs is None or procs.is_main_process)
+    with RunLock(out) if writer else contextlib.nullcontext():
+        state = State(out, resume, procs)
+        if resume:
+            check_resumable(cfg, out)
+        prepare(cfg, out, state)
+        todo = [s for s in steps_of(cfg) if s not in state]
+        if todo and launcher is None:
+            ctx = Run(cfg, out)
+            for s in todo:
+                run_step(ctx, state, s)
+        elif todo:
+            launcher.drive(cfg, state, todo, lambda s: run_step(Run(cfg, out), state, s))
     return Path(out)
