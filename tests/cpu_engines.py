@@ -57,6 +57,17 @@ def zero3_cpu_json() -> str:
     return os.path.join(os.path.dirname(zero3_cpu_recipe()), name)
 
 
+def finish() -> None:
+    """The end of a launched worker: a barrier, then the process group destroyed (as `python -m ssapo.stage`
+    does), so no communication thread is torn down by the interpreter's exit: without it a rank may abort
+    there ("terminate called without an active exception", SIGABRT) after its work is written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def launch(
     script: str,
     argv: Sequence[str],

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from ssapo.atoms import Atoms
 from ssapo.config import RunConfig, load_config
-from ssapo.io import read_jsonl
+from ssapo.io import LOCK_NAME, read_jsonl
 from ssapo.loop import run
 
 SMALL = {
@@ -132,7 +132,8 @@ def test_two_rounds_write_everything(reference_run):
         assert "# Round" in open(os.path.join(rd, "summary.md")).read()
     assert not same_weights(os.path.join(out, "seed", "model"), os.path.join(out, "round_1", "model"))
     assert not same_weights(os.path.join(out, "round_1", "model"), os.path.join(out, "round_2", "model"))
-    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith(".")]
+    # no temp file of an atomic write left behind (the run's lock file, DIR/.ssapo.lock, stays by design)
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith(".") and f != LOCK_NAME]
     assert not leftovers and not os.path.exists(os.path.join(out, "round_1", "trainer"))
 
 
@@ -773,7 +774,8 @@ def test_two_processes_run_the_whole_loop_through_the_command(two_process_run, m
         check_leader(m["leader"], rows)
         assert m["leader"]["loss"] == {"ssapo": "shift_prob", "spa": "spa"}.get(method, "dpo")
         assert 0 <= m["eval"]["heldout_reward_accuracy"] <= 1 and (rd / "summary.md").exists()
-    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith(".")]
+    # no temp file of an atomic write left behind (the run's lock file, DIR/.ssapo.lock, stays by design)
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith(".") and f != LOCK_NAME]
     assert not leftovers and not (out / "round_1" / "trainer").exists()
 
 

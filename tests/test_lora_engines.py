@@ -161,6 +161,7 @@ def launch(work: str, mode: str, timeout: int = 600) -> subprocess.CompletedProc
 
 if __name__ == "__main__":
     worker(sys.argv[1], *sys.argv[2:3])
+    cpu_engines.finish()
     sys.exit(0)
 
 # ---------------------------------------------------------------- the tests

@@ -302,3 +302,4 @@ def test_read_flat_reads_a_ranks_part_of_a_tensor(tmp_path):
 
 if __name__ == "__main__":
     zero2_worker(sys.argv[1])
+    cpu_engines.finish()

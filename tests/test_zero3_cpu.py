@@ -315,6 +315,7 @@ if __name__ == "__main__":
         resolve_worker(sys.argv[1])
     else:
         worker(sys.argv[1], *sys.argv[2:3])
+    cpu_engines.finish()
     sys.exit(0)
 
 # ---------------------------------------------------------------- the test

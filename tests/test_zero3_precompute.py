@@ -112,6 +112,7 @@ def launch(work: str, n_pairs: int, timeout: int = 300) -> subprocess.CompletedP
 
 if __name__ == "__main__":
     worker(sys.argv[1], int(sys.argv[2]))
+    cpu_engines.finish()
     sys.exit(0)
 
 # ---------------------------------------------------------------- the test
