@@ -366,14 +366,7 @@ class Launcher:
             time.sleep(self.poll_s)
 
     def _pending(self, steps: List[str]) -> bool:
-        import json
-
-        try:
-            with open(os.path.join(self.out, "state.json")) as f:
-                done = set(json.load(f)["done"])
-        except (OSError, ValueError, KeyError):
-            return True
-        return any(s not in done for s in steps)
+        return bool(self._pending_steps(steps))
 
     def _say(self, msg: str) -> None:
         if self.echo:
