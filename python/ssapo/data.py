@@ -346,3 +346,53 @@ def write_run_data(cfg, d: str, tokenizer, heldout_pairs: int = 256) -> None:
     held = shown(test.select(range(min(heldout_pairs, len(test))))) if test is not None else []
     write_jsonl(os.path.join(d, "heldout.jsonl"), held)
     write_json(os.path.join(d, "split.json"), split.report)
+
+
+# -- what made a split (DIR/data/inputs.json, written by ssapo.loop.prepare) --
+
+# the RunConfig fields that choose or render the split's rows (the tokenizer's model counts prompt lengths)
+SPLIT_FIELDS = (
+    "seed",
+    "seed_size",
+    "round_sizes",
+    "num_rounds",
+    "max_prompt_length",
+    "max_length",
+    "system_turn",
+    "model",
+    "tokenizer",
+)
+
+
+def _hash_file(h, path: str) -> int:
+    with open(path, "rb") as f:
+        n = 0
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            n += len(chunk)
+    return n
+
+
+def source_digest(src: str) -> Dict[str, Any]:
+    """The fingerprint of a data source's contents: {"source", "sha256", "bytes"} of a file, or of a
+    directory's files (names and contents, in name order; datasets' own `cache-*` files and hidden files
+    left out); {"source", "hub"} for a hub id, named by its id alone (its contents are not read here)."""
+    import hashlib
+
+    src = str(src)
+    h = hashlib.sha256()
+    if os.path.isfile(src):
+        n = _hash_file(h, src)
+    elif os.path.isdir(src):
+        n = 0
+        for root, dirs, files in os.walk(src):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith(".") or name.startswith("cache-"):
+                    continue
+                path = os.path.join(root, name)
+                h.update(os.path.relpath(path, src).encode() + b"\0")
+                n += _hash_file(h, path)
+    else:
+        return {"source": src, "hub": src}
+    return {"source": os.path.abspath(src), "sha256": h.hexdigest(), "bytes": n}

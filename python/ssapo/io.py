@@ -177,3 +177,57 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None
+
+
+# errno of a fault of the machine (not of the input): the one-line message `machine_fault` gives, and what to do
+_FAULTS = {
+    "ENOSPC": ("no space left on the device", "free space"),
+    "EDQUOT": ("disk quota exceeded", "free space or raise the quota"),
+    "EROFS": ("the filesystem is read-only", "make it writable or choose another output_dir"),
+    "EACCES": ("permission denied", "fix its permissions or choose another output_dir"),
+    "EPERM": ("operation not permitted", "fix its permissions or choose another output_dir"),
+    "ENOTDIR": ("a file stands where a directory is needed", "move the file or choose another output_dir"),
+    "EEXIST": ("a file stands where a directory is needed", "move the file or choose another output_dir"),
+    "EISDIR": ("a directory stands where a file is needed", "move it or choose another output_dir"),
+    "EIO": ("an input/output error of the device", "check the device"),
+}
+# how libraries that wrap an OSError in their own exception spell these faults (safetensors' SafetensorError,
+# torch's PytorchStreamWriter RuntimeError, ...): the text of the errno's message
+_FAULT_TEXTS = {
+    "ENOSPC": ("no space left on device", "storagefull", "os error 28"),
+    "EDQUOT": ("disk quota exceeded", "os error 122"),
+    "EROFS": ("read-only file system", "os error 30"),
+}
+
+
+def machine_fault(exc: BaseException, where: Optional[str] = None) -> Optional[str]:
+    """The one-line message of a fault of the machine (disk full, a read-only filesystem, permissions, a file
+    where a directory should be, an I/O error) behind `exc` (the exception itself or one it was raised from or
+    during), or None when `exc` is not one. It names the path (the OSError's, else `where`), says that nothing
+    already written was lost (ssapo writes every file to a temp name and renames it; state.json records only
+    finished steps) and how to go on."""
+    import errno as _errno
+
+    seen, e, name, path = set(), exc, None, None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            code = _errno.errorcode.get(e.errno)
+            if code in _FAULTS:
+                name, path = code, e.filename or path
+                break
+        text = str(e).lower()
+        hit = next((c for c, texts in _FAULT_TEXTS.items() if any(t in text for t in texts)), None)
+        if hit is not None:
+            name = hit
+            break
+        e = e.__cause__ or e.__context__
+    if name is None:
+        return None
+    what, then = _FAULTS[name]
+    path = os.fspath(path) if path is not None else where
+    at = f"{path}: " if path else ""
+    return (
+        f"{at}{what} ({name}); nothing already written was lost (files are written whole, then renamed; "
+        f"state.json records finished steps only); {then}, then continue with --resume"
+    )

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ssapo.config import ConfigError, RunConfig
-from ssapo.io import atomic_write, read_jsonl, write_json, write_jsonl
+from ssapo.io import LOCK_NAME, InputError, RunLock, atomic_write, read_jsonl, write_json, write_jsonl
 from ssapo.leader import train_stage
 from ssapo.methods import Step, method_of, round_step_names
 from ssapo.processes import Solo, gather_strings, peak_memory, reset_peak_memory
@@ -370,14 +370,96 @@ def step_cost(sections: Dict[str, Any], seconds: float, peaks: List[Dict[str, An
     return out
 
 
+# RunConfig fields that may hold a local path: config.yaml writes those inside the run directory relative to it
+PATH_FIELDS = ("model", "ref_model", "tokenizer", "seed_model", "preference_data", "prompt_data", "accelerate_config")
+DATA_FIELDS = ("preference_data", "prompt_data")  # on resume, checked by their contents (data/inputs.json)
+
+
+def _in_run(d: Dict[str, Any], out: str) -> Dict[str, Any]:
+    """`d` (a config's fields) with every local path absolute, and those inside run directory `out`
+    relative to it: config.yaml's form, the same wherever the directory is moved."""
+    d = dict(d)
+    for k in PATH_FIELDS:
+        v = d.get(k)
+        if not isinstance(v, str) or not v:
+            continue
+        if os.path.isabs(v) or os.path.exists(v):
+            a = os.path.abspath(v)
+            rel = os.path.relpath(a, out)
+            d[k] = a if rel == os.curdir or rel.split(os.sep)[0] == os.pardir else rel
+    return d
+
+
+def config_text(cfg: RunConfig, out: str) -> str:
+    """DIR/config.yaml's text: the run's RunConfig, paths inside the run relative to it (`_in_run`)."""
+    import yaml
+
+    d = _in_run(cfg.to_dict(), out)
+    d["output_dir"] = os.path.abspath(out)
+    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+
+
+def _without_output_dir(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("output_dir:"))
+
+
+def read_run_config(out: str) -> RunConfig:
+    """The RunConfig in DIR/config.yaml, its relative paths that name something inside the run
+    rebased on the directory where the run is now (so a moved run directory resumes), output_dir = `out`."""
+    from ssapo.config import merge, read_yaml
+
+    path = os.path.join(out, "config.yaml")
+    raw = read_yaml(path)
+    for k in PATH_FIELDS:
+        v = raw.get(k)
+        if isinstance(v, str) and v and not os.path.isabs(v) and os.path.exists(os.path.join(out, v)):
+            raw[k] = os.path.join(out, v)
+    raw["output_dir"] = os.path.abspath(out)
+    return RunConfig(**merge({}, raw, path))
+
+
+def check_output_dir(out: str, resume: bool) -> None:
+    """Start-up checks of the run directory, one line each (ConfigError): not a file; with `resume`, it
+    holds a run (config.yaml or state.json); without, it can be created and written."""
+    import tempfile
+
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir: {out} is a file, not a directory")
+    if resume:
+        if not any(os.path.exists(os.path.join(out, f)) for f in ("config.yaml", "state.json")):
+            if os.path.exists(os.path.join(out, LOCK_NAME)):
+                with RunLock(out):  # a run just starting holds it: that is the error to give
+                    pass
+            raise ConfigError(
+                f"output_dir: {out} holds no run to resume (no config.yaml or state.json); check the path, or "
+                "drop --resume to start a run there"
+            )
+        return  # a finished run in a read-only directory resumes (nothing to write); `run` checks the rest
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ssapo-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot write in {e.filename or out} ({e.strerror or e})") from None
+
+
 def check_resumable(cfg: RunConfig, out: str) -> None:
-    """On resume, the run's config.yaml must match `cfg` (but for the fields in RESUME_MAY_DIFFER)."""
+    """On resume, the run's config.yaml must match `cfg` (but for the fields in RESUME_MAY_DIFFER), paths
+    inside the run compared relative to it (a moved run matches). preference_data and prompt_data may name
+    other paths when data/inputs.json holds their fingerprint: `prepare` compares their contents."""
+    from ssapo.config import merge, read_yaml
+
     path = os.path.join(out, "config.yaml")
     if not os.path.exists(path):
         return
-    old = RunConfig.from_yaml(path).to_dict()
-    new = cfg.to_dict()
-    diff = [f"{k} ({old.get(k)!r} → {new[k]!r})" for k in new if k not in RESUME_MAY_DIFFER and old.get(k) != new[k]]
+    old = _in_run(RunConfig(**merge({}, read_yaml(path), path)).to_dict(), out)
+    new = _in_run(cfg.to_dict(), out)
+    skip = set(RESUME_MAY_DIFFER)
+    if os.path.exists(os.path.join(out, "data", INPUTS)):
+        skip |= set(DATA_FIELDS)
+    diff = [f"{k} ({old.get(k)!r} → {new[k]!r})" for k in new if k not in skip and old.get(k) != new[k]]
     if diff:
         raise ConfigError(
             f"config: resuming {out} with another configuration: {', '.join(diff)}; resume with the "
@@ -399,16 +481,79 @@ def resolve_model(cfg: RunConfig, out: str) -> Dict[str, Any]:
     return {"init": cfg.model, "preference_data": cfg.preference_data, "prompt_data": cfg.prompt_data}
 
 
+INPUTS = "inputs.json"  # in DIR/data/: the fingerprint of what chose the split's rows
+
+
+def split_fingerprint(cfg: RunConfig, out: str) -> Dict[str, Any]:
+    """What chose DIR/data/'s rows: the fields the split reads (config.yaml's form) and the contents of the
+    input files (`ssapo.data.source_digest`)."""
+    from ssapo.data import SPLIT_FIELDS, source_digest
+
+    d = _in_run(cfg.to_dict(), out)
+    fields = {k: d[k] for k in SPLIT_FIELDS if k in d}
+    fields["round_sizes"] = list(d["round_sizes"])[: cfg.num_rounds]
+    files = {k: source_digest(getattr(cfg, k)) for k in DATA_FIELDS if getattr(cfg, k)}
+    return {"fields": fields, "files": files}
+
+
+def _changed_inputs(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """The fields and input files whose fingerprints differ, as 'name (what changed)'."""
+    out = []
+    for k in sorted(set(old.get("fields", {})) | set(new["fields"])):
+        if old.get("fields", {}).get(k) != new["fields"].get(k):
+            out.append(f"{k} ({old.get('fields', {}).get(k)!r} → {new['fields'].get(k)!r})")
+    for k in sorted(set(old.get("files", {})) | set(new["files"])):
+        a, b = old.get("files", {}).get(k), new["files"].get(k)
+        if a is None or b is None:
+            out.append(f"{k} ({'none' if a is None else a.get('source')} → {'none' if b is None else b.get('source')})")
+        elif {x: a.get(x) for x in ("sha256", "hub")} != {x: b.get(x) for x in ("sha256", "hub")}:
+            out.append(f"{k} ({b.get('source')}: its contents changed)")
+    return out
+
+
 def prepare(cfg: RunConfig, out: str, state: State) -> None:
-    """The run's inputs, once, by the main process: config.yaml and DIR/data/
-    (`ssapo.data.write_run_data`), which every step reads instead of splitting the data again."""
+    """The run's inputs, once, by the main process: config.yaml (written only when it changes) and DIR/data/
+    (`ssapo.data.write_run_data`), which every step reads instead of splitting the data again. data/inputs.json
+    ties the split to what made it (`split_fingerprint`): a run that recorded no step yet rebuilds data/
+    when that changed (and drops the unrecorded steps' partial outputs); a resumed run whose input files
+    changed is refused, naming the file."""
     if state.main:
-        atomic_write(os.path.join(out, "config.yaml"), lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
+        path, text = os.path.join(out, "config.yaml"), config_text(cfg, out)
+        if not os.path.exists(path) or _without_output_dir(Path(path).read_text()) != _without_output_dir(text):
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # not when only the directory moved
         d = os.path.join(out, "data")
-        if not os.path.exists(os.path.join(d, "split.json")):
+        fp = split_fingerprint(cfg, out)
+        build = not os.path.exists(os.path.join(d, "split.json"))
+        if not build:
+            old = read_metrics(os.path.join(d, INPUTS)) or None
+            changed = _changed_inputs(old or {}, fp) if old is not None else ["data/inputs.json (none)"]
+            if changed and not state.done:
+                import shutil
+                import sys
+
+                print(
+                    f"ssapo train: {out}: no step recorded and the split's inputs changed "
+                    f"({'; '.join(changed)}); splitting again",
+                    file=sys.stderr,
+                )
+                os.unlink(os.path.join(d, "split.json"))  # first: data/ is incomplete from here on
+                for name in os.listdir(out):  # partial outputs of steps that never finished
+                    if name == "seed" or (name.startswith("round_") and name[6:].isdigit()):
+                        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+                shutil.rmtree(d, ignore_errors=True)
+                build = True
+            elif old is not None:
+                files = _changed_inputs({"files": old.get("files", {})}, {"fields": {}, "files": fp["files"]})
+                if files:
+                    raise InputError(
+                        f"{files[0].split(' ')[0]}: resuming {out}, whose split was made from other data: "
+                        f"{'; '.join(files)}; resume with the data the run started from, or start a new output_dir"
+                    )
+        if build:
             from ssapo.data import write_run_data
             from ssapo.models import tokenizer
 
+            write_json(os.path.join(d, INPUTS), fp)
             write_run_data(cfg, d, tokenizer(cfg, resolve_model(cfg, out)["init"]), HELDOUT_PAIRS)
     state.wait()
 
@@ -455,16 +600,20 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
     check_bf16(cfg, launcher.engine_type if launcher is not None else "NO", torch.cuda.device_count())
     import contextlib
 
-    from ssapo.io import RunLock
-
     out = os.path.abspath(cfg.output_dir)
-    os.makedirs(out, exist_ok=True)
+    check_output_dir(out, resume)
     # one writer per run directory: the driver (machine 0's), or the main rank of an existing launch
     writer = (launcher is None or launcher.machine_rank == 0) and (procs is None or procs.is_main_process)
     with RunLock(out) if writer else contextlib.nullcontext():
         state = State(out, resume, procs)
         if resume:
             check_resumable(cfg, out)
+            left = [s for s in steps_of(cfg) if s not in state]
+            if left and not os.access(out, os.W_OK):
+                raise ConfigError(
+                    f"output_dir: {out} cannot be written (read-only or no permission) and the run has "
+                    f"{len(left)} step(s) left ({left[0]} next); make it writable, then resume"
+                )
         prepare(cfg, out, state)
         todo = [s for s in steps_of(cfg) if s not in state]
         if todo and launcher is None:

@@ -52,10 +52,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "step on several GPUs; the step's own launch then scores on every process)",
     )
     args = p.parse_args(argv)
-    from datetime import timedelta
-
-    from ssapo.config import RunConfig
-
     out = os.path.abspath(args.run_dir)
     path = os.path.join(out, "config.yaml")
     if not os.path.exists(path):
@@ -64,7 +60,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg = RunConfig.from_yaml(path)
+    from ssapo.io import machine_fault
+    from ssapo.loop import read_run_config
+
+    cfg = read_run_config(out)  # paths inside the run rebased on where it is now
+    try:
+        return _run(args, cfg, out)
+    except Exception as e:  # a fault of the machine (disk full, read-only, permissions): one line, no traceback
+        msg = machine_fault(e, out)
+        if msg is None:
+            raise
+        print(f"ssapo.stage: error: {msg}", file=sys.stderr)
+        return 1
+
+
+def _run(args, cfg, out: str) -> int:
+    from datetime import timedelta
+
     if args.generate_only:
         from ssapo.loop import pregenerate
 
@@ -373,7 +385,9 @@ class Launcher:
             print(msg, file=sys.stderr, flush=True)
 
 
-_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Interrupt)|torch\.\w+\.\w+Error)\b.*")
+_ERROR_LINE = re.compile(
+    r"^\s*(?:([A-Za-z_][\w.]*(Error|Exception|Interrupt)|torch\.\w+\.\w+Error)\b|ssapo\.stage: error: ).*"
+)
 _RANK_PREFIX = re.compile(r"^\[(?:default)?(?:rank)?(\d+)\]:\s?")  # torchrun's --tee/--role prefixes: "[rank0]: "
 # wrappers that only say a child failed: the cause is elsewhere in the log
 _WRAPPERS = ("ChildFailedError", "CalledProcessError", "SystemExit")

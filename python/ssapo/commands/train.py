@@ -340,11 +340,17 @@ def run(args, extra: Optional[List[str]] = None) -> int:
         from ssapo.config import check_bf16
 
         check_bf16(cfg, launcher.engine_type if launcher else "NO", _visible_gpus())
+        from ssapo.loop import check_output_dir
+
+        # the run directory: not a file, writable, and with --resume holding a run; before the tiny task is built
+        check_output_dir(cfg.output_dir, args.resume)
         if cfg.model == "tiny":  # the preset's task, built here; the loop gets its paths
             cfg = with_tiny_task(cfg, procs=procs)
     except ConfigError as e:
         print(f"ssapo train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a fault of the machine while building the tiny task: one line
+        return _fault(e, getattr(args, "output_dir", None) or ".")
 
     from ssapo.io import InputError
     from ssapo.loop import StepFailed
@@ -361,8 +367,22 @@ def run(args, extra: Optional[List[str]] = None) -> int:
     except (ConfigError, InputError) as e:  # a bad value or input file found by a step: one line, no traceback
         print(f"ssapo train: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a fault of the machine (disk full, read-only, permissions): one line; else raised
+        return _fault(e, cfg.output_dir)
     print(f"ssapo train: done; outputs in {out}")
     return 0
+
+
+def _fault(e: BaseException, out: str) -> int:
+    """Exit 1 with the one line of a fault of the machine behind `e` (ssapo.io.machine_fault); anything else
+    is raised again (a bug: its traceback is the report)."""
+    from ssapo.io import machine_fault
+
+    msg = machine_fault(e, os.path.abspath(out))
+    if msg is None:
+        raise e
+    print(f"ssapo train: error: {msg}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
