@@ -259,3 +259,17 @@ def test_machine_fault_reads_wrapped_errors_and_leaves_others():
             raise RuntimeError("saving failed") from inner
     except RuntimeError as outer:
         assert machine_fault(outer).startswith("/run/seed/model: the filesystem is read-only (EROFS)")
+
+
+def test_files_written_whole_get_the_mode_open_would_give(tmp_path):
+    """atomic_write's temp file (mkstemp: 0600) is given the target's mode, or the umask's: a run directory
+    shared on a cluster stays readable by the group as other files there are."""
+    from ssapo.io import _UMASK, write_json
+
+    path = str(tmp_path / "state.json")
+    open(str(tmp_path / "plain"), "w").close()
+    write_json(path, {"done": []})
+    assert os.stat(path).st_mode & 0o777 == os.stat(str(tmp_path / "plain")).st_mode & 0o777 == 0o666 & ~_UMASK
+    os.chmod(path, 0o640)
+    write_json(path, {"done": ["seed"]})
+    assert os.stat(path).st_mode & 0o777 == 0o640

@@ -11,6 +11,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): the mode new files get
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> str:
     """Calls `write_fn(tmp_path)` on a temp file in the target's directory,
@@ -22,6 +25,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> st
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=os.path.splitext(base)[1] or ".tmp", dir=parent)
+    try:  # mkstemp's file is the owner's alone (0600): give it the target's mode, else what open() would
+        os.fchmod(fd, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~_UMASK)
+    except OSError:
+        pass
     os.close(fd)
     try:
         write_fn(tmp)
