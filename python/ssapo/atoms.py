@@ -2,7 +2,7 @@
 
     atoms, diag = ssapo.follower.follow(margins, cfg)     # -> Atoms
     rows = atoms.attach(rows)                              # each row gets its own shift, mass, weight
-    batch.update(tensors(examples))                        # the collator: float32 tensors of the atom columns
+    batch.update(tensors(examples, (SHIFT, MASS)))         # the collator: float32 tensors of the columns a loss needs
 
 Pair i's worst case puts mass[i, j] on the location loc[i, j] (j < K, K = 2
 for dro_core's solutions); shift[i, j] = xi[i] − loc[i, j] is how far the
@@ -11,18 +11,25 @@ gradient-matching weight of the `weights` leader. With ε = 0 every shift is 0
 and every mass (1, 0, ...): every leader loss is then exactly DPO.
 
 The names here are the only spelling of the atoms: the dataset columns the
-trainer reads (`COLUMNS`), follower.npz's arrays and the rows' keys.
+trainer reads (`COLUMNS`), follower.npz's arrays and the rows' keys. What a
+row must hold in them is checked here too (`table_problem` over every row of a
+table, `row_problem` on one row): shift and mass lists of K finite numbers, K
+the same in both and in every row, weight one finite number.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 SHIFT, MASS, WEIGHT = "shift", "mass", "weight"
 COLUMNS = (SHIFT, MASS, WEIGHT)  # per-pair training columns: shift (K floats), mass (K floats), weight (float)
+LISTS = (SHIFT, MASS)  # the columns of K numbers per row; WEIGHT is one number per row
+HOLDS = {SHIFT: "a list of K numbers", MASS: "a list of K numbers", WEIGHT: "one number"}  # per row
 
 
 @dataclass
@@ -94,10 +101,93 @@ class Atoms:
         self.xi, self.loc, self.group = other.xi, other.loc, other.group
 
 
-def tensors(examples: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The atom columns the examples carry, as float32 tensors in the examples' order: shift/mass (B, K), weight (B,)."""
+def _number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shown(v) -> str:
+    text = repr(v)
+    return f"{text[:60]}..." if len(text) > 63 else text
+
+
+def row_problem(row: Mapping[str, Any], columns: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """(column, what the row holds there) for the first of `columns` that
+    `row` lacks ("nothing") or whose value `tensors` would not take as
+    `HOLDS[column]` (strings, None, nested lists, non-finite numbers, shift and
+    mass of different K); None when all are fine."""
+    k = {}
+    for name in columns:
+        if name not in row:
+            return name, "nothing (no such key)"
+        v = row[name]
+        if name in LISTS:
+            items = v.tolist() if isinstance(v, np.ndarray) else v
+            if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
+                return name, f"{_shown(v)} ({type(v).__name__})"
+            bad = [x for x in items if not _number(x)]
+            if bad:
+                return name, f"{_shown(v)} ({_shown(bad[0])} is not a finite number)"
+            k[name] = len(items)
+        elif not _number(v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v):
+            return name, f"{_shown(v)} ({type(v).__name__}{', not finite' if isinstance(v, float) else ''})"
+    if len(k) == 2 and k[SHIFT] != k[MASS]:
+        return MASS, f"{k[MASS]} numbers beside {k[SHIFT]} in {SHIFT!r} (shift and mass need one K)"
+    return None
+
+
+def table_problem(table, columns: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """`row_problem` over every row of a pyarrow Table holding `columns`: the
+    column's type (numbers, lists of numbers for shift/mass), no nulls, finite
+    values, and one K for shift and mass in every row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def numeric(t) -> bool:
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+    lengths = {}
+    for name in columns:
+        col = table.column(name)
+        t = col.type
+        is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+        if name in LISTS and not (is_list and numeric(t.value_type)):
+            return name, f"values of type {t}"
+        if name not in LISTS and not numeric(t):
+            return name, f"values of type {t}"
+        if col.null_count:
+            return name, f"no value (null) in {col.null_count} row(s)"
+        values = pc.list_flatten(col) if is_list else col
+        if values.null_count:
+            return name, f"{values.null_count} null(s) inside its lists"
+        if pa.types.is_floating(values.type) and len(values) and not pc.all(pc.is_finite(values)).as_py():
+            return name, "non-finite numbers (nan or inf)"
+        if is_list:
+            n = pc.list_value_length(col)
+            if len(n) and pc.min(n).as_py() == 0:
+                return name, "an empty list in some row"
+            lengths[name] = n
+    if len(lengths) == 2 and len(table) and not pc.all(pc.equal(lengths[SHIFT], lengths[MASS])).as_py():
+        return MASS, f"in some row a list not as long as its {SHIFT!r} list (shift and mass need one K)"
+    for name, n in lengths.items():
+        if len(n) and pc.min(n).as_py() != pc.max(n).as_py():
+            return name, f"lists of {pc.min(n).as_py()} to {pc.max(n).as_py()} numbers (one K for every row)"
+    return None
+
+
+def tensors(examples: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> Dict[str, Any]:
+    """`columns` of the examples as float32 tensors in the examples' order:
+    shift/mass (B, K), weight (B,); only these (a row's other columns, even one
+    named like an atom, are not read). ValueError naming the column if a row
+    lacks one or holds something else (`row_problem`)."""
     import torch
 
-    return {
-        key: torch.tensor([ex[key] for ex in examples], dtype=torch.float32) for key in COLUMNS if key in examples[0]
-    }
+    out = {}
+    for key in columns:
+        try:
+            out[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            problem = next((p for p in (row_problem(ex, (key,)) for ex in examples) if p is not None), None)
+            raise ValueError(
+                f"{key}: every row must hold {HOLDS[key]}; a batch's row holds {problem[1] if problem else e}"
+            ) from e
+    return out

@@ -17,8 +17,17 @@ lists, as for trl) and, by `leader_loss`:
 - `rdpo` / `cdpo` / `drdpo` / `kldpo`: nothing more (the robust-DPO baselines of
   `ssapo.losses`: robust DPO and conservative DPO with trl's `label_smoothing`,
   Dr. DPO with `drdpo_beta`, KLDPO's weights with `kldpo_tau`/`kldpo_max_weight`).
-Extra columns are carried through trl's tokenization and collator; each pair
-meets its own atoms in the loss.
+Only the columns `leader_loss` needs are read, checked and converted: a
+column of another name, or an atom's name the loss does not need (a user's
+`weight` of strings under `dpo`), is left to trl as any extra column (dropped
+with `remove_unused_columns`, else carried and ignored). The needed ones are
+checked before anything runs, in every train and eval dataset (also those
+given to `evaluate`): a missing column, or one whose values are not numbers
+(shift and mass lists of K finite numbers, K one in both and in every row;
+weight one finite number), is a ValueError naming the column and the dataset.
+A map-style dataset is checked in every row, an IterableDataset on its first.
+Each pair meets its own atoms in the loss; no atom column (nor
+`pair_index`) ever reaches `model.forward`.
 
 Reference: `ref_model` when given, else (with peft) the adapter-disabled model,
 else the policy as it is before training. Its log-probabilities are computed
@@ -107,7 +116,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ssapo import losses
 from ssapo.atoms import COLUMNS as ATOM_COLUMNS
-from ssapo.atoms import MASS, SHIFT, WEIGHT
+from ssapo.atoms import HOLDS, MASS, SHIFT, WEIGHT, row_problem, table_problem
 from ssapo.atoms import tensors as atom_tensors
 from ssapo.config import FIELDS, check_bounds
 from ssapo.io import InputError, atomic_write, write_json
@@ -122,7 +131,8 @@ NEEDED_COLUMNS = {
     "weights": (WEIGHT,),
     "kept_mass": (SHIFT, MASS),
 }
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ATOM_COLUMNS}
+_NOT_FORWARD = {*ATOM_COLUMNS, PAIR_INDEX}  # batch keys of ours that model.forward never sees
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_NOT_FORWARD}
 CHECKPOINT_MARKER = "ssapo_checkpoint.json"  # written last, once every rank has written its part
 LEADER_STATE = "ssapo_leader_state_{}.json"  # one per rank: the counters behind leader_stats
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -558,32 +568,76 @@ def _reentrant_checkpointing_reaches_transformers(args, model, peft_config) -> N
 
 
 class _AtomCollator:
-    """Wraps trl's preference collator and adds each row's atoms as float32
-    tensors, in the order of the rows: shift/mass (B, K), weight (B,)
+    """Wraps trl's preference collator and adds each row's atoms that the
+    leader loss needs (`columns`, `NEEDED_COLUMNS`; no other column is read) as
+    float32 tensors, in the order of the rows: shift/mass (B, K), weight (B,)
     (`ssapo.atoms.tensors`), and each row's `pair_index` (ResolvingTrainer)
     as an int64 tensor."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, columns=ATOM_COLUMNS):
         self.inner = inner
+        self.columns = tuple(columns)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         index = [ex[PAIR_INDEX] for ex in examples] if PAIR_INDEX in examples[0] else None
         if index is not None:
             examples = [{k: v for k, v in ex.items() if k != PAIR_INDEX} for ex in examples]
         batch = self.inner(examples)
-        batch.update(atom_tensors(examples))
+        batch.update(atom_tensors(examples, self.columns))
         if index is not None:
             batch[PAIR_INDEX] = torch.tensor(index, dtype=torch.int64)
         return batch
 
 
-def _columns(ds) -> Optional[list]:
-    names = getattr(ds, "column_names", None)
-    if names is None:
-        return None
-    if isinstance(names, dict):  # DatasetDict
-        return sorted(set.intersection(*(set(v) for v in names.values()))) if names else []
-    return list(names)
+def _arrow_rows(ds, columns):
+    """`columns` of a datasets.Dataset's rows (after select/filter/shuffle) as one pyarrow Table: a take
+    through its indices mapping (datasets' own `with_format("arrow")[:]` is ~100x slower there)."""
+    try:
+        table = ds.data.table.select(list(columns))
+        indices = ds._indices
+        return table if indices is None else table.take(indices.column(0))
+    except AttributeError:  # a datasets version without these
+        return ds.select_columns(list(columns)).with_format("arrow")[:]
+
+
+def check_atom_columns(what: str, ds, leader_loss: str) -> None:
+    """ValueError (one line, naming the dataset and the column) unless every
+    row of `ds` holds the atom columns `leader_loss` needs as numbers
+    (`NEEDED_COLUMNS`, `ssapo.atoms.HOLDS`): a map-style dataset in every row
+    (`ssapo.atoms.table_problem`), any other (an IterableDataset, whose columns
+    may be unknown) on its first row (`row_problem`). A dict of datasets
+    (DatasetDict, `eval_dataset={...}`) part by part; None and a str (the name
+    of an eval dataset the trainer holds, checked already) pass."""
+    needed = NEEDED_COLUMNS.get(leader_loss, ())
+    if not needed or ds is None or isinstance(ds, str):
+        return
+    parts = ds.items() if isinstance(ds, dict) else [(None, ds)]
+    for part, d in parts:
+        where = what if part is None else f"{what}[{part!r}]"
+        names = getattr(d, "column_names", None)
+        missing = [c for c in needed if names is not None and c not in names]
+        problem, scope = None, "it"
+        if not missing:
+            from datasets import Dataset
+
+            if isinstance(d, Dataset):
+                problem = table_problem(_arrow_rows(d, needed), needed)
+            else:
+                row = next(iter(d), None)
+                problem, scope = (row_problem(row, needed) if row is not None else None), "its first row"
+                if problem is not None and problem[0] not in row:
+                    missing, problem = [problem[0]], None
+        if missing:
+            raise ValueError(
+                f"{where}: leader_loss={leader_loss!r} needs the column(s) {missing} "
+                "(the follower's atoms, see ssapo.follower), or choose leader_loss='dpo'"
+            )
+        if problem is not None:
+            name, holds = problem
+            raise ValueError(
+                f"{where}: column {name!r} must hold {HOLDS[name]} in each row for leader_loss={leader_loss!r} "
+                f"(the follower's atoms, see ssapo.follower); {scope} holds {holds}"
+            )
 
 
 class SSAPOTrainer(DPOTrainer):
@@ -632,18 +686,8 @@ class SSAPOTrainer(DPOTrainer):
             args = SSAPOConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-SSAPO")
         if not isinstance(args, SSAPOConfig):
             raise ValueError(f"args: must be an ssapo.trainer.SSAPOConfig, got {type(args).__name__}")
-        needed = NEEDED_COLUMNS.get(args.leader_loss, ())
-        for what, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            parts = ds.items() if isinstance(ds, dict) and not hasattr(ds, "column_names") else [(None, ds)]
-            for part, d in parts:
-                cols = _columns(d) if d is not None else None
-                missing = [c for c in needed if cols is not None and c not in cols]
-                if missing:
-                    where = what if part is None else f"{what}[{part!r}]"
-                    raise ValueError(
-                        f"{where}: leader_loss={args.leader_loss!r} needs the column(s) {missing} "
-                        "(the follower's atoms, see ssapo.follower), or choose leader_loss='dpo'"
-                    )
+        check_atom_columns("train_dataset", train_dataset, args.leader_loss)
+        check_atom_columns("eval_dataset", eval_dataset, args.leader_loss)
         if (
             args.leader_loss == "spa"
             and ref_model is None
@@ -667,7 +711,7 @@ class SSAPOTrainer(DPOTrainer):
         )
         self._restore_fp32_adapter()
         self._check_master_weights()
-        self.data_collator = _AtomCollator(self.data_collator)
+        self.data_collator = _AtomCollator(self.data_collator, NEEDED_COLUMNS.get(self.args.leader_loss, ()))
         gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
         self.confidence = losses.ConfidenceWindow(self.args.spa_window, self.args.spa_quantile, gather=gather)
         self._reset_stats()
@@ -901,10 +945,22 @@ class SSAPOTrainer(DPOTrainer):
         self.confidence.reset()
 
     def _set_signature_columns_if_needed(self):
+        # the atom columns the loss needs survive remove_unused_columns; any other column is trl's to drop
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(self._signature_columns) + [
-            c for c in ATOM_COLUMNS if c not in self._signature_columns
+            c for c in NEEDED_COLUMNS.get(self.args.leader_loss, ()) if c not in self._signature_columns
         ]
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """trl's `evaluate`; a dataset given here is checked first as the
+        trainer's own were (`check_atom_columns`)."""
+        check_atom_columns("eval_dataset", eval_dataset, self.args.leader_loss)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """trl's reference forward (the precompute pass, and each step without
+        it) on the batch without the atom columns and `pair_index`."""
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in _NOT_FORWARD})
 
     # -- the loss ------------------------------------------------------------------
 
@@ -934,8 +990,7 @@ class SSAPOTrainer(DPOTrainer):
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref = self.ref_model if self.ref_model is not None else self.model
-            ref_inputs = {k: v for k, v in inputs.items() if k not in ATOM_COLUMNS}
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(ref, ref_inputs)
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(ref, inputs)
         chosen_ratio = chosen_logps - ref_chosen.to(chosen_logps.dtype)
         rejected_ratio = rejected_logps - ref_rejected.to(rejected_logps.dtype)
         h = chosen_ratio - rejected_ratio  # log-ratio margin, one per pair
@@ -1168,9 +1223,6 @@ class ResolvingTrainer(SSAPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         return super()._compute_loss(model, self._current_atoms(inputs), return_outputs)
-
-    def compute_ref_log_probs(self, model, inputs):
-        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != PAIR_INDEX})
 
     def scoring_model(self):
         """The policy as the re-solve's margin pass calls it: a module whose forward gathers its sharded
