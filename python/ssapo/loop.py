@@ -60,7 +60,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ssapo.config import ConfigError, RunConfig
 from ssapo.io import LOCK_NAME, InputError, RunLock, atomic_write, read_jsonl, write_json, write_jsonl
@@ -87,13 +87,15 @@ class StepFailed(RuntimeError):
 
 class State:
     """DIR/state.json: {"done": [steps completed, in order], "last": the last
-    one}. Only the main process of `procs` (accelerate's PartialState inside a
-    launch; `Solo()` by default) writes; `mark` is also the barrier after a step."""
+    one, and "stopped" when the rounds ended early (`stop`)}. Only the main process of `procs` (accelerate's
+    PartialState inside a launch; `Solo()` by default) writes; `mark` is also the barrier after a step,
+    after which every process reads what the main one wrote."""
 
     def __init__(self, out: str, resume: bool, procs=None):
         self.procs = procs if procs is not None else Solo()
         self.path = os.path.join(out, "state.json")
         self.done: List[str] = []
+        self.stopped: Optional[Dict[str, Any]] = None
         if os.path.exists(self.path):
             if not resume:
                 raise ConfigError(
@@ -105,7 +107,8 @@ class State:
     def reload(self) -> None:
         if os.path.exists(self.path):
             with open(self.path) as f:
-                self.done = list(json.load(f)["done"])
+                data = json.load(f)
+            self.done, self.stopped = list(data["done"]), data.get("stopped")
 
     @property
     def main(self) -> bool:
@@ -117,12 +120,21 @@ class State:
     def __contains__(self, step: str) -> bool:
         return step in self.done
 
-    def mark(self, step: str) -> None:
+    def mark(self, step: str, stopped: Optional[Dict[str, Any]] = None, skipped: Sequence[str] = ()) -> None:
+        """Records `step` as done; with `stopped` (the main process's), the rounds end here: the `skipped`
+        steps are recorded as done too, never run, and state.json says why."""
         if step not in self.done:
             self.done.append(step)
+        if stopped is not None:
+            self.stopped = {**stopped, "skipped": list(skipped)}
+            self.done += [s for s in skipped if s not in self.done]
         if self.main:
-            write_json(self.path, {"done": self.done, "last": step})
+            write_json(
+                self.path, {"done": self.done, "last": step, **({"stopped": self.stopped} if self.stopped else {})}
+            )
         self.wait()
+        if not self.main:
+            self.reload()  # what the main process recorded (a stop included)
 
 
 def read_metrics(path: str) -> Dict[str, Any]:
@@ -218,9 +230,17 @@ def step_annotate(run: Run, state: State, t: int) -> Optional[dict]:
     if not state.main:
         return None
     rows, stats = got
-    if not rows:
-        raise RuntimeError(f"round {t}: every prompt's responses tied; no pairs to train on")
     stats = annotate.finish_stats(stats, rows)
+    if not rows:  # an outcome, not a crash: the policy stopped exploring, and the rounds end with π_{t−1}
+        result = os.path.relpath(run.model(t - 1), run.out)
+        why = (
+            f"round {t}: the policy stopped exploring: every response tied for all {stats.get('prompts', 0)} "
+            f"prompts (no pairs to train on); the rounds end here and {result} is the run's result"
+        )
+        return {
+            "annotation": {**stats, "pairs": 0, "reference": kind, "annotator": cfg.annotator},
+            "stopped": {"round": t, "result": result, "why": why},
+        }
     rows = flip_pairs(
         [{k: v for k, v in r.items() if k != "index"} for r in rows], cfg.annotation_flip_rate, (cfg.seed, t)
     )
@@ -346,7 +366,12 @@ def run_step(run: Run, state: State, step: str) -> None:
         write_json(run.metrics_path(t), {**old, **sections, "steps": cost})
         if spec.after is not None:
             spec.after(run, t)
-    state.mark(step)
+    stopped = (sections or {}).get("stopped") if state.main else None
+    if stopped is not None:  # every later step is recorded as skipped
+        known = steps_of(run.cfg)
+        state.mark(step, stopped={"at": step, **stopped}, skipped=known[known.index(step) + 1 :])
+    else:
+        state.mark(step)
 
 
 def step_cost(sections: Dict[str, Any], seconds: float, peaks: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -622,4 +647,9 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
                 run_step(ctx, state, s)
         elif todo:
             launcher.drive(cfg, state, todo, lambda s: run_step(Run(cfg, out), state, s))
+        state.reload()
+        if state.stopped and (procs is None or procs.is_main_process):
+            import sys
+
+            print(f"ssapo train: {state.stopped['why']}", file=sys.stderr)
     return Path(out)

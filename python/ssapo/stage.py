@@ -236,6 +236,8 @@ class Launcher:
         from ssapo.loop import StepFailed
 
         for group, how in self.plan(cfg, steps):
+            if all(s in state for s in group):  # recorded meanwhile (the steps a stopped run skips): no launch
+                continue
             if how is None:  # the follower: here, in the driver
                 for s in group:
                     self.in_driver(lambda s=s: run_here(s), s, state)
