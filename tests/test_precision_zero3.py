@@ -256,6 +256,7 @@ def test_bf16_without_a_gpu_is_refused_at_start_up_outside_deepspeed(tmp_path, m
     out = tmp_path / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     env.pop("SSAPO_ACCELERATE_LAUNCHED", None)
+    (tmp_path / "sft").mkdir()  # a model directory (one that is not is refused first, naming --model)
     cmd = [sys.executable, "-m", "ssapo.cli", "train", f"--model={tmp_path / 'sft'}", f"--output-dir={out}"]
     r = subprocess.run([*cmd, "--bf16", "--no-use-cpu"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]

@@ -33,6 +33,7 @@ def _hold(out) -> subprocess.Popen:
 
 def test_a_second_writer_is_refused_at_once_naming_the_directory_and_the_holder(tmp_path):
     out = tmp_path / "run"
+    (tmp_path / "sft").mkdir()  # a model directory (one that is not is refused first, before the lock)
     holder = _hold(out)
     try:
         with pytest.raises(

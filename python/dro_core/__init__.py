@@ -57,7 +57,8 @@ def solve(
     samples, on the support [lo, hi].
 
     Args:
-        xi: 1-D array of samples (float64; float32, ints and lists are converted once).
+        xi: 1-D array of real samples (float64; float32, ints and lists are converted once; a complex
+            array is refused, never cut to its real part).
         eps: radius of each group's ball, >= 0.
         groups: None for one global ball; an int G for consecutive chunks of G
             samples (the last one smaller, the paper's layout with G = 100); or an

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -542,14 +543,19 @@ def _batch_error(b: int, p: Optional[int], g: Optional[int], n: int) -> str:
 
 
 def check_bounds(name: str, value, note: Optional[str] = None) -> None:
-    """ConfigError naming `name` unless `value` (each item of a list) lies in the Bounds that RunConfig's
-    field `name` declares (metadata "bounds"); None passes an Optional field. `note` (default: the field's
-    own, as " (note)") follows the interval."""
+    """ConfigError naming `name` unless `value` (each item of a list) is finite and lies in the Bounds that
+    RunConfig's field `name` declares (metadata "bounds"); None passes an Optional field. `note` (default:
+    the field's own, as " (note)") follows the interval."""
     meta = FIELDS[name].metadata
     b: Bounds = meta["bounds"]
     if value is None and _optional(name):
         return
     items = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):  # inf passes ">= 0", nan no test
+        what = "every value must be" if isinstance(value, (list, tuple)) else "must be"
+        raise ConfigError(
+            f"{name}: {what} a finite number {b.text()}{' or null' if _optional(name) else ''}, got {value}"
+        )
     if all(v in b for v in items):
         return
     if meta.get("error"):

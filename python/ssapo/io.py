@@ -95,7 +95,11 @@ def read_column(
             raise InputError(f"{arg}: cannot read {path} as .npy ({e})") from None
         if a.ndim != 1:
             raise InputError(f"{arg}: {path} holds an array of shape {a.shape}; need 1-D")
-        return np.asarray(a, dtype=np.float64)
+        if np.iscomplexobj(a):  # numpy would drop the imaginary parts (a ComplexWarning)
+            raise InputError(f"{arg}: {path} holds complex numbers (dtype {a.dtype}); need real numbers")
+        if a.dtype.kind in "biuf":
+            return np.asarray(a, dtype=np.float64)
+        return _floats(a.tolist(), arg, path)  # strings: read one by one, as a text column's values are
     col = column or "xi"
     colarg = column_arg
     if ext == ".csv":
@@ -119,10 +123,31 @@ def read_column(
                 vals.append(row[col])
     else:
         raise InputError(f"{arg}: unknown file type {ext!r} (use .npy, .csv or .jsonl)")
+    return _floats(vals, colarg, f"{col!r} of {path}")
+
+
+def _floats(vals, arg: str, where: str) -> np.ndarray:
+    """`vals` as float64; InputError naming `arg` at the first value that is not a real number (a complex
+    one, '1+2j', said as such: its imaginary part is never dropped)."""
+    out = np.empty(len(vals), dtype=np.float64)
+    for i, v in enumerate(vals):
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError) as e:
+            if _is_complex(v):
+                raise InputError(
+                    f"{arg}: {where} holds a complex number, {v!r} (row {i + 1}); need real numbers"
+                ) from None
+            raise InputError(f"{arg}: {where} holds a value that is not a number ({e})") from None
+    return out
+
+
+def _is_complex(v) -> bool:
+    """Whether `v` reads as a complex number with a non-zero imaginary part ('1+2j', '3j')."""
     try:
-        return np.asarray([float(v) for v in vals], dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{colarg}: {col!r} of {path} holds a value that is not a number ({e})") from None
+        return isinstance(v, str) and complex(v.strip().replace(" ", "")).imag != 0
+    except ValueError:
+        return False
 
 
 LOCK_NAME = ".ssapo.lock"  # in a run directory: held by the one process that drives the run

@@ -8,7 +8,9 @@ Spaces, as the follower's (`follower_space`; ssapo.follower, docs/METHOD.md §2)
 tangents; `margin`: ξ are margins β·h, loss softplus(−ξ) by K tangents over
 [−max|ξ|, max|ξ|] (flat log 2 when every ξ is 0). The loss is the follower's
 own (`ssapo.follower.loss_of`); --eps, --group-size and --k default to
-RunConfig's eps, group_size and k.
+RunConfig's eps, group_size and k. ξ are real numbers: complex input (a
+complex .npy, or '1+2j' in a column) is refused, naming the argument, never
+cut to its real part.
 
 Writes, atomically:
 - .npz: per sample `xi`, `loc`, `mass`, `shift` (N, 2), `weight`, `group` (N,) (the follower's atom

@@ -308,11 +308,80 @@ def launcher_of(args, cfg):
     )
 
 
+def _hub_lookup(name: str) -> Optional[str]:
+    """None when `name` is a hub id that the local hub cache holds (its config.json or adapter_config.json)
+    or, online, that the hub knows (a gated repository included); else why not, as the end of a sentence
+    ('' when `name` cannot be a hub id: a path).
+    Nothing is downloaded; the hub is asked (one metadata request, 10 s at most) only when not offline
+    (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) and the cache does not hold it."""
+    try:
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+        from huggingface_hub.utils import validate_repo_id
+    except ImportError:  # pragma: no cover - a dependency of transformers; without it the load says
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return ""  # a path: no such directory
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    for f in ("config.json", "adapter_config.json"):
+        if isinstance(try_to_load_from_cache(name, f, cache_dir=cache), str):
+            return None
+    on = ("1", "ON", "YES", "TRUE")
+    offline = constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v, "").upper() in on for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    if offline:
+        return "a hub model in the local cache (offline: HF_HUB_OFFLINE=1, the hub is not asked)"
+    try:
+        HfApi().model_info(name, timeout=10)
+    except GatedRepoError:  # it exists; its access is the load's business
+        return None
+    except RepositoryNotFoundError:
+        return f"a model on the hub ({constants.ENDPOINT} has no repository {name}, or it is private)"
+    except Exception as e:  # the hub out of reach (no network, a proxy, a timeout, a 5xx)
+        return f"a hub model in the local cache, and the hub is out of reach ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def check_model(name: str, flag: str = "--model") -> None:
+    """ConfigError naming `flag` and the close preset names (difflib) when `name` is neither a preset, nor a
+    local directory, nor a hub model (`_hub_lookup`: in the local cache, or on the hub when online): at
+    start-up, before anything else is said about the run (`preference_data: needed` and the like)."""
+    import difflib
+
+    from ssapo.config import PRESETS
+
+    if name in PRESETS or os.path.isdir(name):
+        return
+    why = _hub_lookup(name)
+    if why is None:
+        return
+    close = difflib.get_close_matches(name.lower(), list(PRESETS), n=3, cutoff=0.6)
+    presets = f"{'did you mean ' + ' or '.join(close) + '? ' if close else ''}presets: {', '.join(PRESETS)}"
+    if not why:
+        raise ConfigError(f"model: {flag} {name}: no such directory, and not a preset ({presets})")
+    raise ConfigError(f"model: {flag} {name} is not a preset ({presets}), nor a local directory, nor {why}")
+
+
+def _model_given(args, cfg) -> Optional[str]:
+    """The flag that named cfg.model when it is not a preset's own model (None: the preset's)."""
+    from ssapo.config import PRESETS, read_yaml
+
+    if args.model in PRESETS and cfg.model == read_yaml(PRESETS[args.model]).get("model"):
+        return None
+    return "--model" if cfg.model == args.model else "model"
+
+
 def run(args, extra: Optional[List[str]] = None) -> int:
     extra = list(extra if extra is not None else getattr(args, "extra", None) or [])
     inside = _inside_launch()
     try:
         cfg = build_config(args, extra)
+        flag = _model_given(args, cfg)
+        if flag:  # first: a model that cannot load (a typo of a preset, a missing directory, offline)
+            check_model(cfg.model, flag)
         if args.num_processes is not None and args.num_processes < 1:
             raise ConfigError(f"--num-processes: must be >= 1, got {args.num_processes}")
         launcher, procs = None, None
