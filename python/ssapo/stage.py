@@ -19,18 +19,23 @@ models on its own device (the engine's config with its DeepSpeed / FSDP part
 removed, written to DIR/launch/data_parallel.yaml), or one process when vLLM
 generates; the follower in the driver itself. Consecutive steps that need
 the same launch run in one. Each launch's output goes to
-DIR/logs/<steps>.log (and to the driver's stderr).
+DIR/logs/<steps>.log (and to the driver's stderr). Each launch runs in a
+session of its own; SIGTERM to the driver (under `stop_on_signals`: `Stopped`)
+or a Ctrl-C ends every process of the running launch (`stop_tree`: SIGTERM,
+then SIGKILL after STOP_GRACE_S) before the driver exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -106,6 +111,128 @@ def _run(args, cfg, out: str) -> int:
     if hasattr(procs, "destroy_process_group"):
         procs.destroy_process_group()
     return 0
+
+
+STOP_GRACE_S = 10.0  # seconds a launch's processes get between SIGTERM and SIGKILL when the driver stops
+
+
+class Stopped(BaseException):
+    """A signal that stops the run (SIGTERM), raised in the driver's main thread by `stop_on_signals`' handler.
+    A BaseException, as KeyboardInterrupt is: no `except Exception` of a step keeps it, and every `finally`
+    and the launch's cleanup (`stop_tree`) run on its way out. `exit_code`: 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        self.exit_code = 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: Sequence[int] = (signal.SIGTERM,)):
+    """Within: each of `signums` raises `Stopped` in the main thread (SIGINT keeps Python's KeyboardInterrupt);
+    the handlers before are restored after. Outside the main thread it changes nothing (only the main thread
+    may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    before = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def stop_tree(p: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
+    """Ends `p` and every process under it: SIGTERM to each, then SIGKILL to those still alive after `grace_s`
+    seconds (at once on a second SIGINT or SIGTERM meanwhile); reaps `p`. The tree is read from the process
+    table before anything is signalled (torchrun starts each worker in a session of its own, so a signal to
+    the launch's process group would miss them, and an orphan's parent is no longer the launch) and again while
+    waiting (processes started meanwhile). Returns the number of processes signalled."""
+    try:
+        import psutil  # accelerate's own dependency
+    except ImportError:  # pragma: no cover - accelerate needs psutil; the launch's process group then
+        psutil = None
+    hurry = []
+    here = threading.current_thread() is threading.main_thread()
+    before = {}
+    if here:  # a second Ctrl-C or SIGTERM during the wait: SIGKILL at once, and no traceback from inside
+        for s in (signal.SIGINT, signal.SIGTERM):
+            before[s] = signal.signal(s, lambda signum, frame: hurry.append(signum))
+    try:
+        if psutil is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except OSError:
+                    pass
+                try:
+                    p.wait(grace_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            return 1
+        known: dict = {}
+
+        def scan() -> None:  # the processes under those known (and `p`), each signalled once with SIGTERM
+            roots = list(known.values()) or [psutil.Process(p.pid)]
+            for r in roots:
+                try:
+                    found = [r, *r.children(recursive=True)]
+                except psutil.Error:
+                    continue
+                for q in found:
+                    if q.pid not in known:
+                        known[q.pid] = q
+                        try:
+                            q.send_signal(signal.SIGTERM)
+                        except psutil.Error:
+                            pass
+
+        def alive() -> list:
+            out = []
+            for q in known.values():
+                try:
+                    if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                        out.append(q)
+                except psutil.Error:
+                    pass
+            return out
+
+        try:
+            scan()
+        except psutil.Error:  # `p` already gone
+            pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and not hurry:
+            p.poll()  # reaps `p` (a zombie until then)
+            try:
+                scan()
+            except psutil.Error:
+                pass
+            if not alive():
+                break
+            time.sleep(0.1)
+        for q in alive():
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILLed: only a process stuck in the kernel
+            pass
+        return len(known)
+    finally:
+        if p.stdout is not None:
+            p.stdout.close()
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def free_port() -> int:
@@ -311,8 +438,16 @@ class Launcher:
         with open(log, "a") as f:
             f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
             f.flush()
+            # its own session: a Ctrl-C at the terminal reaches the driver alone, which ends the launch (stop_tree)
             p = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                start_new_session=True,
             )
             try:
                 assert p.stdout is not None
@@ -322,12 +457,14 @@ class Launcher:
                     if self.echo:
                         sys.stderr.write(line)
                 rc = p.wait()
-            except BaseException:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            except BaseException as e:  # SIGTERM (Stopped), Ctrl-C, or an error in the driver: end the launch
+                why = e.name if isinstance(e, Stopped) else "SIGINT" if isinstance(e, KeyboardInterrupt) else "error"
+                self._say(
+                    f"ssapo train: {', '.join(steps)}: stopping the launch ({why}): SIGTERM to its processes, "
+                    f"SIGKILL to those left after {STOP_GRACE_S:g} s"
+                )
+                n = stop_tree(p, STOP_GRACE_S)
+                f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} stopped by the driver ({why}): {n} process(es)\n")
                 raise
         if rc != 0:
             pending = self._pending_steps(steps)

@@ -365,6 +365,33 @@ def check_model(name: str, flag: str = "--model") -> None:
     raise ConfigError(f"model: {flag} {name} is not a preset ({presets}), nor a local directory, nor {why}")
 
 
+def run(args, extra: Optional[List[str]] = None) -> int:
+    """`ssapo train`. SIGTERM (ssapo.stage.stop_on_signals) and SIGINT stop it, and the processes of a running
+    launch with it (ssapo.stage.stop_tree), within seconds: one line on how to continue, exit 143 / 130."""
+    from ssapo.stage import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _run(args, extra)
+    except Stopped as e:
+        print(f"ssapo train: stopped by {e.name}; {_how_to_continue(args)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # before the loop (building the config or the tiny task)
+        print(f"ssapo train: interrupted; {_how_to_continue(args)}", file=sys.stderr)
+        return 130
+
+
+def _how_to_continue(args) -> str:
+    """What a stopped run says: nothing written is lost (files are renamed into place whole; state.json
+    records finished steps only), so --resume continues a run that has started; else start it again."""
+    out = getattr(args, "run_dir", None)
+    if out is None:
+        return "run the same command again"
+    if any(os.path.exists(os.path.join(out, f)) for f in ("config.yaml", "state.json")):
+        return f"the steps finished so far are kept in {out}; continue with --resume"
+    return f"the run had not started in {out}; run the same command again (without --resume)"
+
+
 def _model_given(args, cfg) -> Optional[str]:
     """The flag that named cfg.model when it is not a preset's own model (None: the preset's)."""
     from ssapo.config import PRESETS, read_yaml
@@ -374,11 +401,12 @@ def _model_given(args, cfg) -> Optional[str]:
     return "--model" if cfg.model == args.model else "model"
 
 
-def run(args, extra: Optional[List[str]] = None) -> int:
+def _run(args, extra: Optional[List[str]] = None) -> int:
     extra = list(extra if extra is not None else getattr(args, "extra", None) or [])
     inside = _inside_launch()
     try:
         cfg = build_config(args, extra)
+        args.run_dir = os.path.abspath(cfg.output_dir)  # for the line of a stopped run (`run`)
         flag = _model_given(args, cfg)
         if flag:  # first: a model that cannot load (a typo of a preset, a missing directory, offline)
             check_model(cfg.model, flag)
