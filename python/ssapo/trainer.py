@@ -656,6 +656,14 @@ class SSAPOTrainer(DPOTrainer):
     - `grad_norms`: the pre-clipping gradient norm of every optimizer step;
     - `spa_flagged_fraction`: flagged pairs / pairs seen ('spa' only, else 0.0).
 
+    Logs (`state.log_history`, `report_to`): every metric trl's DPOTrainer logs
+    for the same batch, under its names and computed as it does (`entropy`,
+    `num_tokens`, `logits/*`, `mean_token_accuracy`, `rewards/*`, `logps/*`,
+    `aux_loss` on a mixture-of-experts model; equal to trl's where the loss is
+    DPO), plus the leader's own: `leader/clamped_fraction` and `leader/atoms`
+    (this process's running counts, 'shift_prob'), `leader/kldpo_max_weight`,
+    `spa/flagged`, `spa/alpha`, `spa/tau`.
+
     `start_weights`: where the policy's exact start lies (a directory or hub id
     of safetensors weights), for DeepSpeed with 16-bit module weights: on the
     first `train()` that does not resume, the optimizer's fp32 master weights
@@ -1005,6 +1013,7 @@ class SSAPOTrainer(DPOTrainer):
                 self._clamped += int(clamped)
                 self._atoms += int((mass > 0).sum())
                 m["leader/clamped_fraction"].append(self._clamped / max(self._atoms, 1))
+                m["leader/atoms"] = [self._atoms]  # this process's atoms (mass > 0) so far, as trl's num_tokens
         elif kind == "shift_margin":
             per_pair = losses.shift_margin_loss(h, beta, inputs[SHIFT], inputs[MASS])
         elif kind == "weights":
@@ -1032,19 +1041,47 @@ class SSAPOTrainer(DPOTrainer):
             loss = per_pair.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-
-        gather = self.accelerator.gather_for_metrics
-        m["rewards/chosen"].append(gather(beta * chosen_ratio.detach()).mean().item())
-        m["rewards/rejected"].append(gather(beta * rejected_ratio.detach()).mean().item())
-        m["rewards/accuracies"].append(gather((h.detach() > 0).float()).mean().item())
-        m["rewards/margins"].append(gather(beta * h.detach()).mean().item())
-        m["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
-        m["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+            m["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        self._log_trl_metrics(m, mode, inputs, outputs, (chosen_logps, rejected_logps), (chosen_ratio, rejected_ratio))
         if return_outputs:  # as trl: the fused head builds no logits, so recompute them for compute_metrics
             with torch.no_grad():
                 outputs = model(**self._model_kwargs(inputs))
             return loss, outputs
         return loss
+
+    def _log_trl_metrics(self, m, mode, inputs, outputs, logps, ratios):
+        """What trl 1.16's `DPOTrainer._compute_loss` logs after its loss, under its names, computed and gathered
+        over the processes as it does: `entropy`, `num_tokens`, `logits/chosen`, `logits/rejected` and
+        `mean_token_accuracy` from the per-token fields of trl's fused LM head (token-weighted over every rank's
+        completions), `rewards/*` and `logps/*` from the pairs. (`aux_loss` is logged where the loss adds it.)"""
+        acc = self.accelerator
+        mask = inputs["completion_mask"][:, 1:]  # the completion tokens, as the shifted labels score them
+        seq_len = mask.size(1)
+        chosen_mask, rejected_mask = mask.chunk(2)
+
+        def token_mean(values, keep):  # sum over every rank's tokens of `keep` / their count; 0.0 without tokens
+            total, count = (acc.gather_for_metrics(t).sum() for t in ((values * keep).sum(), keep.sum()))
+            return (total / count).item() if count > 0 else 0.0
+
+        m["entropy"].append(token_mean(outputs.entropy[:, -seq_len:].detach(), mask))
+        if mode == "train":
+            tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        m["num_tokens"] = [self._total_train_tokens]
+        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2)
+        m["logits/chosen"].append(token_mean(chosen_logits, chosen_mask))
+        m["logits/rejected"].append(token_mean(rejected_logits, rejected_mask))
+        m["mean_token_accuracy"].append(token_mean(outputs.is_top1[:, -seq_len:].chunk(2)[0], chosen_mask))
+        chosen, rejected = (self.beta * r.detach() for r in ratios)
+        for key, value in (
+            ("rewards/chosen", chosen),
+            ("rewards/rejected", rejected),
+            ("rewards/accuracies", (chosen > rejected).float()),
+            ("rewards/margins", chosen - rejected),
+            ("logps/chosen", logps[0].detach()),
+            ("logps/rejected", logps[1].detach()),
+        ):
+            m[key].append(acc.gather(value).mean().item())  # trl's gather (not gather_for_metrics) for these
 
     def _spa_reference(self, model, inputs):
         """One no-grad forward of the policy and of the reference with full
