@@ -88,3 +88,70 @@ def test_a_lock_left_by_a_killed_run_never_blocks_the_next(tmp_path):
         assert lock.path == str(out / LOCK_NAME)
     with RunLock(str(out)):  # released on exit: taken again
         pass
+
+
+def test_a_launch_holds_the_lock_with_its_driver_and_after_it(tmp_path, monkeypatch):
+    """The driver hands its lock to every launch (pass_fds): a launch left running by a driver killed with
+    SIGKILL (here: the driver's descriptor closed) keeps the directory until it ends; a step started by hand
+    (no driver) takes the lock itself."""
+    import threading
+
+    from ssapo.stage import Launcher
+
+    out = str(tmp_path / "run")
+    from ssapo.config import accelerate_config_path
+
+    launcher = Launcher(out, 2, accelerate_config_path("ddp"), [], visible_gpus=0)
+    monkeypatch.setattr(
+        Launcher, "command", lambda self, *a, **k: [sys.executable, "-c", "import time; time.sleep(60)"]
+    )
+    monkeypatch.setattr("ssapo.config.RunConfig.from_yaml", classmethod(lambda cls, path: cls()))
+    monkeypatch.setattr(Launcher, "write_configs", lambda self: None)
+    lock = RunLock(out).__enter__()
+    launcher.lock_fd, launcher.echo = lock.fd, False
+
+    def launch():
+        from ssapo.loop import StepFailed
+
+        with pytest.raises(StepFailed, match="killed by SIGKILL"):  # the test ends it below
+            launcher.launch(["seed"], ("conf", 2))
+
+    t = threading.Thread(target=launch, daemon=True)
+    t.start()
+    log = launcher.log_path(["seed"])
+    for _ in range(100):
+        if os.path.exists(log) and [p for p in _children()]:
+            break
+        time.sleep(0.1)
+    lock.__exit__(None, None, None)  # the driver is gone; its launch is not
+    with pytest.raises(ConfigError, match="is in use by another ssapo run"):
+        with RunLock(out):
+            pass
+    for pid in _children():
+        os.kill(pid, signal.SIGKILL)
+    t.join(30)
+    with RunLock(out):  # the launch ended: free again
+        pass
+
+    # by hand: `python -m ssapo.stage` with no driver takes the lock, so it is refused while another run holds it
+    holder = _hold(out)
+    try:
+        open(os.path.join(out, "config.yaml"), "w").write("model: x\n")
+        env = {k: v for k, v in os.environ.items() if k not in ("SSAPO_DRIVER_PID", "RANK")}
+        r = subprocess.run(
+            [sys.executable, "-m", "ssapo.stage", "--run-dir", out, "--step", "seed"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2 and "is in use by another ssapo run" in r.stderr, r.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _children():
+    import psutil
+
+    return [c.pid for c in psutil.Process().children(recursive=True) if "time.sleep(60)" in " ".join(c.cmdline())]

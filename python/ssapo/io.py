@@ -205,6 +205,12 @@ class RunLock:
         self._fd = fd
         return self
 
+    @property
+    def fd(self) -> Optional[int]:
+        """The locked file's descriptor while held (None otherwise): a child given it (`pass_fds`) holds the
+        lock with this process, until both have closed it."""
+        return self._fd
+
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock

@@ -629,7 +629,9 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
     check_output_dir(out, resume)
     # one writer per run directory: the driver (machine 0's), or the main rank of an existing launch
     writer = (launcher is None or launcher.machine_rank == 0) and (procs is None or procs.is_main_process)
-    with RunLock(out) if writer else contextlib.nullcontext():
+    with RunLock(out) if writer else contextlib.nullcontext() as lock:
+        if launcher is not None and lock is not None:
+            launcher.lock_fd = lock.fd  # each launch holds it too
         state = State(out, resume, procs)
         if resume:
             check_resumable(cfg, out)

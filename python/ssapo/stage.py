@@ -40,6 +40,7 @@ import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # set in every process a launcher starts
+DRIVER_ENV = "SSAPO_DRIVER_PID"  # the driver that started this launch (and holds the run's lock)
 VLLM_THEN_SCORE = "vllm+score"  # a vLLM annotation step on several GPUs: generate in one process, score on all
 ENGINES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # distributed types whose state must not reach a data step
 
@@ -65,12 +66,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from ssapo.io import machine_fault
+    from ssapo.config import ConfigError
+    from ssapo.io import RunLock, machine_fault
     from ssapo.loop import read_run_config
 
     cfg = read_run_config(out)  # paths inside the run rebased on where it is now
     try:
-        return _run(args, cfg, out)
+        # one writer per run: a step started by hand (not by a driver, which holds the lock and hands it to
+        # its launches) takes the run's lock in its first process; a second writer is refused in one line
+        own = DRIVER_ENV not in os.environ and os.environ.get("RANK", "0") == "0"
+        with RunLock(out) if own else contextlib.nullcontext():
+            return _run(args, cfg, out)
+    except ConfigError as e:
+        print(f"ssapo.stage: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # a fault of the machine (disk full, read-only, permissions): one line, no traceback
         msg = machine_fault(e, out)
         if msg is None:
@@ -279,6 +288,9 @@ class Launcher:
         self.machine_rank, self.num_machines = int(machine_rank), int(num_machines)
         self.echo, self.poll_s, self.timeout_s = echo, poll_s, timeout_s
         self.visible_gpus = int(visible_gpus)
+        # the driver's run lock (ssapo.io.RunLock.fd): every launch inherits it, so a launch left running by a
+        # driver killed with SIGKILL still holds the run directory until it ends
+        self.lock_fd: Optional[int] = None
         self.last_log: Optional[str] = None
         engine = _read_yaml(self.engine_config)
         self.engine_type = str(engine.get("distributed_type", "MULTI_GPU"))
@@ -405,7 +417,7 @@ class Launcher:
         """The environment of every launch: this one, marked as launched, and on one machine with more GPUs
         visible than the run's processes, CUDA_VISIBLE_DEVICES cut to the first `num_processes` of them (so
         a one-process launch on an 8-GPU node sees one GPU, and vLLM's tensor parallelism the run's GPUs)."""
-        env = {**os.environ, LAUNCHED_ENV: "1"}
+        env = {**os.environ, LAUNCHED_ENV: "1", DRIVER_ENV: str(os.getpid())}
         if self.num_machines == 1 and self.num_processes < self.visible_gpus:
             shown = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
             ids = shown if shown else [str(i) for i in range(self.visible_gpus)]
@@ -448,6 +460,7 @@ class Launcher:
                 errors="replace",
                 bufsize=1,
                 start_new_session=True,
+                pass_fds=() if self.lock_fd is None else (self.lock_fd,),
             )
             try:
                 assert p.stdout is not None
