@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ssapo.data import Split, load_preferences, load_prompts, prompt_key, split_seed_and_rounds
+from ssapo.data import RULES, Split, load_preferences, load_prompts, prompt_key, read_preferences, split_seed_and_rounds
 
 
 def conv(q, a):
@@ -154,13 +154,13 @@ def test_split_is_the_papers_row_blocks(tmp_path):
     assert split.seed.column_names == ["prompt", "chosen", "rejected", "gold"]
     assert all(r.column_names == ["prompt"] for r in split.rounds)  # prompts only: labels dropped
     assert split.report == {
-        "duplicates_skipped": 0,
-        "too_long_skipped": 0,
-        "empty_skipped": 0,
         "seed": 5,
         "rounds": [8, 12],
         "test": 15,
         "test_overlap_dropped": 0,
+        "pool_overlap_skipped": 0,
+        "dropped": {rule: 0 for rule in RULES},
+        "inputs": {},
     }
 
 
@@ -190,37 +190,62 @@ def test_separate_prompt_pool(tmp_path):
     assert len(split.test) == 2  # the labelled pairs after the seed
 
 
-def test_duplicates_and_empties_are_skipped_and_counted(tmp_path):
+def test_duplicates_and_empties_are_dropped_at_load_and_counted(tmp_path, capsys):
     rows = STRINGS + STRINGS[:10] + [{"prompt": "", "chosen": "a", "rejected": "b", "gold": -1.0}]
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
-    seed, rounds, report = split_seed_and_rounds(ds, 5, [20], seed=0)
-    assert len(rounds[0]) == 20 and len(seed) == 5
+    ds, checked = read_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert len(ds) == 40 and checked.rows == 51 and checked.kept == 40
+    assert checked.dropped["duplicate_prompt"] == list(range(41, 51)) and checked.dropped["empty"] == [51]
+    seed, rounds, report = split_seed_and_rounds(ds, 5, [20], seed=0, checked=[checked])
     used = [p for p in seed["prompt"]] + list(rounds[0]["prompt"])
     assert len(set(used)) == 25 and "" not in used
-    assert report["duplicates_skipped"] >= 1 and report["empty_skipped"] <= 1
-    # every row is accounted for: used, skipped, test, or dropped from test as a repeat
-    counted = (
-        25 + report["duplicates_skipped"] + report["empty_skipped"] + report["test"] + report["test_overlap_dropped"]
-    )
-    assert counted == len(rows)
+    assert report["dropped"] == {**{rule: 0 for rule in RULES}, "duplicate_prompt": 10, "empty": 1}
+    assert report["inputs"]["preference_data"]["first_dropped"] == {
+        "duplicate_prompt": [41, 42, 43, 44, 45],
+        "empty": [51],
+    }
+    # every row is accounted for: used, dropped at load, or test
+    assert 25 + sum(report["dropped"].values()) + report["test"] + report["test_overlap_dropped"] == len(rows)
+    # load_preferences says it in one warning line, with the first line numbers
+    load_preferences(str(tmp_path / "p.jsonl"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [e for e in err if e.startswith("warning:")] == [
+        f"warning: preference_data: dropped 11 of 51 rows of {tmp_path / 'p.jsonl'}: "
+        "empty 1 (line 51); duplicate_prompt 10 (lines 41, 42, 43, 44, 45, ...)"
+    ]
 
 
-def test_over_long_prompts_are_skipped_and_counted(tmp_path):
+def test_over_long_prompts_are_dropped_at_load_and_counted(tmp_path):
+    from ssapo.data import prompt_length
     from ssapo.tiny import build_tokenizer
 
-    rows = [{"prompt": " ".join(["w"] * (1 + (i % 4) * 5)), "chosen": "w", "rejected": "w", "i": i} for i in range(40)]
+    rows = [{"prompt": " ".join(["w"] * (1 + (i % 4) * 5)), "chosen": "w", "rejected": "x", "i": i} for i in range(40)]
     rows = [dict(r, prompt=r["prompt"] + f" n{r['i']}") for r in rows]  # distinct prompts
-    tok = build_tokenizer(["w"] + [f"n{i}" for i in range(40)])
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
-    seed, rounds, report = split_seed_and_rounds(ds, 4, [4, 4], seed=0, tokenizer=tok, max_prompt_length=12)
-    from ssapo.data import prompt_length
-
-    kept = list(seed["prompt"]) + [p for r in rounds for p in r["prompt"]]
-    assert all(prompt_length(tok, p) <= 12 for p in kept)
-    assert report["too_long_skipped"] > 0
-    assert max(prompt_length(tok, r["prompt"]) for r in rows) > 12
+    tok = build_tokenizer(["w", "x"] + [f"n{i}" for i in range(40)])
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    ds, checked = read_preferences(path, tokenizer=tok, max_prompt_length=12)
+    assert all(prompt_length(tok, p) <= 12 for p in ds["prompt"])
+    long = [i + 1 for i, r in enumerate(rows) if prompt_length(tok, r["prompt"]) > 12]
+    assert long and checked.dropped["too_long"] == long and len(ds) == 40 - len(long)
+    seed, rounds, report = split_seed_and_rounds(ds, 4, [4, 4], seed=0, checked=[checked])
+    assert report["dropped"]["too_long"] == len(long)
     # no tokenizer: nothing is measured
-    assert split_seed_and_rounds(ds, 4, [4, 4], seed=0).report["too_long_skipped"] == 0
+    assert read_preferences(path)[1].counts()["too_long"] == 0
+
+
+def test_batched_prompt_lengths_are_prompt_length(tmp_path):
+    from ssapo.data import _prompt_lengths, prompt_length
+    from ssapo.tiny import build_tokenizer
+
+    tok = build_tokenizer(["w", "x"])
+    prompts = [
+        "w x w",
+        [{"role": "user", "content": "w"}],
+        conv("x", "w")[:1] + [{"role": "assistant", "content": "w"}],
+    ]
+    prompts.append(prompts[2] + [{"role": "user", "content": "x x x"}])
+    assert _prompt_lengths(tok, prompts, str) == [prompt_length(tok, p) for p in prompts]
+    tok.chat_template = None
+    assert _prompt_lengths(tok, prompts[:2], str) == [prompt_length(tok, p) for p in prompts[:2]]
 
 
 # -- errors --
@@ -237,7 +262,7 @@ def test_over_long_prompts_are_skipped_and_counted(tmp_path):
         (lambda p: (p / "x.txt").write_text("hi") and str(p / "x.txt"), "^preference_data: unknown file type '.txt'"),
         (
             lambda p: write_jsonl(p / "s.jsonl", [{"chosen": "a", "rejected": "b"}]),
-            "^preference_data: has no 'prompt' column and 'chosen' is not a chat-message list",
+            "^preference_data: .*s.jsonl line 1: no 'prompt' column, and 'chosen' is a string",
         ),
         (
             lambda p: write_jsonl(
@@ -249,13 +274,13 @@ def test_over_long_prompts_are_skipped_and_counted(tmp_path):
                     }
                 ],
             ),
-            "^prompt: the data has no 'prompt' column and 'chosen' holds only the answer",
+            "^preference_data: .*one.jsonl line 1: no 'prompt' column, and 'chosen' holds only the answer",
         ),
         (
             lambda p: write_jsonl(
                 p / "mix.jsonl", [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
             ),
-            "^chosen: a string while 'prompt' is a chat-message list",
+            "^preference_data: .*mix.jsonl line 1: 'chosen' is a string while 'prompt' is a chat-message list",
         ),
         (
             lambda p: (p / "e.jsonl").write_text("") and str(p / "e.jsonl") or str(p / "e.jsonl"),
@@ -263,7 +288,7 @@ def test_over_long_prompts_are_skipped_and_counted(tmp_path):
         ),
         (
             lambda p: (p / "bad.jsonl").write_text("{not json\n") and str(p / "bad.jsonl"),
-            "^preference_data: cannot read .*bad.jsonl as json",
+            "^preference_data: .*bad.jsonl line 1: not JSON",
         ),
         (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), "^preference_data: .*empty_dir holds no"),
         (lambda p: "", "^preference_data: empty source"),
@@ -290,19 +315,19 @@ def test_empty_sets(tmp_path):
 
 
 def test_too_small_for_the_split_says_the_numbers(tmp_path):
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS + STRINGS[:3]))
+    ds, checked = read_preferences(write_jsonl(tmp_path / "p.jsonl", STRINGS + STRINGS[:3]))
     with pytest.raises(
         ValueError,
         match=r"^round_sizes: 100 prompts needed for rounds \[50, 50\], but preference_data "
-        r"after the seed has only 35 usable \(3 duplicates skipped",
+        r"after the seed has only 35 usable; dropped at load: 3 duplicate_prompt; lower",
     ):
-        split_seed_and_rounds(ds, 5, [50, 50], seed=0)
+        split_seed_and_rounds(ds, 5, [50, 50], seed=0, checked=[checked])
     with pytest.raises(
         ValueError,
         match=r"^seed_size: 50 seed pairs requested but preference_data has only 40 usable "
-        r"rows of 43",
+        r"rows; dropped at load: 3 duplicate_prompt$",
     ):
-        split_seed_and_rounds(ds, 50, [5], seed=0)
+        split_seed_and_rounds(ds, 50, [5], seed=0, checked=[checked])
     with pytest.raises(ValueError, match="^seed_size: must be >= 1"):
         split_seed_and_rounds(ds, 0, [5], seed=0)
     with pytest.raises(ValueError, match="^preference_data: missing column 'chosen'"):
