@@ -8,6 +8,11 @@ iterative DPO with a 95 % t interval ("no significant difference" where it cover
 rate (flagged where answers collapsed), the mean answer length per round, the
 gold accuracy of each round's self-annotations, gold ties, the follower's
 movement of flipped / mislabelled pairs against the rest, parameter displacement.
+
+Outcomes: a collapsed run (its rounds stopped early: every prompt's responses tied) keeps its result
+policy's score — that is the method's outcome on that seed — and is flagged in its row and listed; a
+failed run (an exception) has no score: its seed is left out of that row's means and of every paired
+comparison that needs it (each interval says over how many seeds), and it is listed with its cause.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ssapo.bench import stats
-from ssapo.bench.suite import BASELINE, Job, Preset, candidates, canonical, self_annotating
+from ssapo.bench.suite import BASELINE, Job, Preset, candidates, canonical, finished, is_failed, self_annotating
 
 VALID_ACCURACY = (0.65, 0.85)
 MIN_HEADROOM = 0.10
@@ -47,24 +52,38 @@ class Table:
         self.rows: Dict[str, Dict[int, dict]] = {}
         self.chosen: Dict[str, str] = {}
         self.sweeps: Dict[str, Dict[str, Dict[int, dict]]] = {}
+        self.failed: Dict[str, Dict[int, dict]] = {}  # method -> seed -> failure record (of the row's candidate)
         for m in methods:
-            per_cand = {}
+            per_cand, fails = {}, {}
             for var in candidates(preset, m):
-                got = {}
+                got, bad = {}, {}
                 for s in seeds:
                     j = canonical(Job(s, sf, af, m, var), preset)
-                    if j in results:
+                    if finished(results.get(j)):
                         got[s] = results[j]
+                    elif is_failed(results.get(j)):
+                        bad[s] = results[j]
+                name = Job(0, 0, 0, m, var).var_name
                 if got:
-                    per_cand[Job(0, 0, 0, m, var).var_name] = got
-            if not per_cand:
-                continue
-            self.sweeps[m] = per_cand
+                    per_cand[name] = got
+                if bad:
+                    fails[name] = bad
             best = stats.pick_by_validation(
                 {k: [ev["val"]["win_rate"] for ev in v.values()] for k, v in per_cand.items()}
             )
+            if best is None:  # nothing finished: the seeds where every candidate failed
+                if fails:
+                    self.failed[m] = {s: r for per in fails.values() for s, r in per.items()}
+                continue
+            self.sweeps[m] = per_cand
             self.chosen[m] = best
             self.rows[m] = per_cand[best]
+            if fails.get(best):
+                self.failed[m] = fails[best]
+
+    def collapsed(self, m: str) -> Dict[int, dict]:
+        """seed -> where the row's run stopped early (its eval's "stopped"), for the seeds that collapsed."""
+        return {s: ev["stopped"] for s, ev in self.rows.get(m, {}).items() if ev.get("stopped")}
 
     def final(self, m: str, key: str = "win_rate") -> Dict[int, float]:
         return {s: _final(ev, key) for s, ev in self.rows.get(m, {}).items()}
@@ -76,9 +95,8 @@ class Table:
         return self.mean(oracle) - self.mean("dpo")
 
     def paired(self, m: str, against: str = BASELINE) -> dict:
-        a, b = self.final(m), self.final(against)
-        common = [s for s in self.seeds if s in a and s in b]
-        return stats.paired_ci([a[s] for s in common], [b[s] for s in common])
+        """Paired by seed over the seeds where both rows have a score (a failed run's seed drops out)."""
+        return stats.paired_by_seed(self.final(m), self.final(against), self.seeds)
 
     def seed_accuracy(self) -> List[float]:
         """Round-1 gold accuracy of the self-annotations of π_0 (iterative DPO's first round)."""
@@ -92,6 +110,33 @@ class Table:
 def _collapsed_seeds(evs: List[dict]) -> int:
     """How many of these runs ended with answers below half the SFT policy's mean length."""
     return sum(stats.length_collapsed([e["rounds"][-1]["mean_length"]], e["sft_mean_length"]) for e in evs)
+
+
+def ragged_mean(rows: List[List[float]]) -> List[float]:
+    """Per index, the mean over the lists that reach it (runs that stopped early have fewer rounds)."""
+    n = max(map(len, rows), default=0)
+    return [float(np.mean([r[i] for r in rows if len(r) > i])) for i in range(n)]
+
+
+def _delta(p: dict, short: bool = False) -> str:
+    """A paired difference with its interval and the seeds it used; '–' with fewer than 2 pairs."""
+    if p["n"] < 2:
+        return "–" if not short else ""
+    ns = "n.s." if short else "no significant difference"
+    text = f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]" + ("" if p["significant"] else f" {ns}")
+    return text + f" ({p['n']} seeds)"
+
+
+def outcome_cell(t: Table, m: str) -> str:
+    """The row's collapsed and failed seeds: 'collapsed: seed 1 (round 3); failed: seed 2', or '–'."""
+    parts = []
+    col = t.collapsed(m)
+    if col:
+        parts.append("collapsed: " + ", ".join(f"seed {s} (round {c.get('round')})" for s, c in sorted(col.items())))
+    bad = t.failed.get(m, {})
+    if bad:
+        parts.append("failed: " + ", ".join(f"seed {s}" for s in sorted(bad)))
+    return "; ".join(parts) or "–"
 
 
 def _label(m: str, t: Table) -> str:
@@ -120,8 +165,8 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         "",
         "| method | test win rate | Δ vs iterative DPO (tuned), 95 % CI | share of headroom | LC win rate "
         "| mean length per round | annotation acc. per round | gold ties | moved: flipped / unflipped "
-        "| moved: mislabelled / correct | displacement from π_init |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| moved: mislabelled / correct | displacement from π_init | collapsed / failed runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base, oracle = t.mean("dpo"), t.mean("oracle-iterative")
     for m in methods:
@@ -130,31 +175,20 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         evs = [t.rows[m][s] for s in t.seeds if s in t.rows[m]]
         wr = [_final(e) for e in evs]
         lens = [[r["mean_length"] for r in e["rounds"]] for e in evs]
-        L = min(map(len, lens))
-        mean_len = [float(np.mean([x[i] for x in lens])) for i in range(L)]
+        mean_len = ragged_mean(lens)  # a collapsed run counts in the rounds it trained
         collapsed = _collapsed_seeds(evs)
         lc = _ms([_final(e, "lc_win_rate") for e in evs]) + (
             f" ⚠ lengths collapsed on {collapsed} of {len(evs)} seeds" if collapsed else ""
         )
-        if m == BASELINE:
-            delta = "(the reference)"
-        else:
-            p = t.paired(m)
-            if p["n"] < 2:
-                delta = "–"
-            else:
-                delta = f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]" + (
-                    "" if p["significant"] else " no significant difference"
-                )
+        delta = "(the reference)" if m == BASELINE else _delta(t.paired(m))
         share = stats.headroom_share(float(np.mean(wr)), base, oracle)
         pr = [e["per_round"] for e in evs if e["per_round"]]
         acc = ties = mov_f = mov_m = "–"
         if pr and self_annotating(m) or m == "oracle-iterative":
-            R = min(map(len, pr)) if pr else 0
-            if R:
-                acc = " / ".join(_fmt(float(np.mean([p[i]["annotation"]["accuracy"] for p in pr]))) for i in range(R))
-                ties = _fmt(float(np.mean([p[i]["annotation"]["tie_fraction"] for p in pr for i in range(R)])))
-                fol = [p[i]["follower"] for p in pr for i in range(R) if "follower" in p[i]]
+            if pr:
+                acc = " / ".join(_fmt(x) for x in ragged_mean([[r["annotation"]["accuracy"] for r in p] for p in pr]))
+                ties = _fmt(float(np.mean([r["annotation"]["tie_fraction"] for p in pr for r in p])))
+                fol = [r["follower"] for p in pr for r in p if "follower" in r]
                 if fol:
                     mov_m = f"{_fmt(np.nanmean([f['moved_mislabelled'] for f in fol]))} / {_fmt(np.nanmean([f['moved_correct'] for f in fol]))}"
                     if "moved_flipped" in fol[0] and t.af:
@@ -162,7 +196,7 @@ def table_lines(t: Table, methods: List[str]) -> List[str]:
         lines.append(
             f"| {_label(m, t)} | {_ms(wr)} | {delta} | {_fmt(share, digits=2)} | {lc} "
             f"| {' → '.join(f'{x:.2f}' for x in mean_len)} | {acc} | {ties} | {mov_f} | {mov_m} "
-            f"| {_ms([e['displacement_from_sft'] for e in evs])} |"
+            f"| {_ms([e['displacement_from_sft'] for e in evs])} | {outcome_cell(t, m)} |"
         )
     lines.append("")
     return lines
@@ -206,13 +240,8 @@ def summary_table(tables: List[Table], methods: List[str]) -> List[str]:
             if m == BASELINE:
                 cells.append(f"{wr} (reference)")
                 continue
-            p = t.paired(m)
-            d = (
-                ""
-                if p["n"] < 2
-                else f"; Δ {p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]" + ("" if p["significant"] else " n.s.")
-            )
-            cells.append(wr + d)
+            d = _delta(t.paired(m), short=True)
+            cells.append(wr + (f"; Δ {d}" if d else ""))
         lines.append(f"| {_label(m, tables[0])} |" + "".join(f" {c} |" for c in cells))
     lines.append("")
     lines.append(
@@ -316,6 +345,57 @@ def control(t: Table) -> Optional[tuple]:
     return eq, len(same)
 
 
+OUTCOME_TEXT = (
+    "Collapsed and failed runs: a run is *collapsed* when its rounds stopped early (a round where every prompt's "
+    "responses tied left no pairs: the policy stopped exploring); it is evaluated on its result, the last policy it "
+    "trained, and keeps that score (that is the method's outcome on that seed), flagged in its row. A run is "
+    "*failed* when it raised (a bug, a bad candidate, a fault of the machine; its traceback is in failed.txt in its "
+    "directory): it has no score, its seed is left out of its row's mean and of every paired comparison that needs "
+    "it (each interval names how many seeds it used), tuning chooses among the candidates on the seeds where they "
+    "finished, and a rerun into the same directory tries it again (finished runs are kept)."
+)
+
+
+def outcomes(results: Dict[Job, dict]) -> List[dict]:
+    """Every collapsed or failed run: seed, condition, method, candidate, outcome and its where/why or cause."""
+    out = []
+    for j, ev in sorted(results.items(), key=lambda kv: (kv[0].seed, kv[0].seed_flip, kv[0].ann_flip, kv[0].method)):
+        base = {
+            "seed": j.seed,
+            "seed_flip": j.seed_flip,
+            "annotation_flip": j.ann_flip,
+            "method": j.method,
+            "candidate": j.var_name,
+        }
+        if is_failed(ev):
+            out.append({**base, "outcome": "failed", **ev["failed"]})
+        elif ev.get("stopped"):
+            out.append({**base, "outcome": "collapsed", **ev["stopped"]})
+    return out
+
+
+def outcome_lines(outs: List[dict]) -> List[str]:
+    lines = ["## Runs that stopped early or failed", ""]
+    if not outs:
+        return lines + ["None: every run trained all its rounds.", ""]
+    lines += [
+        "| seed | condition | method | outcome | where / cause |",
+        "|---|---|---|---|---|",
+    ]
+    for o in outs:
+        name = o["method"] + (f" ({o['candidate']})" if o["candidate"] else "")
+        if o["outcome"] == "failed":
+            tb = f" (traceback: {o['traceback']})" if o.get("traceback") else ""
+            what = f"failed at {o['step']}: {o['cause']}{tb}"
+        else:
+            what = f"collapsed at {o['at']}: result {o['result']}; {o['why']}"
+        cell = what.replace("|", "\\|")
+        lines.append(
+            f"| {o['seed']} | {_cond_name(o['seed_flip'], o['annotation_flip'])} | {name} | {o['outcome']} | {cell} |"
+        )
+    return lines + [""]
+
+
 def _save(fig, path: str) -> None:
     from ssapo.io import atomic_write
 
@@ -352,13 +432,8 @@ def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
         for m in methods:
             pr = [e["per_round"] for e in t.rows.get(m, {}).values() if e["per_round"]]
             if pr:
-                R = min(map(len, pr))
-                ax.plot(
-                    range(1, R + 1),
-                    [np.mean([p[i]["annotation"]["accuracy"] for p in pr]) for i in range(R)],
-                    marker="o",
-                    label=m,
-                )
+                acc = ragged_mean([[r["annotation"]["accuracy"] for r in p] for p in pr])
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", label=m)
         ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
         ax.set_xlabel("round")
         ax.set_ylabel("gold accuracy of the round's pairs")
@@ -372,8 +447,7 @@ def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
         for m in methods:
             curves = [[r["win_rate"] for r in e["rounds"]] for e in t.rows.get(m, {}).values()]
             if curves:
-                L = min(map(len, curves))
-                ax.plot(range(L), np.mean([c[:L] for c in curves], 0), marker="o", label=m)
+                ax.plot(range(max(map(len, curves))), ragged_mean(curves), marker="o", label=m)
         ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
         ax.set_xlabel("round (0 = π_0)")
         ax.set_ylabel("test win rate vs SFT")
@@ -434,13 +508,17 @@ def write(
     from ssapo.io import atomic_write, write_json
 
     conds = [(sf, af) for sf, af, _ in preset.conditions]
-    run_seconds = sum(ev.get("seconds", 0.0) for ev in results.values())
-    missing = sum("seconds" not in ev for ev in results.values())
+    done = [ev for ev in results.values() if finished(ev)]
+    run_seconds = sum(ev.get("seconds", 0.0) for ev in done)
+    missing = sum("seconds" not in ev for ev in done)
     tables = [Table(preset, results, seeds, methods, sf, af) for sf, af in conds]
+    outs = outcomes(results)
+    n_col, n_fail = sum(o["outcome"] == "collapsed" for o in outs), sum(o["outcome"] == "failed" for o in outs)
     lines = [
         f"# ssapo bench ({preset.name})",
         "",
-        f"Command: `{cmd}` — seeds {seeds}, {len(conds)} conditions, {len(results)} runs. Time on this machine: "
+        f"Command: `{cmd}` — seeds {seeds}, {len(conds)} conditions, {len(results)} runs ({n_col} collapsed, "
+        f"{n_fail} failed: see Runs that stopped early or failed). Time on this machine: "
         f"{run_seconds / 60:.1f} min of run time in all (each run's training and evaluation, summed over runs, "
         f"measured when it ran{'; ' + str(missing) + ' runs without a record' if missing else ''}); this invocation "
         f"{seconds / 60:.1f} min wall" + (f" with {workers} worker processes." if workers else "."),
@@ -462,6 +540,8 @@ def write(
         "(flipped: turned around by annotation_flip_rate; mislabelled: gold prefers the rejected answer). "
         "Displacement: ‖θ − θ_init‖ / ‖θ_init‖ of the final model.",
         "",
+        OUTCOME_TEXT,
+        "",
     ]
     summary = {
         "preset": preset.name,
@@ -470,6 +550,7 @@ def write(
         "seconds": seconds,
         "run_seconds": run_seconds,
         "conditions": [],
+        "outcomes": outs,
     }
     for t in tables:
         lines += [f"## {_cond_name(t.sf, t.af)}", ""]
@@ -493,14 +574,18 @@ def write(
                         "per_seed": t.final(m),
                         "vs_baseline": t.paired(m) if m != BASELINE else None,
                         "share": stats.headroom_share(t.mean(m), t.mean("dpo"), t.mean("oracle-iterative")),
+                        "collapsed_seeds": sorted(t.collapsed(m)),
+                        "failed_seeds": sorted(t.failed.get(m, {})),
                     }
                     for m in t.rows
                 },
+                "failed_rows": {m: sorted(f) for m, f in t.failed.items() if m not in t.rows},
             }
         )
     atomic_write(
         os.path.join(out, "summary_table.md"), lambda p: open(p, "w").write("\n".join(summary_table(tables, methods)))
     )
+    lines += outcome_lines(outs)
     made = plots(tables, methods, out)
     lines += [f"![{m}]({m})" for m in made] + [""]
     if notes:

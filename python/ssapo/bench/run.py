@@ -30,7 +30,8 @@ def bench(
     report.md, summary.json and the plots there; returns the Markdown. `conditions`: (seed
     flip rate, self-annotation flip rate) pairs, each running every method; `overrides`:
     Preset fields (e.g. run={...}, design={...}, tune={...}) replaced for this call; `workers`:
-    processes sharing out the seeds."""
+    processes sharing out the seeds. A run that collapses (its rounds stop early) or fails (raises) is
+    recorded and reported; every other run goes on (`ssapo.bench.suite`, Outcomes)."""
     from ssapo.bench import report, suite
 
     if preset not in suite.PRESETS:

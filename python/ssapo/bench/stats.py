@@ -2,6 +2,8 @@
 
 - `parse_seeds("5")` = [0, 1, 2, 3, 4]; `parse_seeds("0,3,7")` = [0, 3, 7];
 - `paired_ci(a, b)`: mean of a − b over paired seeds with its 95 % t interval;
+- `paired_by_seed(a, b)`: the same on {seed: value} maps, over the seeds both have (a seed where one
+  side has no value, e.g. its run failed, drops from that comparison), the seeds used named;
 - `headroom_share(x, base, oracle)` = (x − base) / (oracle − base);
 - `length_collapsed(lengths, reference)`: answers shrank below half the reference length;
 - `pick_by_validation(candidates)`: the candidate with the best mean validation score.
@@ -102,6 +104,16 @@ def paired_ci(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
     half = t975(n - 1) * sd / math.sqrt(n)
     lo, hi = m - half, m + half
     return {"n": n, "mean": m, "lo": lo, "hi": hi, "significant": bool(n >= 3 and (lo > 0 or hi < 0))}
+
+
+def paired_by_seed(a: Dict[int, float], b: Dict[int, float], seeds: Optional[Sequence[int]] = None) -> Dict:
+    """`paired_ci` over the seeds (of `seeds`, default a's in order) that both a and b have a value for;
+    the result also names them ("seeds") and the ones dropped ("dropped": in either map but not in both)."""
+    order = list(seeds) if seeds is not None else list(a)
+    common = [s for s in order if s in a and s in b]
+    dropped = [s for s in order if (s in a) != (s in b)]
+    r = paired_ci([a[s] for s in common], [b[s] for s in common])
+    return {**r, "seeds": common, "dropped": dropped}
 
 
 def headroom_share(x: float, base: float, oracle: float) -> float:

@@ -19,6 +19,15 @@ the round learning rate) runs every candidate; the reported row is the
 candidate with the best mean validation win rate over seeds (validation
 prompts, never the test prompts). Every run directory is resumable; finished
 evaluations are cached in eval.json.
+
+Outcomes: a run whose rounds stopped early (every prompt's responses tied: the loop's state.json
+"stopped") is *collapsed*: it is evaluated on its result policy (the last one it trained), its
+eval.json says where it stopped, and it keeps that score. Any other failure of one run (an
+exception while it runs or is evaluated) is *failed*: the job's result is a record with its
+one-line cause, the traceback is saved in the run's directory (failed.txt), every other run goes
+on, and the report leaves it out of the statistics that need it. A KeyboardInterrupt or SIGTERM
+still stops the bench. A rerun into the same directory skips every finished run and tries the
+failed ones again.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 GOLD_ANNOTATOR = "ssapo.bench.oracle:gold_annotator"
+FAILED_NAME = "failed.txt"  # a failed run's traceback, in its directory
 
 # name -> RunConfig overrides; "data": "gold" = every pair gold-labelled; "annotator": "gold" = the oracle annotator
 BASE_METHODS: Dict[str, dict] = {
@@ -326,14 +336,35 @@ def choose(preset: Preset, results: Dict["Job", dict], seeds: List[int], methods
         cands = candidates(preset, m)
         if len(cands) < 2:
             continue
-        vals = {}
+        vals, tried = {}, 0
         for var in cands:
             evs = [results.get(canonical(Job(s, sf, af, m, var), preset)) for s in seeds]
-            vals[var] = [e["val"]["win_rate"] for e in evs if e]
+            tried += sum(e is not None for e in evs)
+            # a failed run has no score: the candidate is judged on the seeds where it finished
+            vals[var] = [e["val"]["win_rate"] for e in evs if finished(e)]
         best = pick_by_validation({str(k): v for k, v in vals.items()})
         if best is not None:
             out[m] = next(k for k in vals if str(k) == best)
+        elif tried:
+            import sys
+
+            print(
+                f"bench: every candidate of {m} failed in the first condition ({tried} runs; causes in the report): "
+                "no choice to carry, so the other conditions run no candidate of it",
+                file=sys.stderr,
+                flush=True,
+            )
+            out[m] = None
     return out
+
+
+def finished(ev: Optional[dict]) -> bool:
+    """The job ran and was evaluated (collapsed runs included); False for a failure record or nothing."""
+    return bool(ev) and "failed" not in ev
+
+
+def is_failed(ev: Optional[dict]) -> bool:
+    return bool(ev) and "failed" in ev
 
 
 def task_for(preset: Preset, out: str, seed: int, seed_flip: float) -> dict:
@@ -391,12 +422,25 @@ def run_job(preset: Preset, job: Job, out: str) -> str:
     if sm is not None and not os.path.isdir(sm):
         run_job(preset, Job(job.seed, job.seed_flip, 0.0, "dpo"), out)
     cfg = config_of(preset, job, out, task, sm)
-    run(cfg, resume=True)
-    return job.dir(out)
+    d = job.dir(out)
+    # resume what the directory holds; a new run (or one that failed before it wrote its config) starts there
+    run(cfg, resume=any(os.path.exists(os.path.join(d, f)) for f in ("config.yaml", "state.json")))
+    return d
+
+
+def stopped_of(run_dir: str) -> Optional[dict]:
+    """Where the run's rounds stopped early (state.json "stopped": at, round, result, why), or None."""
+    path = os.path.join(run_dir, "state.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        st = json.load(f).get("stopped")
+    return {k: st.get(k) for k in ("at", "round", "result", "why")} if st else None
 
 
 def round_models(run_dir: str) -> List[str]:
-    """π_0 (seed/model, or the run's seed_model) and every round's model, in order."""
+    """π_0 (seed/model, or the run's seed_model) and every round's model, in order: the rounds that
+    saved one (a run that stopped early ends with its result, the last round that trained)."""
     from ssapo.config import RunConfig
 
     cfg = RunConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
@@ -412,7 +456,7 @@ def _sft_answers(task: dict, split: str, n: int, max_new_tokens: int) -> List[Li
     from ssapo.bench import metrics
     from ssapo.bench.task import messages
     from ssapo.io import read_jsonl, write_json
-    from ssapo.tiny import load
+    from ssapo.loading import load_checkpoint as load
 
     path = os.path.join(os.path.dirname(task["task"]), f"sft_answers_{split}_{n}_{max_new_tokens}.json")
     if os.path.exists(path):
@@ -435,13 +479,16 @@ def evaluate_run(preset: Preset, job: Job, out: str, started: Optional[float] = 
     from ssapo.bench import metrics
     from ssapo.bench.task import load_spec
     from ssapo.io import read_jsonl, write_json
-    from ssapo.tiny import load
+    from ssapo.loading import load_checkpoint as load
 
     d = job.dir(out)
     path = os.path.join(d, "eval.json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            res = json.load(f)
+        if "stopped" not in res:  # evaluated before the outcome was recorded
+            res["stopped"] = stopped_of(d)
+        return res
     import numpy as np
 
     task = task_for(preset, out, job.seed, job.seed_flip)
@@ -450,7 +497,10 @@ def evaluate_run(preset: Preset, job: Job, out: str, started: Optional[float] = 
     prompts = {s: [r["prompt"][0]["content"] for r in read_jsonl(task[f"{s}_prompts"])] for s in ("test", "val")}
     sft_ans = {s: _sft_answers(task, s, n, mnt) for s in ("test", "val")}
     models = round_models(d)
-    res: dict = {"job": dataclasses.asdict(job), "rounds": [], "sft_mean_length": None}
+    # collapsed: the rounds stopped early and the result (the last model in `models`) is what is evaluated
+    res: dict = {"job": dataclasses.asdict(job), "rounds": [], "sft_mean_length": None, "stopped": stopped_of(d)}
+    if res["stopped"]:  # the model evaluated as the run's result, relative to the run's directory
+        res["stopped"]["evaluated"] = os.path.relpath(os.path.abspath(models[-1]), os.path.abspath(d))
     res["sft_mean_length"] = float(np.mean([len(a.split()) for rs in sft_ans["test"] for a in rs]))
     for i, m in enumerate(models):
         model, tok = load(m)
@@ -486,15 +536,75 @@ def evaluate_run(preset: Preset, job: Job, out: str, started: Optional[float] = 
     return res
 
 
-def _run_jobs(preset: Preset, out: str, jobs: List[Job], progress: bool = False) -> Dict[Job, dict]:
-    """Runs and evaluates `jobs` in order, in this process."""
+def failure(job: Job, out: str, where: str, exc: BaseException) -> dict:
+    """The record of a failed job: its one-line cause (type and message) and the traceback, saved in the
+    run's directory (FAILED_NAME)."""
+    import traceback
+
+    from ssapo.io import atomic_write
+
+    d = job.dir(out)
+    path = os.path.join(d, FAILED_NAME)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        os.makedirs(d, exist_ok=True)
+        atomic_write(path, lambda p: open(p, "w").write(f"{where}: {job}\n{text}"))
+    except OSError:
+        path = None
+    msg = " ".join(str(exc).split())
+    cause = f"{type(exc).__name__}: {msg[:300] + ('…' if len(msg) > 300 else '')}" if msg else type(exc).__name__
+    return {"job": dataclasses.asdict(job), "failed": {"step": where, "cause": cause, "traceback": path}}
+
+
+def blocked(job: Job, results: Dict[Job, dict], out: str) -> Optional[dict]:
+    """A failure record when `job` starts from a π_0 whose `dpo` run failed in `results` (it is not run)."""
+    if not shares_seed_model(job):
+        return None
+    dpo = results.get(Job(job.seed, job.seed_flip, 0.0, "dpo"))
+    if not is_failed(dpo):
+        return None
+    return {
+        "job": dataclasses.asdict(job),
+        "failed": {
+            "step": "seed model",
+            "cause": f"its π_0 (the dpo run of seed {job.seed}) failed: {dpo['failed']['cause']}",
+            "traceback": dpo["failed"]["traceback"],
+        },
+    }
+
+
+def run_one(preset: Preset, job: Job, out: str) -> dict:
+    """Runs and evaluates one job: its eval, or (any Exception) its failure record; a KeyboardInterrupt or
+    SystemExit (SIGTERM) goes through."""
+    t0 = time.time()
+    try:
+        run_job(preset, job, out)
+    except Exception as e:
+        return failure(job, out, "run", e)
+    try:
+        ev = evaluate_run(preset, job, out, started=t0)
+    except Exception as e:
+        return failure(job, out, "evaluate", e)
+    stale = os.path.join(job.dir(out), FAILED_NAME)
+    if os.path.exists(stale):  # an earlier try's failure: this one finished
+        os.remove(stale)
+    return ev
+
+
+def _run_jobs(
+    preset: Preset, out: str, jobs: List[Job], progress: bool = False, done: Optional[Dict[Job, dict]] = None
+) -> Dict[Job, dict]:
+    """Runs and evaluates `jobs` in order, in this process; a failed job is recorded (`run_one`) and the
+    others go on (those whose π_0 failed, in `done` or here, are recorded as failed without running)."""
     from tqdm.auto import tqdm
 
-    results = {}
+    results: Dict[Job, dict] = {}
     for job in tqdm(jobs, desc="bench", disable=not progress):
-        t0 = time.time()
-        run_job(preset, job, out)
-        results[job] = evaluate_run(preset, job, out, started=t0)
+        results[job] = blocked(job, {**(done or {}), **results}, out) or run_one(preset, job, out)
+        if is_failed(results[job]):  # one line; the bench goes on
+            import sys
+
+            print(f"bench: {job.dir(out)} failed: {results[job]['failed']['cause']}", file=sys.stderr, flush=True)
     return results
 
 
@@ -535,10 +645,12 @@ def stop_pool(pool) -> None:
 def execute(
     preset: Preset, out: str, seeds: List[int], methods: List[str], progress: bool = True, workers: int = 1
 ) -> Dict[Job, dict]:
-    """Runs and evaluates every job; returns {job: eval}. The first condition runs every
-    candidate of each tuning grid; unless preset.tune_in_noise, the other conditions run only
-    the candidate the first condition's validation prompts chose. `workers` > 1: the seeds
-    are shared out over that many processes (the seed-only DPO runs first, then every other run as a process frees)."""
+    """Runs and evaluates every job; returns {job: its eval, or its failure record (`failure`)}. The
+    first condition runs every candidate of each tuning grid; unless preset.tune_in_noise, the other
+    conditions run only the candidate the first condition's validation prompts chose. `workers` > 1: the
+    seeds are shared out over that many processes (the seed-only DPO runs first, then every other run as a
+    process frees). A failed run never stops the others; a job whose π_0 failed is recorded as failed
+    without running; a method whose every candidate failed in the first condition runs in no other."""
     results: Dict[Job, dict] = {}
     first, rest = preset.conditions[:1], preset.conditions[1:]
     phases = [(first, None)] + ([(rest, "chosen")] if rest else [])
@@ -546,26 +658,76 @@ def execute(
         phases = [(preset.conditions, None)]
     for conds, how in phases:
         fixed = choose(preset, results, seeds, methods, first[0][0], first[0][1]) if how else None
-        jobs = jobs_of(preset, seeds, methods, conds, fixed)
+        ms = [m for m in methods if not fixed or fixed.get(m, ()) is not None]  # None: every candidate failed
+        jobs = jobs_of(preset, seeds, ms, conds, fixed)
         if workers <= 1 or len(seeds) == 1:
-            results.update(_run_jobs(preset, out, jobs, progress))
+            results.update(_run_jobs(preset, out, jobs, progress, results))
             continue
-        from concurrent.futures import as_completed
-
         # first the runs whose π_0 the others start from (they also build each seed's task), then every
         # other run on its own: no two processes ever run the same job or write the same directory
-        first_jobs = [j for j in jobs if j.method == "dpo"]
-        later = [j for j in jobs if j.method != "dpo"]
-        pool = worker_pool(workers)
-        try:
-            for group in (first_jobs, later):
-                futures = [pool.submit(_run_jobs, preset, out, [j]) for j in group]
+        for group in ([j for j in jobs if j.method == "dpo"], [j for j in jobs if j.method != "dpo"]):
+            todo = []
+            for j in group:
+                b = blocked(j, results, out)
+                if b is not None:
+                    results[j] = b
+                else:
+                    todo.append(j)
+            results.update(_pool_run(preset, out, todo, workers, progress, len(results)))
+    return results
+
+
+def _pool_run(
+    preset: Preset, out: str, jobs: List[Job], workers: int, progress: bool, before: int, fn=None
+) -> Dict[Job, dict]:
+    """`jobs` over a pool of `workers` processes. A job's own exception is recorded in its worker
+    (`run_one`). A worker that dies (BrokenProcessPool: killed by a signal, out of memory) breaks every job
+    still in the pool: those are tried again on a fresh pool, then, if it breaks again, each alone in a pool
+    of its own, so that only the job whose worker dies there is recorded as failed. A KeyboardInterrupt or
+    SystemExit stops the pool and goes through. `fn(preset, out, [job])` -> {job: result}: `_run_jobs`."""
+    import sys
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    results: Dict[Job, dict] = {}
+    todo = list(jobs)
+    for attempt in range(3):
+        if not todo:
+            break
+        alone = attempt == 2
+        broken: List[Job] = []
+        for batch in [[j] for j in todo] if alone else [todo]:
+            pool = worker_pool(1 if alone else workers)
+            try:
+                futures = {pool.submit(fn or _run_jobs, preset, out, [j]): j for j in batch}
                 for f in as_completed(futures):
-                    results.update(f.result())
+                    j = futures[f]
+                    try:
+                        results.update(f.result())
+                    except BrokenProcessPool as e:
+                        if not alone:
+                            broken.append(j)
+                            continue
+                        why = f"its worker process died while it ran alone in the pool, after two pools broke ({e})"
+                        results[j] = failure(j, out, "worker", BrokenProcessPool(why))
+                    except Exception as e:  # the worker's result could not come back (e.g. it would not unpickle)
+                        results[j] = failure(j, out, "worker", e)
+                    if results[j].get("failed", {}).get("step") == "worker":  # (the worker says its own failures)
+                        print(
+                            f"bench: {j.dir(out)} failed: {results[j]['failed']['cause']}", file=sys.stderr, flush=True
+                        )
                     if progress:
-                        print(f"bench: {len(results)} runs done", flush=True)
-        except BaseException:
-            stop_pool(pool)
-            raise
-        pool.shutdown()
+                        print(f"bench: {before + len(results)} runs done", flush=True)
+            except BaseException:
+                stop_pool(pool)
+                raise
+            pool.shutdown()
+        if broken:
+            how = "on a fresh pool" if attempt == 0 else "each alone in a pool"
+            print(
+                f"bench: a worker process died; the {len(broken)} runs that were in its pool are tried again {how}",
+                file=sys.stderr,
+                flush=True,
+            )
+        todo = broken
     return results
