@@ -406,7 +406,7 @@ def test_train_builds_the_config_from_flags_and_free_keys():
 
 
 def test_every_configuration_error_is_a_config_error(tmp_path):
-    from ssapo.config import ConfigError
+    from ssapo.errors import ConfigError
 
     assert issubclass(ConfigError, ValueError)
     (tmp_path / "bad.yaml").write_text("epsilon: 0.1\n")
@@ -434,7 +434,8 @@ def _outside(b):
 def test_every_declared_bound_is_checked_by_run_config(name):
     """RunConfig checks each field's bounds from its metadata: a value just outside is refused naming
     the field, a closed edge is accepted (a field missing from a hand-written list would pass here)."""
-    from ssapo.config import ConfigError, default_of
+    from ssapo.config import default_of
+    from ssapo.errors import ConfigError
 
     b = FIELDS[name].metadata["bounds"]
     bad, edge = _outside(b)
@@ -553,7 +554,7 @@ def test_train_flags_parse_to_typed_fields(argv, want):
 def test_cli_reports_a_config_error_of_any_command_in_one_line(monkeypatch, capsys):
     import ssapo.commands.train as train
     from ssapo.cli import main
-    from ssapo.config import ConfigError
+    from ssapo.errors import ConfigError
 
     def run(args, extra=None):
         raise ConfigError("eps: must be >= 0, got -1")

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ssapo.config import ACCELERATE_CONFIGS, PRESETS, ConfigError, load_config
+from ssapo.config import ACCELERATE_CONFIGS, PRESETS, load_config
+from ssapo.errors import ConfigError
 
 # -- the batch: per device × accumulation × processes = batch_size, checked before the first launch -----------
 
@@ -165,7 +166,7 @@ def test_a_failed_launchs_cause_is_the_first_ranks_error_or_the_signal(tmp_path)
 def test_a_launch_that_recorded_its_steps_but_failed_on_its_way_out_goes_on(tmp_path, monkeypatch, capsys):
     import json
 
-    from ssapo.loop import StepFailed
+    from ssapo.errors import StepFailed
     from ssapo.stage import Launcher
 
     out = tmp_path / "run"
@@ -420,8 +421,8 @@ def test_a_vllm_annotation_on_several_gpus_is_generation_then_scoring_on_every_p
     import json
 
     from ssapo import annotate
-    from ssapo.loop import State
     from ssapo.stage import VLLM_THEN_SCORE, Launcher
+    from ssapo.state import State
 
     monkeypatch.setattr(annotate, "use_vllm", lambda backend: True)
     c = load_config("llama3-8b", overrides={"output_dir": str(tmp_path)})

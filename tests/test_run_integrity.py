@@ -14,9 +14,11 @@ import sys
 
 import pytest
 
-from ssapo.config import ConfigError, load_config, recipe_path
-from ssapo.io import InputError, machine_fault, read_jsonl
-from ssapo.loop import State, check_output_dir, check_resumable, prepare, read_run_config
+from ssapo.config import load_config, recipe_path
+from ssapo.errors import ConfigError, InputError
+from ssapo.io import machine_fault, read_jsonl
+from ssapo.loop import check_output_dir, check_resumable, prepare, read_run_config
+from ssapo.state import State
 
 SMALL = {"seed_size": "32", "round_sizes": "32 32", "num_rounds": "2"}
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ssapo.config import ConfigError
+from ssapo.errors import ConfigError
 from ssapo.io import LOCK_NAME, RunLock
 
 HOLD = """
@@ -111,7 +111,7 @@ def test_a_launch_holds_the_lock_with_its_driver_and_after_it(tmp_path, monkeypa
     launcher.lock_fd, launcher.echo = lock.fd, False
 
     def launch():
-        from ssapo.loop import StepFailed
+        from ssapo.errors import StepFailed
 
         with pytest.raises(StepFailed, match="killed by SIGKILL"):  # the test ends it below
             launcher.launch(["seed"], ("conf", 2))

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from ssapo.config import FIELDS, ConfigError, load_config
+from ssapo.config import FIELDS, load_config
+from ssapo.errors import ConfigError
 
 
 def _train(tmp_path, *argv, env=None):

@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    from ssapo.config import ConfigError
+    from ssapo.errors import ConfigError
 
     try:
         return int(args.func(args) or 0)

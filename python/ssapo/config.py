@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ssapo import methods as _methods
+from ssapo.errors import ConfigError
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 # preset name -> its recipe
@@ -43,11 +44,6 @@ ACCELERATE_CONFIGS: Dict[str, str] = {
 # the `method` choices: one module per method in ssapo/methods/ (ssapo.methods.TABLE, no torch imported)
 METHODS = _methods.names()
 LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "kept_mass", "dpo", "spa")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, key or file. The message starts with the field
-    (or `config`, or the command-line flag) at fault: "eps: must be >= 0, got -1"."""
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ SETTINGS = {
 
 
 def _settings(cfg, **kw) -> Dict[str, Any]:
-    from ssapo.config import ConfigError, check_value, default_of
+    from ssapo.config import check_value, default_of
+    from ssapo.errors import ConfigError
 
     out = {}
     for key, field in SETTINGS.items():

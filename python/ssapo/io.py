@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ssapo.errors import ConfigError, InputError
+
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): the mode new files get
 os.umask(_UMASK)
 
@@ -72,10 +74,6 @@ def _jsonable(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
-
-
-class InputError(ValueError):
-    """A bad input file or column; the message names the argument."""
 
 
 def read_column(
@@ -172,8 +170,6 @@ class RunLock:
         import sys
         import time
         import warnings
-
-        from ssapo.config import ConfigError
 
         os.makedirs(self.out, exist_ok=True)
         try:

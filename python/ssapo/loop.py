@@ -60,13 +60,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from ssapo.config import ConfigError, RunConfig
-from ssapo.io import LOCK_NAME, InputError, RunLock, atomic_write, read_jsonl, write_json, write_jsonl
+from ssapo.config import RunConfig
+from ssapo.errors import ConfigError, InputError
+from ssapo.io import LOCK_NAME, RunLock, atomic_write, read_jsonl, write_json, write_jsonl
 from ssapo.leader import train_stage
 from ssapo.methods import Step, method_of, round_step_names
-from ssapo.processes import Solo, gather_strings, peak_memory, reset_peak_memory
+from ssapo.processes import gather_strings, peak_memory, reset_peak_memory
+from ssapo.state import State
 
 # fields that may change between a run and its resumption (they do not change results)
 RESUME_MAY_DIFFER = {
@@ -79,62 +81,6 @@ RESUME_MAY_DIFFER = {
     "ddp_timeout",
 }
 HELDOUT_PAIRS = 256  # held-out labelled pairs for the reward accuracy of each stage
-
-
-class StepFailed(RuntimeError):
-    """A step's launch ended without completing the step (its log names the cause)."""
-
-
-class State:
-    """DIR/state.json: {"done": [steps completed, in order], "last": the last
-    one, and "stopped" when the rounds ended early (`stop`)}. Only the main process of `procs` (accelerate's
-    PartialState inside a launch; `Solo()` by default) writes; `mark` is also the barrier after a step,
-    after which every process reads what the main one wrote."""
-
-    def __init__(self, out: str, resume: bool, procs=None):
-        self.procs = procs if procs is not None else Solo()
-        self.path = os.path.join(out, "state.json")
-        self.done: List[str] = []
-        self.stopped: Optional[Dict[str, Any]] = None
-        if os.path.exists(self.path):
-            if not resume:
-                raise ConfigError(
-                    f"output_dir: {out} already holds a run (state.json); pass --resume "
-                    "(resume=True) to continue it, or choose another directory"
-                )
-            self.reload()
-
-    def reload(self) -> None:
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                data = json.load(f)
-            self.done, self.stopped = list(data["done"]), data.get("stopped")
-
-    @property
-    def main(self) -> bool:
-        return self.procs.is_main_process
-
-    def wait(self) -> None:
-        self.procs.wait_for_everyone()
-
-    def __contains__(self, step: str) -> bool:
-        return step in self.done
-
-    def mark(self, step: str, stopped: Optional[Dict[str, Any]] = None, skipped: Sequence[str] = ()) -> None:
-        """Records `step` as done; with `stopped` (the main process's), the rounds end here: the `skipped`
-        steps are recorded as done too, never run, and state.json says why."""
-        if step not in self.done:
-            self.done.append(step)
-        if stopped is not None:
-            self.stopped = {**stopped, "skipped": list(skipped)}
-            self.done += [s for s in skipped if s not in self.done]
-        if self.main:
-            write_json(
-                self.path, {"done": self.done, "last": step, **({"stopped": self.stopped} if self.stopped else {})}
-            )
-        self.wait()
-        if not self.main:
-            self.reload()  # what the main process recorded (a stop included)
 
 
 def read_metrics(path: str) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from ssapo.io import InputError
+from ssapo.errors import InputError
 from ssapo.processes import chunked, exchange
 
 

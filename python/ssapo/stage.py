@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from ssapo.config import ConfigError
+    from ssapo.errors import ConfigError
     from ssapo.io import RunLock, machine_fault
     from ssapo.loop import read_run_config
 
@@ -372,7 +372,7 @@ class Launcher:
         with the same launch (`plan`) as one launch, the driver's steps here
         (`run_here(step)`); StepFailed when a launch ends without recording
         every step of its group in state.json."""
-        from ssapo.loop import StepFailed
+        from ssapo.errors import StepFailed
 
         for group, how in self.plan(cfg, steps):
             if all(s in state for s in group):  # recorded meanwhile (the steps a stopped run skips): no launch
@@ -434,7 +434,7 @@ class Launcher:
         """Runs one launch of `steps` to its end; raises StepFailed when it fails. `generate_only`: the
         vLLM generation of annotation steps alone (`python -m ssapo.stage --generate-only`)."""
         from ssapo.config import RunConfig
-        from ssapo.loop import StepFailed
+        from ssapo.errors import StepFailed
 
         log = self.log_path(steps, "_generate" if generate_only else "")
         self.last_log = log
@@ -505,20 +505,16 @@ class Launcher:
 
     def _pending_steps(self, steps: List[str]) -> List[str]:
         """`steps` not recorded as done in state.json (all of them when it cannot be read)."""
-        import json
+        from ssapo.state import recorded_steps
 
-        try:
-            with open(os.path.join(self.out, "state.json")) as f:
-                done = set(json.load(f)["done"])
-        except (OSError, ValueError, KeyError, TypeError):
-            done = set()
+        done = set(recorded_steps(self.out))
         return [s for s in steps if s not in done]
 
     def _first_pending(self, steps: List[str]) -> str:
         return next(iter(self._pending_steps(steps)), steps[-1])
 
     def _wait_for(self, steps: List[str]) -> None:
-        from ssapo.loop import StepFailed
+        from ssapo.errors import StepFailed
 
         deadline = time.time() + self.timeout_s
         while self._pending(steps):

@@ -43,7 +43,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ssapo.config import ConfigError
+from ssapo.errors import ConfigError
 
 DOC = __doc__
 LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # = ssapo.stage.LAUNCHED_ENV
@@ -449,8 +449,7 @@ def _run(args, extra: Optional[List[str]] = None) -> int:
     except OSError as e:  # a fault of the machine while building the tiny task: one line
         return _fault(e, getattr(args, "output_dir", None) or ".")
 
-    from ssapo.io import InputError
-    from ssapo.loop import StepFailed
+    from ssapo.errors import InputError, StepFailed
     from ssapo.loop import run as run_loop
 
     try:
