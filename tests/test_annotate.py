@@ -4,7 +4,9 @@ generation that does not depend on how prompts are shared between processes."""
 import pytest
 import torch
 
-from ssapo.annotate import annotate, annotate_rows, generate, pick_pairs, sequence_logps, use_vllm
+from ssapo.annotate import annotate, annotate_rows, pick_pairs
+from ssapo.generation import generate, use_vllm
+from ssapo.scoring import sequence_logps
 from ssapo.tiny import build_tokenizer, tiny_llama
 
 WORDS = ["a", "b", "c", "d", "e"]
@@ -134,7 +136,7 @@ def test_vllm_backend_needs_vllm():
 
 
 def test_selective_log_softmax_equals_the_full_log_softmax():
-    from ssapo.annotate import selective_log_softmax
+    from ssapo.scoring import selective_log_softmax
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 50, generator=g) * 4
@@ -155,20 +157,20 @@ def test_selective_log_softmax_equals_the_full_log_softmax():
 
 
 def test_scoring_chunks_do_not_change_the_sums(tiny):
-    from ssapo import annotate as A
+    from ssapo import scoring
 
     model, tok = tiny
     eos = tok.eos_token_id
     prompts = [[{"role": "user", "content": "a b"}], "c d e ", [{"role": "user", "content": "e"}]]
     responses = [[5, 6, 7, eos], "a b", [{"role": "assistant", "content": "d d c"}]]
-    base = A.sequence_logps(model, tok, prompts, responses, chunk_tokens=None)
+    base = scoring.sequence_logps(model, tok, prompts, responses, chunk_tokens=None)
     for chunk in (1, 2, 5):
         torch.testing.assert_close(
-            A.sequence_logps(model, tok, prompts, responses, chunk_tokens=chunk), base, rtol=0, atol=1e-5
+            scoring.sequence_logps(model, tok, prompts, responses, chunk_tokens=chunk), base, rtol=0, atol=1e-5
         )
-    one = torch.cat([A.sequence_logps(model, tok, [p], [r], batch_size=1) for p, r in zip(prompts, responses)])
+    one = torch.cat([scoring.sequence_logps(model, tok, [p], [r], batch_size=1) for p, r in zip(prompts, responses)])
     torch.testing.assert_close(one, base, rtol=0, atol=1e-5)
-    seqs = A.tokenize_for_scoring(tok, prompts, responses)
+    seqs = scoring.tokenize_for_scoring(tok, prompts, responses)
     width = max(len(q) for q, _ in seqs)
     ids = torch.tensor([q + [tok.pad_token_id] * (width - len(q)) for q, _ in seqs])
     mask = torch.tensor([[0] * (len(q) - c) + [1] * c + [-1] * (width - len(q)) for q, c in seqs])  # -1: padding
@@ -177,14 +179,14 @@ def test_scoring_chunks_do_not_change_the_sums(tiny):
         lp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.double(), -1)
         naive = (lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:].clamp(min=0)).sum(-1)
     torch.testing.assert_close(base, naive, rtol=0, atol=1e-4)
-    assert A._head_split(model) is not None  # the head was applied at the response positions only
-    A._HEAD_SPLIT[model] = False  # the full-forward path gives the same sums
+    assert scoring._head_split(model) is not None  # the head was applied at the response positions only
+    scoring._HEAD_SPLIT[model] = False  # the full-forward path gives the same sums
     try:
         torch.testing.assert_close(
-            A.sequence_logps(model, tok, prompts, responses, chunk_tokens=2), base, rtol=0, atol=1e-5
+            scoring.sequence_logps(model, tok, prompts, responses, chunk_tokens=2), base, rtol=0, atol=1e-5
         )
     finally:
-        del A._HEAD_SPLIT[model]
+        del scoring._HEAD_SPLIT[model]
 
 
 @pytest.mark.parametrize("chat_rows", [True, False])
@@ -195,7 +197,7 @@ def test_a_long_pair_is_truncated_as_the_trainer_truncates(tiny, tmp_path, chat_
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from ssapo import annotate as A
+    from ssapo import scoring
 
     model, tok = tiny
     if chat_rows:
@@ -226,22 +228,22 @@ def test_a_long_pair_is_truncated_as_the_trainer_truncates(tiny, tmp_path, chat_
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     assert int(attn[0].sum()) == max_length  # the chosen sequence was cut by the trainer
-    seqs = A.tokenize_for_scoring(tok, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], max_length)
+    seqs = scoring.tokenize_for_scoring(tok, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], max_length)
     for b, (q, c) in enumerate(seqs):
         n = int(attn[b].sum())
         assert q == ids[b, :n].tolist()
         assert c == int(comp[b].sum()) and comp[b, n - c : n].tolist() == [1] * c
-    got = A.sequence_logps(
+    got = scoring.sequence_logps(
         model, tok, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], max_length=max_length, chunk_tokens=3
     )
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.double(), -1)
     want = (lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * comp[:, 1:]).sum(-1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    untruncated = A.sequence_logps(model, tok, [row["prompt"]], [row["chosen"]])
+    untruncated = scoring.sequence_logps(model, tok, [row["prompt"]], [row["chosen"]])
     assert abs(float(untruncated[0]) - float(got[0])) > 1e-3  # the cut mattered
     cfg = type("Cfg", (), {"max_length": max_length})()
-    torch.testing.assert_close(A.sequence_logps(model, tok, [row["prompt"]], [row["chosen"]], cfg=cfg), got[:1])
+    torch.testing.assert_close(scoring.sequence_logps(model, tok, [row["prompt"]], [row["chosen"]], cfg=cfg), got[:1])
 
 
 def test_annotation_truncates_to_max_length_and_counts_overlong_prompts(tiny):
@@ -260,7 +262,7 @@ def test_annotation_truncates_to_max_length_and_counts_overlong_prompts(tiny):
         model, other, tok, [long_prompt, short], n=2, responses=resp, max_length=12, progress=False, batch_size=2
     )
     assert st12["overlong_prompts"] == 0 and len(rows12) == 2
-    from ssapo.annotate import sequence_logps
+    from ssapo.scoring import sequence_logps
 
     cut = sequence_logps(model, tok, [long_prompt], [[5, 6, eos]], max_length=11)  # one response token left
     one = sequence_logps(model, tok, [long_prompt], [[5]])
@@ -268,8 +270,8 @@ def test_annotation_truncates_to_max_length_and_counts_overlong_prompts(tiny):
 
 
 def test_scoring_device(monkeypatch):
-    from ssapo.annotate import scoring_device
     from ssapo.config import load_config
+    from ssapo.scoring import scoring_device
 
     assert scoring_device(load_config("tiny", overrides={"use_cpu": True})) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -285,7 +287,7 @@ def test_scoring_device(monkeypatch):
 
 
 class _FakeVLLM:
-    """vllm's LLM / SamplingParams / parallel_state as far as annotate uses them;
+    """vllm's LLM / SamplingParams / parallel_state as far as ssapo.generation uses them;
     records what it was asked."""
 
     def __init__(self, eot):
@@ -341,6 +343,7 @@ def test_vllm_path_seeds_each_prompt_stops_on_the_model_tokens_and_frees_the_eng
     import sys
 
     from ssapo import annotate as A
+    from ssapo import generation, scoring
 
     model, tok = tiny
     eot = tok.convert_tokens_to_ids("<assistant>")  # stands in for <|eot_id|>: a second stop id of the model
@@ -349,7 +352,7 @@ def test_vllm_path_seeds_each_prompt_stops_on_the_model_tokens_and_frees_the_eng
     fake = _FakeVLLM(eot)
     for k, m in fake.modules.items():
         monkeypatch.setitem(sys.modules, k, m)
-    assert A.use_vllm("vllm") is True
+    assert generation.use_vllm("vllm") is True
 
     def scorer(prompts, responses):
         fake.events.append("score")
@@ -375,7 +378,7 @@ def test_vllm_path_seeds_each_prompt_stops_on_the_model_tokens_and_frees_the_eng
     )
     assert st["backend"] == "vllm"
     seeds = [p.seed for p in fake.params]
-    assert seeds == [A.prompt_seed(5, i) for i in range(4)] and len(set(seeds)) == 4  # one seed per prompt
+    assert seeds == [generation.prompt_seed(5, i) for i in range(4)] and len(set(seeds)) == 4  # one seed per prompt
     assert all(p.stop_token_ids == [tok.eos_token_id, eot] for p in fake.params)  # the model's list, not tok's eos
     assert fake.llm_kwargs["max_model_len"] == 64 and fake.llm_kwargs["seed"] == 5
     # one engine, shut down (and its distributed state destroyed) before any scoring
@@ -391,11 +394,11 @@ def test_vllm_path_seeds_each_prompt_stops_on_the_model_tokens_and_frees_the_eng
     assert moved == [
         (0, policy, "cpu"),
         (0, model, "cpu"),
-        (5, policy, str(A.scoring_device())),
-        (5, model, str(A.scoring_device())),
+        (5, policy, str(scoring.scoring_device())),
+        (5, model, str(scoring.scoring_device())),
     ]
     assert st["truncated_responses"] == 0  # every response ended on a stop id of the model
-    assert len(rows) == sum(1 for i in range(4) if len({(A.prompt_seed(5, i) + j) % 3 for j in range(3)}) > 1)
+    assert len(rows) == sum(1 for i in range(4) if len({(generation.prompt_seed(5, i) + j) % 3 for j in range(3)}) > 1)
     with pytest.raises(ValueError, match="^generation_backend: vLLM annotates on one process"):
         annotate_rows(
             policy, model, tok, prompts, n=3, backend="vllm", policy_path=str(tmp_path), world=2, progress=False
@@ -414,7 +417,8 @@ def test_vllm_scores_match_the_transformers_path(tmp_path):
         pytest.skip("vllm is not installed (pip install ssapo[vllm] on a GPU machine)")
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a GPU")
-    from ssapo.annotate import generate_vllm, sequence_logps
+    from ssapo.generation import generate_vllm
+    from ssapo.scoring import sequence_logps
     from ssapo.tiny import save_pretrained
 
     tok = build_tokenizer(WORDS)
@@ -448,8 +452,8 @@ def test_vllm_scores_match_the_transformers_path(tmp_path):
 
 
 def test_length_aware_rewards_on_literal_values():
-    from ssapo.annotate import length_aware
     from ssapo.config import ConfigError
+    from ssapo.scoring import length_aware
 
     rewards, lengths = [3.0, 1.0, 2.0, -1.0], [10, 1, 4, 0]
     assert length_aware(rewards, lengths) == rewards  # the default: the released code's Σ log π/π_ref
@@ -472,7 +476,8 @@ def test_length_aware_rewards_on_literal_values():
 def test_annotation_ranks_by_the_length_aware_implicit_reward(tiny):
     """annotate_rows with the implicit reward: 'mean' divides each response's Σ log π/π_ref by its
     scored tokens and α subtracts α·|y|, from the cfg or the keywords; the rows carry those rewards."""
-    from ssapo import annotate as A
+    from ssapo import scoring
+    from ssapo.annotate import finish_stats
     from ssapo.config import load_config
 
     model, tok = tiny
@@ -484,8 +489,10 @@ def test_annotation_ranks_by_the_length_aware_implicit_reward(tiny):
     kw = dict(n=3, responses=resp, progress=False, batch_size=2, max_length=64)
     flat_p = [p for p, rs in zip(prompts, resp) for _ in rs]
     flat_r = [r for rs in resp for r in rs]
-    total = (A.sequence_logps(model, tok, flat_p, flat_r) - A.sequence_logps(other, tok, flat_p, flat_r)).tolist()
-    lengths = [n for _, n in A.tokenize_for_scoring(tok, flat_p, flat_r, 64)]
+    total = (
+        scoring.sequence_logps(model, tok, flat_p, flat_r) - scoring.sequence_logps(other, tok, flat_p, flat_r)
+    ).tolist()
+    lengths = [n for _, n in scoring.tokenize_for_scoring(tok, flat_p, flat_r, 64)]
     assert lengths == [len(r) for r in flat_r]  # nothing cut: |y| is every generated token, the stop included
 
     def expect(values):
@@ -512,7 +519,7 @@ def test_annotation_ranks_by_the_length_aware_implicit_reward(tiny):
     # a strong enough penalty makes the shortest response the chosen one in every prompt
     short, st = annotate_rows(model, other, tok, prompts, length_penalty=100.0, **kw)
     assert [len(resp[r["index"]][r["chosen_index"]]) for r in short] == [2, 2, 2, 2]
-    st = A.finish_stats(st, short)  # the lengths the pairs teach, per round
+    st = finish_stats(st, short)  # the lengths the pairs teach, per round
     assert (st["mean_chosen_tokens"], st["mean_rejected_tokens"], st["mean_response_tokens"]) == (2.0, 9.0, 6.0)
 
 
@@ -533,7 +540,7 @@ def test_annotation_score_stop_false_leaves_the_stop_token_out_of_the_reward(tin
     """annotation_score_stop: false scores each response's own tokens: the rows' rewards are the
     implicit reward of the response without its stop token (and a response that is the stop token
     alone scores 0), while the pairs still hold the whole responses."""
-    from ssapo import annotate as A
+    from ssapo import scoring
     from ssapo.config import load_config
 
     model, tok = tiny
@@ -545,7 +552,9 @@ def test_annotation_score_stop_false_leaves_the_stop_token_out_of_the_reward(tin
     kw = dict(n=3, responses=resp, progress=False, batch_size=2, max_length=64)
 
     def implicit(flat_p, flat_r):
-        return (A.sequence_logps(model, tok, flat_p, flat_r) - A.sequence_logps(other, tok, flat_p, flat_r)).tolist()
+        return (
+            scoring.sequence_logps(model, tok, flat_p, flat_r) - scoring.sequence_logps(other, tok, flat_p, flat_r)
+        ).tolist()
 
     flat_p = [p for p, rs in zip(prompts, resp) for _ in rs]
     bare = [r[:-1] if r and r[-1] == eos else r for rs in resp for r in rs]

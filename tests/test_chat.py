@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ssapo import chat  # noqa: E402
-from ssapo.annotate import annotate_rows, generate  # noqa: E402
+from ssapo.annotate import annotate_rows  # noqa: E402
 from ssapo.config import load_config  # noqa: E402
+from ssapo.generation import generate  # noqa: E402
 from ssapo.tiny import build_tokenizer, tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)

@@ -322,7 +322,7 @@ def test_an_engine_named_by_the_user_is_launched_even_for_one_process(tmp_path, 
 def test_the_tensor_parallel_size_divides_the_attention_and_kv_heads():
     from transformers import LlamaConfig
 
-    from ssapo.annotate import tensor_parallel_for
+    from ssapo.generation import tensor_parallel_for
 
     llama3 = LlamaConfig(num_attention_heads=32, num_key_value_heads=8, hidden_size=64)
     assert [tensor_parallel_for(llama3, g) for g in range(1, 9)] == [1, 2, 2, 4, 4, 4, 4, 8]
@@ -420,11 +420,11 @@ def test_fsdp_checkpoints_are_sharded_and_the_final_save_full():
 def test_a_vllm_annotation_on_several_gpus_is_generation_then_scoring_on_every_process(tmp_path, monkeypatch):
     import json
 
-    from ssapo import annotate
+    from ssapo import generation
     from ssapo.stage import VLLM_THEN_SCORE, Launcher
     from ssapo.state import State
 
-    monkeypatch.setattr(annotate, "use_vllm", lambda backend: True)
+    monkeypatch.setattr(generation, "use_vllm", lambda backend: True)
     c = load_config("llama3-8b", overrides={"output_dir": str(tmp_path)})
     lz = Launcher(str(tmp_path), 4, ACCELERATE_CONFIGS["zero3"], echo=False)
     assert lz.how(c, "round_1/annotate") == (VLLM_THEN_SCORE, 4)
@@ -457,7 +457,7 @@ class _Ranks:
 
 
 def test_pregenerated_responses_score_to_the_rows_of_the_one_process_vllm_path(tmp_path, monkeypatch):
-    from ssapo import annotate
+    from ssapo import generation
     from ssapo.annotators import RESPONSES, annotate_round, pregenerate_round
     from ssapo.processes import Solo
     from ssapo.tiny import build_tokenizer, save_pretrained, tiny_llama
@@ -475,8 +475,8 @@ def test_pregenerated_responses_score_to_the_rows_of_the_one_process_vllm_path(t
             for i in range(len(prompts))
         ]
 
-    monkeypatch.setattr(annotate, "use_vllm", lambda backend: True)
-    monkeypatch.setattr(annotate, "generate_vllm", fake_vllm)
+    monkeypatch.setattr(generation, "use_vllm", lambda backend: True)
+    monkeypatch.setattr(generation, "generate_vllm", fake_vllm)
     cfg = load_config("tiny", overrides={"model": model_dir, "num_samples": "3", "generation_batch_size": "4"})
     prompts = [f"{a} {b} " for a in "abcd" for b in "efgh"][:10]
     rows_a, stats_a = annotate_round(cfg, Solo(), str(tmp_path / "one"), model_dir, ref_dir, prompts, seed=7)
@@ -488,7 +488,7 @@ def test_pregenerated_responses_score_to_the_rows_of_the_one_process_vllm_path(t
     def no_engine(*a, **k):
         raise AssertionError("the scoring launch must not start vLLM again")
 
-    monkeypatch.setattr(annotate, "generate_vllm", no_engine)
+    monkeypatch.setattr(generation, "generate_vllm", no_engine)
     pregenerate_round(cfg, str(split), model_dir, prompts, seed=7)  # already there: not generated again
     assert annotate_round(cfg, _Ranks(1, 2), str(split), model_dir, ref_dir, prompts, seed=7) is None
     rows_b, stats_b = annotate_round(cfg, _Ranks(0, 2), str(split), model_dir, ref_dir, prompts, seed=7)
@@ -496,6 +496,6 @@ def test_pregenerated_responses_score_to_the_rows_of_the_one_process_vllm_path(t
     assert stats_a["backend"] == stats_b["backend"] == "vllm"
     assert stats_b["response_tokens"] == stats_a["response_tokens"] and stats_b["pairs"] == stats_a["pairs"]
     # another seed or policy is not this round's: generated anew, never scored from the stale file
-    monkeypatch.setattr(annotate, "generate_vllm", fake_vllm)
+    monkeypatch.setattr(generation, "generate_vllm", fake_vllm)
     rows_c, _ = annotate_round(cfg, Solo(), str(split), model_dir, ref_dir, prompts, seed=8)
     assert len(rows_c) == len(rows_a)

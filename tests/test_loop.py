@@ -544,15 +544,15 @@ def test_launcher_runs_each_step_where_it_belongs(tmp_path):
     assert yaml.safe_load(open(m.data_config))["distributed_type"] == "MULTI_GPU"
     # vLLM annotates in one plain process (its own tensor parallelism), without accelerate
     v = load_config("llama3-8b", overrides={"generation_backend": "vllm"})
-    import ssapo.annotate as annotate
+    import ssapo.generation as generation
 
-    orig = annotate.use_vllm
+    orig = generation.use_vllm
     try:
-        annotate.use_vllm = lambda backend: backend == "vllm"
+        generation.use_vllm = lambda backend: backend == "vllm"
         # vLLM generates in one process, then every process scores (two launches: test_gpu_paths)
         assert z.how(v, "round_1/annotate") == ("vllm+score", 4) and z.how(v, "round_1/lead") == (z.engine_config, 4)
     finally:
-        annotate.use_vllm = orig
+        generation.use_vllm = orig
     assert z.command(["round_1/annotate"], ("", 1))[1:3] == ["-m", "ssapo.stage"]
 
 

@@ -7,7 +7,7 @@
 `annotator` (a RunConfig field, so it crosses the `python -m ssapo.stage`
 process boundary in DIR/config.yaml):
 - `implicit` (default): the implicit reward log π_{t−1} − log π_ref
-  (`ssapo.annotate.implicit_reward`);
+  (`ssapo.scoring.implicit_reward`);
 - `module:factory`: imported in the process that annotates; `factory(cfg.annotator_args)`
   (a string, e.g. a path, or None) is called once per step in each annotating
   process and returns `score(prompts, responses) -> rewards`: `prompts` a list
@@ -49,9 +49,9 @@ def load_annotator(cfg) -> Optional[TextScorer]:
 
 
 def text_scorer(fn: TextScorer, tok, stop_ids: Sequence[int] = ()):
-    """`fn` (texts) as an `ssapo.annotate.score` scorer (token ids, flattened).
+    """`fn` (texts) as an `ssapo.scoring.score` scorer (token ids, flattened).
 
-    `annotate.score` hands over each prompt's distinct responses consecutively,
+    `scoring.score` hands over each prompt's distinct responses consecutively,
     with the same prompt object: those are regrouped per prompt (by identity, so
     two equal prompts of different rows stay two prompts), decoded as the
     annotation rows decode them, and the rewards flattened back."""
@@ -156,11 +156,11 @@ def annotate_round(cfg, procs, rd: str, policy_path: str, ref_path: str, prompts
     import json
     import shutil
 
-    from ssapo import annotate, chat, models
+    from ssapo import annotate, chat, generation, models
     from ssapo.processes import merge_counts, write_ordered
 
     given = _read_responses(rd, _responses_key(policy_path, prompts, seed))
-    vllm = given is None and annotate.use_vllm(cfg.generation_backend)
+    vllm = given is None and generation.use_vllm(cfg.generation_backend)
     world, rank = (1 if vllm else procs.num_processes), procs.process_index
     rows: List[dict] = []
     stats: dict = {}

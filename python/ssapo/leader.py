@@ -111,7 +111,7 @@ class _SharedMargins:
         self.forwards = 0  # the policy's forwards so far (the same on every process)
 
         def tokenized(c: range):
-            from ssapo.annotate import tokenize_for_scoring
+            from ssapo.scoring import tokenize_for_scoring
 
             part = [rows[i] for i in c]
             prompts = [r["prompt"] for r in part]
@@ -152,12 +152,12 @@ class _SharedMargins:
 
 
 def _batch_logps(model, pairs, pad: int):
-    """Σ log π(y|x) of each (sequence ids, scored tokens) in `pairs` (`annotate.tokenize_for_scoring`), as
+    """Σ log π(y|x) of each (sequence ids, scored tokens) in `pairs` (`scoring.tokenize_for_scoring`), as
     a CPU float64 tensor: one whole forward of `model`, run even when no token is scored (a forward of a
     sharded model is a collective every process joins), without gradients."""
     import torch
 
-    from ssapo.annotate import selective_log_softmax
+    from ssapo.scoring import selective_log_softmax
 
     device = next(model.parameters()).device
     width = max(len(q) for q, _ in pairs)

@@ -86,9 +86,9 @@ def pair_margins(
     """Implicit-reward margins [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]
     of labelled rows (chosen/rejected as text or messages), each completion
     tokenised and cut to `max_length` exactly as the trainer does
-    (`annotate.sequence_logps`). `ref_logps` (the reference's (chosen,
+    (`scoring.sequence_logps`). `ref_logps` (the reference's (chosen,
     rejected) log-probs) skips the reference. Returns (margins, ref_logps)."""
-    from ssapo.annotate import sequence_logps
+    from ssapo.scoring import sequence_logps
 
     prompts = [r["prompt"] for r in rows]
     ch = [r["chosen"] for r in rows]

@@ -345,7 +345,7 @@ class Launcher:
         if spec.kind == "train":
             return self.engine_config, self.num_processes
         if spec.generates:
-            from ssapo.annotate import use_vllm
+            from ssapo.generation import use_vllm
 
             if use_vllm(cfg.generation_backend):
                 if spec.name == "annotate" and self.num_processes > 1 and self.num_machines == 1:

@@ -11,7 +11,7 @@ def sample_answers(
     model, tok, prompts: Sequence, n: int, max_new_tokens: int, seed: int, temperature: float = 0.7
 ) -> List[List[str]]:
     """n sampled answers per prompt (text, end-of-sequence stripped)."""
-    from ssapo.annotate import generate
+    from ssapo.generation import generate
 
     ids = generate(
         model, tok, list(prompts), n, temperature, 1.0, max_new_tokens, batch_size=64, seed=seed, progress=False

@@ -43,7 +43,7 @@ def sera_round(
     Returns (training rows, stats), the same on every process."""
     import random
 
-    from ssapo import annotate, models
+    from ssapo import annotate, generation, models
     from ssapo.processes import exchange, merge_counts
 
     d = work_dir or os.path.dirname(os.path.abspath(policy_path))
@@ -65,7 +65,7 @@ def sera_round(
     order = sorted(range(len(rows)), key=lambda i: (-m[i], i))
     kept = [{**rows[i], "irm": m[i]} for i in order[: max(1, round(cfg.sera_keep * len(rows)))]]
     world, rank = (procs.num_processes, procs.process_index) if procs is not None else (1, 0)
-    if annotate.use_vllm(cfg.generation_backend):
+    if generation.use_vllm(cfg.generation_backend):
         world = 1
     boot, bstats = [], {}
     if rank < world:
