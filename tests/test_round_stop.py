@@ -21,23 +21,16 @@ SMALL = {"seed_size": "16", "round_sizes": "16 16", "num_rounds": "2", "seed_epo
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    from ssapo.bench.task import prepare_task
-
-    d = str(tmp_path_factory.mktemp("task"))
-    prepare_task(d, seed=42, size="test")
+def judge_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("judge"))
     with open(os.path.join(d, "tie_judge.py"), "w") as f:
         f.write(JUDGE)
     return d
 
 
-def paths(task_dir):
-    return {
-        "model": os.path.join(task_dir, "sft"),
-        "preference_data": os.path.join(task_dir, "preferences.jsonl"),
-        "prompt_data": os.path.join(task_dir, "prompts.jsonl"),
-        "annotator": "tie_judge:make",
-    }
+@pytest.fixture
+def paths(task_paths):
+    return {**task_paths, "annotator": "tie_judge:make"}
 
 
 def check_stopped(out):
@@ -56,10 +49,10 @@ def check_stopped(out):
     return stopped
 
 
-def test_a_round_without_pairs_ends_the_rounds_with_the_last_policy(tmp_path, task_dir, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(task_dir)
+def test_a_round_without_pairs_ends_the_rounds_with_the_last_policy(tmp_path, paths, judge_dir, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(judge_dir)
     out = str(tmp_path / "run")
-    cfg = load_config("tiny", overrides={**SMALL, **paths(task_dir), "output_dir": out})
+    cfg = load_config("tiny", overrides={**SMALL, **paths, "output_dir": out})
     assert str(run(cfg)) == out  # no RuntimeError: the run ends normally
     stopped = check_stopped(out)
     err = capsys.readouterr().err
@@ -69,13 +62,13 @@ def test_a_round_without_pairs_ends_the_rounds_with_the_last_policy(tmp_path, ta
     check_stopped(out)
 
 
-def test_the_driver_and_every_rank_skip_the_rest_after_a_stop(tmp_path, task_dir):
+def test_the_driver_and_every_rank_skip_the_rest_after_a_stop(tmp_path, paths, judge_dir):
     """Two processes: the annotation step's launch stops the rounds on rank 0; rank 1 and the driver read it
     (no launch for the skipped steps, no 'ended without recording it')."""
     out = str(tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "SSAPO_ACCELERATE_LAUNCHED")}
-    env.update(PYTHONPATH=os.pathsep.join([task_dir, env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    args = ["--config", recipe_path("tiny"), *[f"--{k.replace('_', '-')}={v}" for k, v in paths(task_dir).items()]]
+    env.update(PYTHONPATH=os.pathsep.join([judge_dir, env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    args = ["--config", recipe_path("tiny"), *[f"--{k.replace('_', '-')}={v}" for k, v in paths.items()]]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
     r = subprocess.run(
         [sys.executable, "-m", "ssapo.cli", "train", *args, "--output-dir", out, "--num-processes", "2"],

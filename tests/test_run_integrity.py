@@ -23,16 +23,8 @@ from ssapo.state import State
 SMALL = {"seed_size": "32", "round_sizes": "32 32", "num_rounds": "2"}
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    from ssapo.bench.task import prepare_task
-
-    d = str(tmp_path_factory.mktemp("task"))
-    prepare_task(d, seed=42, size="test")
-    return d
-
-
 def paths(task_dir):
+    """The task's files under `task_dir` (the shared task, or a copy of it) as RunConfig fields."""
     return {
         "model": os.path.join(task_dir, "sft"),
         "preference_data": os.path.join(task_dir, "preferences.jsonl"),
