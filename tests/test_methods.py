@@ -24,6 +24,20 @@ def test_the_table_is_one_module_per_method_and_the_config_choices():
         method_of("no-such-method")
 
 
+def test_config_reads_the_method_names_and_help_without_importing_the_table():
+    """ssapo.config imports nothing of the project (issue 18, item 2): the method field's choices and help
+    are read from the method modules' text, and equal the imported table's."""
+    import subprocess
+    import sys
+
+    from ssapo.config import _METHOD_HELP
+
+    assert _METHOD_HELP == {name: m.help for name, m in TABLE.items()}
+    code = "import sys, ssapo.config; print(sorted(m for m in sys.modules if m.startswith('ssapo')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['ssapo', 'ssapo.config', 'ssapo.errors']"
+
+
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_the_steps_are_the_declaration(tmp_path, name):
     m = TABLE[name]

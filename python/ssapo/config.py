@@ -29,7 +29,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ssapo import methods as _methods
 from ssapo.errors import ConfigError
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
@@ -41,8 +40,40 @@ PRESETS: Dict[str, str] = {
 ACCELERATE_CONFIGS: Dict[str, str] = {
     name: os.path.join(RECIPES_DIR, "accelerate", f"{name}.yaml") for name in ("ddp", "zero3", "fsdp", "zero3_cpu")
 }
-# the `method` choices: one module per method in ssapo/methods/ (ssapo.methods.TABLE, no torch imported)
-METHODS = _methods.names()
+
+
+def _declared_methods() -> Dict[str, str]:
+    """{name: help} of every method module in ssapo/methods/, in module order, read from the text of its
+    `METHOD = Method(name="...", help="...", ...)` declaration: config imports nothing of the project (the
+    method table, ssapo.methods.TABLE, imports config's callers); tests/test_methods.py checks both agree."""
+    import ast
+
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
+    out: Dict[str, str] = {}
+    for fn in sorted(f for f in os.listdir(d) if f.endswith(".py") and not f.startswith("_")):
+        path = os.path.join(d, fn)
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in tree.body:
+            if (
+                isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "METHOD" for t in node.targets)
+                and isinstance(node.value, ast.Call)
+            ):
+                kw = {k.arg: k.value for k in node.value.keywords}
+                try:
+                    out[ast.literal_eval(kw["name"])] = ast.literal_eval(kw["help"]) if "help" in kw else ""
+                except (KeyError, ValueError) as e:
+                    raise TypeError(
+                        f"{path}: METHOD = Method(name=..., help=...) must give name and help as plain strings "
+                        f"(ssapo.config reads them without importing the module): {e}"
+                    ) from None
+    return out
+
+
+_METHOD_HELP = _declared_methods()
+# the `method` choices: one module per method in ssapo/methods/ (read, not imported: no torch, no cycle)
+METHODS = tuple(_METHOD_HELP)
 LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "kept_mass", "dpo", "spa")
 
 
@@ -148,7 +179,7 @@ class RunConfig:
     output_dir: str = _f("runs/ssapo", "Run directory: seed/, round_<t>/, state.json, config.yaml.")
     method: str = _f(
         "ssapo",
-        "; ".join(f"{m.name}: {m.help}" for m in _methods.TABLE.values()) + " (ssapo.methods: one module each).",
+        "; ".join(f"{name}: {text}" for name, text in _METHOD_HELP.items()) + " (ssapo.methods: one module each).",
         METHODS,
     )
     seed: int = _f(42, "Seed of the data shuffle (the paper: 42), sampling and training.")

@@ -23,7 +23,8 @@ Adding a method is one new module here, e.g. `methods/rdpo.py`:
     )
 
 plus its test; `RunConfig.method` takes it at once (config.METHODS is this
-table's names, found without importing torch). The leader loss itself is
+table's names, read from the modules' text: ssapo.config imports nothing of the
+project, so `name` and `help` are plain strings). The leader loss itself is
 `ssapo.trainer`'s (LEADER_LOSSES); its parameters are RunConfig fields that the
 trainer's config takes over (`ssapo.trainer.leader_fields`), or, per round,
 `leader_params`.
