@@ -168,7 +168,8 @@ def test_suppress_markup_keeps_the_chat_markup_out_of_answers(tmp_path):
     trained model does (so the check can fail)."""
     from ssapo.bench import metrics
     from ssapo.bench.task import TaskSpec, messages, sft
-    from ssapo.tiny import SPECIAL, load
+    from ssapo.loading import load_checkpoint as load
+    from ssapo.tiny import SPECIAL
 
     markup = [t for t in SPECIAL if t != "</s>"]
     prompts = [messages(f"w{i} w{(i * 7) % 16} w{(i * 3) % 16}") for i in range(16)]

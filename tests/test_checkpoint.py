@@ -139,7 +139,7 @@ class _Stop(Exception):
 def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path, uninterrupted):
     from transformers import TrainerCallback
 
-    from ssapo.trainer import last_checkpoint
+    from ssapo.checkpoints import last_checkpoint
 
     class StopAfter5(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -165,7 +165,7 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path, uninter
 
 
 def test_incomplete_checkpoints_are_not_resumed_from(tmp_path):
-    from ssapo.trainer import CHECKPOINT_MARKER, last_checkpoint
+    from ssapo.checkpoints import CHECKPOINT_MARKER, last_checkpoint
 
     assert last_checkpoint(tmp_path / "missing") is None
     assert last_checkpoint(tmp_path) is None
@@ -192,7 +192,7 @@ def test_incomplete_checkpoints_are_not_resumed_from(tmp_path):
 
 
 def test_resuming_another_run_is_refused(tmp_path):
-    from ssapo.trainer import last_checkpoint
+    from ssapo.checkpoints import last_checkpoint
 
     first = _trainer(tmp_path)
     first.args.max_steps = 2
@@ -210,7 +210,7 @@ def worker(work: str) -> None:
     """Trains with checkpoints and SIGKILLs itself while writing checkpoint-4's
     completion marker: weights, optimizer and trainer state of step 4 are on
     disk, the marker is not, and checkpoint-2 was not rotated away."""
-    import ssapo.trainer as trainer_mod
+    import ssapo.checkpoints as trainer_mod
 
     real = trainer_mod.write_json
 
@@ -224,7 +224,7 @@ def worker(work: str) -> None:
 
 
 def test_resume_after_sigkill_mid_checkpoint_equals_an_uninterrupted_run(tmp_path, uninterrupted):
-    from ssapo.trainer import last_checkpoint
+    from ssapo.checkpoints import last_checkpoint
 
     env = {
         **os.environ,
@@ -312,7 +312,7 @@ def ddp_worker(out: str) -> None:
     """One of two gloo processes: train with checkpoints, save_trained, report."""
     import torch.distributed as dist
 
-    from ssapo.trainer import save_trained
+    from ssapo.checkpoints import save_trained
 
     tr = _trainer(os.path.join(out, "work"))
     tr.args.max_steps = 4
@@ -342,7 +342,7 @@ def ddp_worker(out: str) -> None:
 def test_two_processes_share_the_reference_cache_checkpoint_and_save(tmp_path):
     from safetensors.torch import load_file
 
-    from ssapo.trainer import LEADER_STATE, last_checkpoint
+    from ssapo.checkpoints import LEADER_STATE, last_checkpoint
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [

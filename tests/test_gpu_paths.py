@@ -389,7 +389,7 @@ def test_the_reference_pass_batch_reaches_the_trainer(monkeypatch, tmp_path):
 def test_fsdp_checkpoints_are_sharded_and_the_final_save_full():
     import yaml
 
-    from ssapo.trainer import full_state_dict
+    from ssapo.engines import full_state_dict
 
     fsdp = yaml.safe_load(open(ACCELERATE_CONFIGS["fsdp"]))
     assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"

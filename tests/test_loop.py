@@ -261,6 +261,7 @@ def test_a_stage_killed_mid_round_resumes_from_its_last_checkpoint(tmp_path, tas
     run again continues from it (weights, optimizer, data order) and ends where an uninterrupted stage ends."""
     import ssapo.trainer as tr
     from ssapo.bench.task import prepare_task
+    from ssapo.checkpoints import last_checkpoint
     from ssapo.leader import train_stage
 
     task = prepare_task(task_dir, seed=42, size="test")
@@ -292,9 +293,7 @@ def test_a_stage_killed_mid_round_resumes_from_its_last_checkpoint(tmp_path, tas
     with pytest.raises(_Killed):
         stage("resumed")
     monkeypatch.setattr(tr.SSAPOTrainer, "_save_checkpoint", orig)
-    assert (
-        tr.last_checkpoint(tmp_path / "resumed_work").endswith("checkpoint-2") and not (tmp_path / "resumed").exists()
-    )
+    assert last_checkpoint(tmp_path / "resumed_work").endswith("checkpoint-2") and not (tmp_path / "resumed").exists()
     trained = []
     step = tr.SSAPOTrainer.training_step
     monkeypatch.setattr(
@@ -314,6 +313,7 @@ def test_a_resolving_stage_killed_mid_round_resumes_with_its_atoms(tmp_path, tas
     import ssapo.trainer as tr
     from ssapo.bench.task import prepare_task
     from ssapo.leader import train_stage
+    from ssapo.resolving import ResolvingTrainer
 
     task = prepare_task(task_dir, seed=42, size="test")
     rows = Atoms.identity(16).attach(read_jsonl(task["preferences"])[:16])
@@ -322,7 +322,7 @@ def test_a_resolving_stage_killed_mid_round_resumes_with_its_atoms(tmp_path, tas
     from ssapo import follower
 
     used, current = [], [Atoms.identity(16).mass]  # the atoms each step trained on; the resolver's after each re-solve
-    compute, resolve = tr.ResolvingTrainer._compute_loss, follower.Resolver.resolve
+    compute, resolve = ResolvingTrainer._compute_loss, follower.Resolver.resolve
 
     def spy(self, model, inputs, return_outputs):
         used.append((inputs["pair_index"].tolist(), self._current_atoms(inputs)["mass"].double().numpy()))
@@ -333,7 +333,7 @@ def test_a_resolving_stage_killed_mid_round_resumes_with_its_atoms(tmp_path, tas
         current.append(self.atoms.mass.copy())
         return diag
 
-    monkeypatch.setattr(tr.ResolvingTrainer, "_compute_loss", spy)
+    monkeypatch.setattr(ResolvingTrainer, "_compute_loss", spy)
     monkeypatch.setattr(follower.Resolver, "resolve", resolved)
 
     def stage(name):

@@ -65,7 +65,8 @@ def worker(work: str, mode: str = "fp32") -> None:
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from ssapo.trainer import SSAPOConfig, SSAPOTrainer, save_trained
+    from ssapo.checkpoints import save_trained
+    from ssapo.trainer import SSAPOConfig, SSAPOTrainer
 
     torch.set_num_threads(1)
     bf16 = mode == "bf16"
@@ -311,8 +312,8 @@ def test_a_real_4bit_model_trains_an_fp32_adapter(tmp_path, bf16):
     import torch
     from peft import prepare_model_for_kbit_training
 
+    from ssapo.loading import load_policy
     from ssapo.tiny import build_tokenizer, save_pretrained, tiny_llama
-    from ssapo.trainer import load_policy
 
     torch.set_num_threads(1)
     tok = build_tokenizer(WORDS)
@@ -349,7 +350,7 @@ def test_4bit_load_kwargs_follow_the_engine(tmp_path, monkeypatch, env, sharded)
 
     import torch
 
-    from ssapo.trainer import load_policy_kwargs
+    from ssapo.loading import load_policy_kwargs
 
     for k in (*_ENGINE_ENV, "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(k, raising=False)
@@ -380,7 +381,8 @@ def test_4bit_load_kwargs_see_the_zero3_config_of_the_training_arguments(monkeyp
     import torch
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    from ssapo.trainer import load_policy_kwargs, sharding_engine
+    from ssapo.engines import sharding_engine
+    from ssapo.loading import load_policy_kwargs
 
     for k in (*_ENGINE_ENV, "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(k, raising=False)

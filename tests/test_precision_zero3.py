@@ -4,7 +4,7 @@ cannot hold), at learning rates too small to move any fp32 weight (1e-30: an Ada
 the learning rate, far below the fp32 ulp of any weight here). Every stage's saved weights (seed/model,
 round_1/model) must equal the start bit for bit.
 
-Without `ssapo.trainer.restore_fp32_start` they do not: zero.Init builds the policy as bf16 partitions and the
+Without `ssapo.engines.restore_fp32_start` they do not: zero.Init builds the policy as bf16 partitions and the
 ZeRO-3 optimizer builds its fp32 master weights from those, so each stage starts (and, at this learning rate,
 ends) at the bf16 rounding of its start. The run's data steps (annotation, evaluation) load bf16 models on the
 CPU; its training steps run DeepSpeed's bf16 on CPU processes.
@@ -150,7 +150,8 @@ def zero2_worker(work: str) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ssapo.trainer import SSAPOConfig, SSAPOTrainer, save_trained
+    from ssapo.checkpoints import save_trained
+    from ssapo.trainer import SSAPOConfig, SSAPOTrainer
 
     torch.set_num_threads(1)
     args = SSAPOConfig(
@@ -284,7 +285,7 @@ def test_read_flat_reads_a_ranks_part_of_a_tensor(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ssapo.trainer import _read_flat
+    from ssapo.engines import _read_flat
 
     tensors = {
         "w": torch.randn(7, 5),

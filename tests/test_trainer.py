@@ -310,8 +310,8 @@ def test_16bit_trainable_weights_are_refused(tmp_path):
 def test_load_policy_kwargs(tmp_path):
     from types import SimpleNamespace
 
+    from ssapo.loading import load_policy, load_policy_kwargs
     from ssapo.tiny import save_pretrained
-    from ssapo.trainer import load_policy, load_policy_kwargs
 
     tok = build_tokenizer(WORDS)
     save_pretrained(tiny_llama(tok).to(torch.bfloat16), tok, tmp_path / "m")  # a bf16 checkpoint, as released
@@ -370,7 +370,7 @@ def _weights(path):
 
 
 def test_save_trained_writes_safetensors_tokenizer_and_card(tmp_path):
-    from ssapo.trainer import save_trained
+    from ssapo.checkpoints import save_trained
 
     tr = train(SSAPOTrainer, tmp_path / "work", rows(ZERO), leader_loss="shift_prob", max_steps=2)
     calls = []
@@ -411,8 +411,8 @@ def test_save_trained_merges_lora_into_the_full_base(tmp_path):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
+    from ssapo.checkpoints import save_trained
     from ssapo.tiny import save_pretrained
-    from ssapo.trainer import save_trained
 
     tok = build_tokenizer(WORDS)
     base = save_pretrained(tiny_llama(tok, seed=0), tok, tmp_path / "base")
@@ -441,7 +441,7 @@ def test_save_trained_merges_lora_into_the_full_base(tmp_path):
 def test_save_trained_pushes_only_when_asked(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from ssapo.trainer import save_trained
+    from ssapo.checkpoints import save_trained
 
     calls = []
     monkeypatch.setattr(
@@ -463,7 +463,7 @@ def test_save_trained_pushes_only_when_asked(tmp_path, monkeypatch):
 
 
 def test_save_trained_refuses_an_engine_that_wrote_no_weights(tmp_path):
-    from ssapo.trainer import save_trained
+    from ssapo.checkpoints import save_trained
 
     tr = train(SSAPOTrainer, tmp_path / "work", rows(), leader_loss="dpo", max_steps=1)
     # as Trainer.save_model under FSDP with a SHARDED_STATE_DICT: the tokenizer only, no weights

@@ -17,8 +17,10 @@ from test_trainer import BASE, WORDS, config, logged, rows  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from ssapo.atoms import COLUMNS, Atoms  # noqa: E402
+from ssapo.leader_columns import PAIR_INDEX  # noqa: E402
+from ssapo.resolving import ResolvingTrainer  # noqa: E402
 from ssapo.tiny import build_tokenizer, tiny_llama  # noqa: E402
-from ssapo.trainer import PAIR_INDEX, ResolvingTrainer, SSAPOConfig, SSAPOTrainer  # noqa: E402
+from ssapo.trainer import SSAPOConfig, SSAPOTrainer  # noqa: E402
 
 torch.set_num_threads(1)
 ATOMS = lambda i: {"shift": [0.0, 0.1], "mass": [0.7, 0.3]}  # noqa: E731

@@ -2,7 +2,7 @@
 trains a few steps of a tiny Llama loaded under zero.Init, every process sees the
 real world (2 processes, ranks 0 and 1, DEEPSPEED) without the caller setting
 `ddp_backend` (SSAPOConfig picks gloo for DeepSpeed without a GPU), and
-`trainer.save_model` / `ssapo.trainer.save_trained` write the full gathered
+`trainer.save_model` / `ssapo.checkpoints.save_trained` write the full gathered
 weights (not ZeRO-3's empty partitions), moved from the start.
 
 A second launch trains in bf16 (DeepSpeed's bf16 module weights, fp32 master
@@ -123,7 +123,7 @@ def worker(work: str, mode: str = "fp32") -> None:
     }
     trainer.save_model(os.path.join(work, "saved"))  # every rank: gathers the 16-bit weights to rank 0
     try:  # the loop's own save path (model card, atomic rename), where this version of ssapo has it
-        from ssapo.trainer import save_trained
+        from ssapo.checkpoints import save_trained
     except ImportError:
         save_trained = None
     if save_trained is not None:
@@ -482,8 +482,8 @@ def test_zero3_resolve_every_shares_the_margins_out_and_matches_one_process(tmp_
 
     from ssapo import models
     from ssapo.leader import _SharedMargins
+    from ssapo.loading import load_checkpoint
     from ssapo.processes import Solo
-    from ssapo.tiny import load as load_checkpoint
 
     work = str(tmp_path)
     build_init(os.path.join(work, "init"))
@@ -528,7 +528,7 @@ def test_the_resolver_scores_through_the_fsdp_wrapper_under_fsdp():
     gather hooks live on it, as the launch above shows)."""
     import types
 
-    from ssapo.trainer import ResolvingTrainer
+    from ssapo.resolving import ResolvingTrainer
 
     inner, wrapped = object(), object()
     fake = types.SimpleNamespace(
@@ -548,7 +548,7 @@ def test_ssapo_config_picks_gloo_for_deepspeed_without_a_gpu(monkeypatch):
 
     import torch
 
-    from ssapo.trainer import _cpu_deepspeed_backend
+    from ssapo.engines import cpu_deepspeed_backend as _cpu_deepspeed_backend
 
     def args(**kw):
         return types.SimpleNamespace(**{"ddp_backend": None, "use_cpu": False, "deepspeed": None, **kw})
@@ -573,8 +573,8 @@ def test_cast_saved_rewrites_weights_index_and_config_dtype(tmp_path):
     is left as it is."""
     import torch
 
+    from ssapo.checkpoints import _cast_saved
     from ssapo.tiny import build_tokenizer, tiny_llama
-    from ssapo.trainer import _cast_saved
 
     model = tiny_llama(build_tokenizer(WORDS), hidden_size=64, num_layers=2, seed=0)
     d = str(tmp_path / "m")

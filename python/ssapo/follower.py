@@ -228,7 +228,7 @@ class Resolver:
     round, `margins_fn(model)` gives the margins of the round's pairs (in the
     dataset's order) under the policy being trained, the follower is solved
     again with the same settings, and the new atoms replace the old ones in
-    `atoms` in place (what `ssapo.trainer.ResolvingTrainer`'s collator reads).
+    `atoms` in place (what `ssapo.resolving.ResolvingTrainer`'s collator reads).
     `broadcast` (several processes): every rank takes the main process's atoms.
     `history` keeps the diagnostics of each re-solve; `state_dict` /
     `load_state_dict` keep both in a trainer checkpoint."""

@@ -88,7 +88,7 @@ class _SharedMargins:
     through files in `work_dir`.
 
     The reference's log-probs are computed here, once: the reference is loaded
-    whole on each process (`ssapo.trainer.unsharded_loading`: under a DeepSpeed
+    whole on each process (`ssapo.loading.unsharded_loading`: under a DeepSpeed
     ZeRO-3 launch the TrainingArguments switched zero.Init on for the process,
     and a model partitioned by it but never wrapped by an engine cannot run a
     forward; under FSDP ranks other than 0 would load it empty), scores this
@@ -100,8 +100,8 @@ class _SharedMargins:
     result is dropped), each one whole forward, whatever the rows hold."""
 
     def __init__(self, cfg, rows: List[dict], reference_path: str, tok, procs, work_dir: str):
+        from ssapo.loading import unsharded_loading
         from ssapo.processes import chunked, chunks_of
-        from ssapo.trainer import unsharded_loading
 
         self.procs, self.dir, self.n = procs, work_dir, len(rows)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -204,27 +204,22 @@ def train_stage(
     atomically; a LoRA adapter is merged first). `leader_params`: more
     SSAPOConfig fields (a method's per-round ones, e.g. spa_lambda).
     `resolve_reference` (with cfg.resolve_every > 0): the rows' atoms are
-    re-solved during training (`ssapo.trainer.ResolvingTrainer`) on margins
+    re-solved during training (`ssapo.resolving.ResolvingTrainer`) on margins
     against that model. Returns trainer.leader_stats plus steps, pairs,
     data_hashes, processes and process_group_timeout_s (and resolves), and
     fp32_start_restored: under DeepSpeed, the number of parameters whose fp32
     master weights the main process set from the policy's file before the
-    first step (`ssapo.trainer.restore_fp32_start`; ZeRO-3: every trainable
+    first step (`ssapo.engines.restore_fp32_start`; ZeRO-3: every trainable
     one; 0 in fp32 or with peft), None otherwise or when the stage resumed
     from a checkpoint."""
     import torch
     from accelerate import PartialState
 
-    from ssapo.trainer import (
-        PAIR_INDEX,
-        ResolvingTrainer,
-        SSAPOConfig,
-        SSAPOTrainer,
-        last_checkpoint,
-        leader_fields,
-        save_trained,
-        sharding_engine,
-    )
+    from ssapo.checkpoints import last_checkpoint, save_trained
+    from ssapo.engines import sharding_engine
+    from ssapo.leader_columns import PAIR_INDEX
+    from ssapo.resolving import ResolvingTrainer
+    from ssapo.trainer import SSAPOConfig, SSAPOTrainer, leader_fields
 
     procs = PartialState()
     micro, accumulation = cfg.batch_split(procs.num_processes)  # the driver checked it before any launch

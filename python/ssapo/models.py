@@ -2,7 +2,7 @@
 the implicit-reward margins of labelled pairs.
 
     model, tok = load(path, cfg, device)          # scores or generates (bfloat16 with bf16)
-    model, tok = load(path, cfg, train=True)      # the policy a leader trains (ssapo.trainer.load_policy)
+    model, tok = load(path, cfg, train=True)      # the policy a leader trains (ssapo.loading.load_policy)
     m, ref_logps = pair_margins(model, reference, tok, rows, max_length=cfg.max_length)
     m = shared_margins(model, reference, tok, rows, bs, procs, work_dir, "heldout", max_length=...)
 """
@@ -33,15 +33,15 @@ def tokenizer(cfg, path: str):
 
 def load(path: str, cfg, device=None, train: bool = False):
     """(model, tokenizer) from a checkpoint (safetensors). `train`: the policy
-    a leader trains, through ssapo.trainer.load_policy (fp32 master weights;
+    a leader trains, through ssapo.loading.load_policy (fp32 master weights;
     with load_in_4bit the 4-bit base for a LoRA adapter); otherwise a model
     that only scores or generates (bfloat16 with bf16), loaded onto `device`
     (`device_map`, not through host memory)."""
     if train:
-        from ssapo.trainer import load_policy
+        from ssapo.loading import load_policy
 
         return load_policy(path, cfg, train=True), tokenizer(cfg, path)
-    from ssapo.tiny import load as load_checkpoint
+    from ssapo.loading import load_checkpoint
 
     dtype = "bfloat16" if cfg.bf16 else None
     # straight onto this process's device: 8 ranks each building two whole 8B models in host memory first

@@ -14,7 +14,7 @@ message lists.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Iterable
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>"]
 
@@ -110,29 +110,3 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def load(path: str, trust_remote_code: bool = False, dtype: Optional[str] = None, device=None):
-    """Loads a causal LM and its tokenizer from a local path or hub id
-    (safetensors only; no remote code unless asked). `device` (e.g. "cuda:3"):
-    the weights are loaded straight onto it (`device_map={"": device}`), never
-    whole in host memory first; None: on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ssapo.io import InputError
-
-    kw = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
-    if dtype:
-        import torch
-
-        kw["dtype"] = getattr(torch, dtype)
-    if device is not None and str(device) != "cpu":
-        kw["device_map"] = {"": str(device)}
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:  # no such directory / hub id, no tokenizer, config or safetensors weights
-        raise InputError(f"model: cannot load {path}: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok

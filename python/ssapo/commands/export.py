@@ -74,7 +74,7 @@ def answer(model, tok, turns, max_new_tokens: int, temperature: float) -> list:
 
 def run(args) -> int:
     from ssapo.io import atomic_write, read_jsonl
-    from ssapo.tiny import load
+    from ssapo.loading import load_checkpoint
 
     try:
         if not os.path.exists(args.prompts):
@@ -86,7 +86,7 @@ def run(args) -> int:
     except (ValueError, json.JSONDecodeError) as e:
         print(f"ssapo export: error: {e}", file=sys.stderr)
         return 2
-    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    model, tok = load_checkpoint(args.model, trust_remote_code=args.trust_remote_code)
     model.eval()
     name = args.name or os.path.basename(os.path.normpath(args.model))
     answers = [answer(model, tok, t, args.max_new_tokens, args.temperature) for t in turns]
