@@ -484,7 +484,7 @@ def _launcher(tmp_path, engine="ddp", n=4, extra=()):
 def test_launcher_runs_each_step_where_it_belongs(tmp_path):
     import yaml
 
-    from ssapo.loop import steps_of
+    from ssapo.methods import steps_of
 
     c = load_config("llama3-8b", overrides={"generation_backend": "transformers", "num_rounds": "2"})
     steps = steps_of(c)
@@ -728,7 +728,7 @@ def test_two_processes_run_the_whole_loop_through_the_command(two_process_run, m
     process group."""
     from ssapo import follower
     from ssapo.leader import rows_hash
-    from ssapo.loop import steps_of
+    from ssapo.methods import steps_of
 
     out, r = two_process_run(method)
     assert r.returncode == 0, r.stderr[-4000:]

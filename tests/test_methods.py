@@ -7,8 +7,8 @@ import pytest
 
 import ssapo.methods as methods
 from ssapo.config import METHODS, accelerate_config_path, load_config
-from ssapo.loop import STEPS, step_spec, steps_of
-from ssapo.methods import TABLE, method_of, round_step_names
+from ssapo.loop import STEPS, step_spec
+from ssapo.methods import TABLE, method_of, round_step_names, steps_of
 from ssapo.stage import Launcher
 from ssapo.trainer import LEADER_LOSSES
 

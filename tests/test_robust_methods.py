@@ -9,8 +9,8 @@ from test_loop import cfg, task_dir, two_process_run  # noqa: F401  (fixtures)
 
 from ssapo.config import load_config
 from ssapo.io import read_jsonl
-from ssapo.loop import run, steps_of
-from ssapo.methods import method_of
+from ssapo.loop import run
+from ssapo.methods import method_of, steps_of
 
 ROBUST = ["rdpo", "cdpo", "drdpo", "kldpo"]
 

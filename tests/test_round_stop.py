@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from ssapo.config import load_config, recipe_path
-from ssapo.loop import run, steps_of
+from ssapo.loop import run
+from ssapo.methods import steps_of
 
 JUDGE = "def make(args):\n    return lambda prompts, responses: [[0.0] * len(r) for r in responses]\n"
 SMALL = {"seed_size": "16", "round_sizes": "16 16", "num_rounds": "2", "seed_epochs": "1", "max_new_tokens": "4"}

@@ -66,7 +66,7 @@ from ssapo.config import RunConfig
 from ssapo.errors import ConfigError, InputError
 from ssapo.io import LOCK_NAME, RunLock, atomic_write, read_jsonl, write_json, write_jsonl
 from ssapo.leader import train_stage
-from ssapo.methods import Step, method_of, round_step_names
+from ssapo.methods import LOOP_STEPS, Step, method_of, parse_step, steps_of
 from ssapo.processes import gather_strings, peak_memory, reset_peak_memory
 from ssapo.state import State
 
@@ -255,40 +255,23 @@ def report_stage(run: Run, t: int) -> None:
         report.round_report(run.dir(t), t, metrics, run.round_rows(t), acc)
 
 
-STEPS = {
-    s.name: s
-    for s in (
-        Step("seed", step_seed, kind="train"),
-        Step("annotate", step_annotate, kind="data", generates=True),
-        Step("follow", step_follow, kind="driver"),
-        Step("lead", step_lead, kind="train"),
-        Step("eval", step_eval, kind="data", after=report_stage),
+STEPS = {  # the loop's own steps: where each runs is declared in ssapo.methods.LOOP_STEPS
+    name: Step(name, fn, kind=LOOP_STEPS[name][0], generates=LOOP_STEPS[name][1], after=after)
+    for name, fn, after in (
+        ("seed", step_seed, None),
+        ("annotate", step_annotate, None),
+        ("follow", step_follow, None),
+        ("lead", step_lead, None),
+        ("eval", step_eval, report_stage),
     )
 }
 
 
-def steps_of(cfg: RunConfig) -> List[str]:
-    """Every step of a run of `cfg`, in order (from its method's declaration)."""
-    m = method_of(cfg)
-    steps = ([] if cfg.seed_model else ["seed"]) + ["seed/eval"]
-    if m.rounds:
-        steps += [f"round_{t}/{name}" for t in range(1, cfg.num_rounds + 1) for name in round_step_names(m)]
-    return steps
-
-
 def step_spec(cfg: RunConfig, step: str) -> Tuple[Step, int]:
-    """(the Step, its round t; 0 for the seed stage) of a step name such as 'round_2/lead'."""
-    head, _, name = step.partition("/")
-    if head == "seed":
-        t, name = 0, name or "seed"
-    elif head.startswith("round_") and head[6:].isdigit() and name != "seed":
-        t = int(head[6:])
-    else:
-        t, name = -1, ""
-    spec = {**STEPS, **{s.name: s for s in method_of(cfg).extra_steps}}.get(name)
-    if spec is None or t < 0:
-        raise ValueError(f"step: unknown step {step!r} (steps of this run: {', '.join(steps_of(cfg))})")
-    return spec, t
+    """(the Step, its round t; 0 for the seed stage) of a step name such as 'round_2/lead'
+    (`ssapo.methods.parse_step`)."""
+    name, t = parse_step(cfg, step)
+    return {**STEPS, **{s.name: s for s in method_of(cfg).extra_steps}}[name], t
 
 
 def run_step(run: Run, state: State, step: str) -> None:

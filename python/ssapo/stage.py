@@ -337,18 +337,18 @@ class Launcher:
     def how(self, cfg, step: str) -> Optional[Tuple[str, int]]:
         """(accelerate config, processes) of a step, by its declared kind
         (`ssapo.methods.Step`); None: the driver runs it (the follower)."""
-        from ssapo.loop import step_spec
+        from ssapo.methods import parse_step, step_kind
 
-        spec, _ = step_spec(cfg, step)
-        if spec.kind == "driver":
+        kind, generates = step_kind(cfg, step)
+        if kind == "driver":
             return None
-        if spec.kind == "train":
+        if kind == "train":
             return self.engine_config, self.num_processes
-        if spec.generates:
+        if generates:
             from ssapo.generation import use_vllm
 
             if use_vllm(cfg.generation_backend):
-                if spec.name == "annotate" and self.num_processes > 1 and self.num_machines == 1:
+                if parse_step(cfg, step)[0] == "annotate" and self.num_processes > 1 and self.num_machines == 1:
                     # one vLLM engine over the GPUs (its own tensor parallelism) in one process, then the
                     # scoring shared out over every GPU: two launches of the step (see drive)
                     return VLLM_THEN_SCORE, self.num_processes

@@ -123,6 +123,48 @@ def method_of(cfg_or_name) -> Method:
     return TABLE[name]
 
 
+# the loop's own steps and where each runs, (kind, generates) as in `Step` (ssapo.loop gives them their
+# functions): declared here so that the launcher knows where a step runs without importing the loop
+LOOP_STEPS: Dict[str, Tuple[str, bool]] = {
+    "seed": ("train", False),
+    "annotate": ("data", True),
+    "follow": ("driver", False),
+    "lead": ("train", False),
+    "eval": ("data", False),
+}
+
+
+def steps_of(cfg) -> List[str]:
+    """Every step of a run of `cfg`, in order (from its method's declaration)."""
+    m = method_of(cfg)
+    steps = ([] if cfg.seed_model else ["seed"]) + ["seed/eval"]
+    if m.rounds:
+        steps += [f"round_{t}/{name}" for t in range(1, cfg.num_rounds + 1) for name in round_step_names(m)]
+    return steps
+
+
+def parse_step(cfg, step: str) -> Tuple[str, int]:
+    """(the step's name, its round t; 0 for the seed stage) of a step such as 'seed', 'seed/eval' or
+    'round_2/lead'; ValueError naming `step` for one this run does not have."""
+    head, _, name = step.partition("/")
+    if head == "seed":
+        t, name = 0, name or "seed"
+    elif head.startswith("round_") and head[6:].isdigit() and name != "seed":
+        t = int(head[6:])
+    else:
+        t, name = -1, ""
+    if t < 0 or (name not in LOOP_STEPS and name not in {s.name for s in method_of(cfg).extra_steps}):
+        raise ValueError(f"step: unknown step {step!r} (steps of this run: {', '.join(steps_of(cfg))})")
+    return name, t
+
+
+def step_kind(cfg, step: str) -> Tuple[str, bool]:
+    """(kind, generates) of a step (`Step`'s): the loop's own (LOOP_STEPS) or the method's extra step."""
+    name, _ = parse_step(cfg, step)
+    extra = {s.name: s for s in method_of(cfg).extra_steps}
+    return LOOP_STEPS[name] if name in LOOP_STEPS else (extra[name].kind, extra[name].generates)
+
+
 def round_step_names(method: Method) -> List[str]:
     """The names of a round's steps, in order."""
     return ["annotate", *(["follow"] if method.follower else []), *(s.name for s in method.extra_steps), "lead", "eval"]
