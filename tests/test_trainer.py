@@ -248,6 +248,32 @@ def test_config_errors_name_the_field(tmp_path, field, value):
         config(SSAPOConfig, tmp_path, **{field: value})
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("leader_loss", "nope"),
+        ("clamp_min", 0.0),
+        ("spa_lambda", -1.0),
+        ("spa_window", 2.5),
+        ("loss_type", "ipo"),
+        ("loss_weights", [0.5]),
+        ("ld_alpha", 0.5),
+        ("f_divergence_type", "js_divergence"),
+        ("use_weighting", True),
+        ("label_smoothing", 0.1),
+        ("bf16", True),
+    ],
+)
+def test_every_config_refusal_is_a_config_error(tmp_path, field, value):
+    """SSAPOConfig refuses a bad field with ssapo.errors.ConfigError (a ValueError), as RunConfig does."""
+    from ssapo.errors import ConfigError
+
+    if field == "bf16" and torch.cuda.is_available():
+        pytest.skip("bf16 is refused only without a GPU that has it")
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        config(SSAPOConfig, tmp_path, **{field: value, **({"use_cpu": False} if field == "bf16" else {})})
+
+
 def test_wrong_args_or_missing_columns_are_errors(tmp_path):
     with pytest.raises(
         ValueError, match=r"train_dataset: leader_loss='shift_prob' needs the column\(s\) \['shift', 'mass'\]"

@@ -84,6 +84,7 @@ from ssapo.engines import (
     reentrant_checkpointing_reaches_transformers,
     restore_fp32_start,
 )
+from ssapo.errors import ConfigError
 from ssapo.leader_columns import NEEDED_COLUMNS, PAIR_INDEX, AtomCollator, check_atom_columns
 
 logger = logging.getLogger(__name__)
@@ -190,16 +191,16 @@ class SSAPOConfig(DPOConfig):
 
     def __post_init__(self):
         if self.leader_loss not in LEADER_LOSSES:
-            raise ValueError(f"leader_loss: must be one of {LEADER_LOSSES}, got {self.leader_loss!r}")
+            raise ConfigError(f"leader_loss: must be one of {LEADER_LOSSES}, got {self.leader_loss!r}")
         # every bound is RunConfig's (ssapo.config), declared once on the field of the same name
         check_bounds("clamp_min", self.clamp_min)
         check_bounds("spa_alpha", self.spa_alpha)
         lam = FIELDS["spa_lambdas"].metadata["bounds"]  # this round's λ, one of RunConfig's spa_lambdas
         if self.spa_lambda not in lam:
-            raise ValueError(f"spa_lambda: must be {lam.text()} (0 = the policy itself), got {self.spa_lambda}")
+            raise ConfigError(f"spa_lambda: must be {lam.text()} (0 = the policy itself), got {self.spa_lambda}")
         check_bounds("spa_quantile", self.spa_quantile)
         if int(self.spa_window) != self.spa_window:
-            raise ValueError(f"spa_window: must be an integer, got {self.spa_window}")
+            raise ConfigError(f"spa_window: must be an integer, got {self.spa_window}")
         for name in ("spa_window", "spa_warmup_ratio", "drdpo_beta", "kldpo_tau", "kldpo_max_weight"):
             check_bounds(name, getattr(self, name))
         smoothing = self.leader_loss in ("rdpo", "cdpo")  # trl's own label_smoothing is their ε
@@ -217,7 +218,7 @@ class SSAPOConfig(DPOConfig):
             from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
             if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-                raise ValueError(
+                raise ConfigError(
                     "bf16: needs a GPU with bf16, or an accelerate launch with DeepSpeed (its bf16 runs on CPU "
                     "processes: recipes/accelerate/zero3_cpu.yaml); neither here: set bf16=False (or use_cpu=True)"
                 )
@@ -236,12 +237,12 @@ class SSAPOConfig(DPOConfig):
                     os.environ["ACCELERATE_MIXED_PRECISION"] = env
         loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_type != ["sigmoid"]:
-            raise ValueError(
+            raise ConfigError(
                 f"loss_type: SSAPOTrainer takes its loss from leader_loss; leave loss_type at "
                 f"['sigmoid'], got {self.loss_type!r}"
             )
         if self.loss_weights not in (None, [1.0]):
-            raise ValueError(f"loss_weights: not used by SSAPOTrainer; leave it unset, got {self.loss_weights!r}")
+            raise ConfigError(f"loss_weights: not used by SSAPOTrainer; leave it unset, got {self.loss_weights!r}")
         for name, default in (
             *((("label_smoothing", 0.0),) if not smoothing else ()),
             ("ld_alpha", None),
@@ -249,7 +250,7 @@ class SSAPOConfig(DPOConfig):
             ("use_weighting", False),
         ):
             if getattr(self, name) != default:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: not supported by SSAPOTrainer (the loss is chosen by leader_loss); "
                     f"leave it at {default!r}, got {getattr(self, name)!r}"
                 )
