@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from ssapo.data import RULES, Split, load_preferences, load_prompts, prompt_key, read_preferences, split_seed_and_rounds
+from ssapo.data import Split, split_seed_and_rounds
+from ssapo.inputs import RULES, load_preferences, load_prompts, prompt_key, read_preferences
 
 
 def conv(q, a):
@@ -215,7 +216,7 @@ def test_duplicates_and_empties_are_dropped_at_load_and_counted(tmp_path, capsys
 
 
 def test_over_long_prompts_are_dropped_at_load_and_counted(tmp_path):
-    from ssapo.data import prompt_length
+    from ssapo.inputs import prompt_length
     from ssapo.tiny import build_tokenizer
 
     rows = [{"prompt": " ".join(["w"] * (1 + (i % 4) * 5)), "chosen": "w", "rejected": "x", "i": i} for i in range(40)]
@@ -233,7 +234,7 @@ def test_over_long_prompts_are_dropped_at_load_and_counted(tmp_path):
 
 
 def test_batched_prompt_lengths_are_prompt_length(tmp_path):
-    from ssapo.data import _prompt_lengths, prompt_length
+    from ssapo.inputs import _prompt_lengths, prompt_length
     from ssapo.tiny import build_tokenizer
 
     tok = build_tokenizer(["w", "x"])

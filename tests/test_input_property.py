@@ -1,5 +1,5 @@
 """Property: a preference file mixing good rows with rows that break every input
-rule (ssapo.data: nulls, empties, chosen == rejected, duplicates, over-long
+rule (ssapo.inputs: nulls, empties, chosen == rejected, duplicates, over-long
 prompts; wrong types, unknown roles, a prompt spoken by the assistant, an
 answer by the user, string rows among conversations, bytes that are not UTF-8,
 lines that are not JSON, rows that are not objects), in JSON lines or one JSON
@@ -130,7 +130,7 @@ def form_of(kind, form):
 
 
 def expected(kinds, form, lines):
-    """("refuse", line) or ("drops", {rule: [lines]}, kept) as ssapo.data's one pass decides."""
+    """("refuse", line) or ("drops", {rule: [lines]}, kept) as ssapo.inputs' one pass decides."""
     for k in ("bytes", "notjson", "notobject"):  # reading comes first, then every row must be an object
         if k in kinds:
             return "refuse", lines[kinds.index(k)]
@@ -208,7 +208,8 @@ def files(draw):
 )
 @given(case=files())
 def test_a_malformed_file_is_refused_in_one_line_or_split_with_its_drops_counted(tmp_path_factory, tok, case):
-    from ssapo.data import RULES, write_run_data
+    from ssapo.data import write_run_data
+    from ssapo.inputs import RULES
 
     kinds, form, fmt, blanks, choices = case
     kinds = list(kinds)

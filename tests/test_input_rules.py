@@ -1,4 +1,4 @@
-"""Every input rule (ssapo.data.RULES and the refusals), one example each: a row
+"""Every input rule (ssapo.inputs.RULES and the refusals), one example each: a row
 that is common but unusable is dropped at load and counted, with its line; a
 problem of the file refuses it in one line naming the file and the line (row
 index for parquet); the held-out rows go through the same check as the seed's
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from ssapo.data import read_preferences, read_prompts
+from ssapo.inputs import read_preferences, read_prompts
 from ssapo.io import InputError, read_jsonl
 
 
