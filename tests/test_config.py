@@ -11,8 +11,8 @@ import sys
 import pytest
 import yaml
 
+from ssapo.accelerate_configs import ACCELERATE_CONFIGS
 from ssapo.config import (
-    ACCELERATE_CONFIGS,
     FIELDS,
     METHODS,
     PRESETS,
@@ -106,7 +106,7 @@ def test_accelerate_configs_ship():
     )
     ds = json.load(open(ds_file))
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    from ssapo.config import accelerate_config_path
+    from ssapo.accelerate_configs import accelerate_config_path
 
     assert accelerate_config_path("zero3_cpu") == ACCELERATE_CONFIGS["zero3_cpu"]
     assert load_config("tiny", overrides={"accelerate_config": "zero3_cpu"}).accelerate_config == "zero3_cpu"

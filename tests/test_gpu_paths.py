@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ssapo.config import ACCELERATE_CONFIGS, PRESETS, load_config
+from ssapo.accelerate_configs import ACCELERATE_CONFIGS
+from ssapo.config import PRESETS, load_config
 from ssapo.errors import ConfigError
 
 # -- the batch: per device × accumulation × processes = batch_size, checked before the first launch -----------
@@ -213,8 +214,8 @@ DS_JSON = '{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "c
 
 def test_accelerate_config_takes_the_path_of_the_users_own_file(tmp_path, monkeypatch):
     import ssapo.commands.train as train
+    from ssapo.accelerate_configs import engine_of
     from ssapo.cli import build_parser
-    from ssapo.config import engine_of
 
     (tmp_path / "ds.json").write_text(DS_JSON)
     mine = _own_config(tmp_path, ZERO3_OFFLOAD)

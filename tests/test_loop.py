@@ -475,7 +475,7 @@ def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch, role):
 
 
 def _launcher(tmp_path, engine="ddp", n=4, extra=()):
-    from ssapo.config import accelerate_config_path
+    from ssapo.accelerate_configs import accelerate_config_path
     from ssapo.stage import Launcher
 
     return Launcher(str(tmp_path), n, accelerate_config_path(engine), list(extra), echo=False)
@@ -558,8 +558,8 @@ def test_launcher_runs_each_step_where_it_belongs(tmp_path):
 
 def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
     import ssapo.commands.train as train
+    from ssapo.accelerate_configs import accelerate_config_path
     from ssapo.cli import build_parser
-    from ssapo.config import accelerate_config_path
 
     def launcher(argv):
         args, extra = build_parser().parse_known_args(["train", "--output-dir", str(tmp_path / "r"), *argv])

@@ -242,7 +242,8 @@ def test_bf16_without_a_gpu_is_refused_at_start_up_outside_deepspeed(tmp_path, m
     2, before any step (no run directory); check_bf16 lets it through only under DeepSpeed or with a GPU."""
     import torch
 
-    from ssapo.config import RunConfig, check_bf16
+    from ssapo.accelerate_configs import check_bf16
+    from ssapo.config import RunConfig
     from ssapo.errors import ConfigError
 
     cfg = RunConfig(model="x", bf16=True, use_cpu=False)

@@ -99,7 +99,7 @@ def test_a_launch_holds_the_lock_with_its_driver_and_after_it(tmp_path, monkeypa
     from ssapo.stage import Launcher
 
     out = str(tmp_path / "run")
-    from ssapo.config import accelerate_config_path
+    from ssapo.accelerate_configs import accelerate_config_path
 
     launcher = Launcher(out, 2, accelerate_config_path("ddp"), [], visible_gpus=0)
     monkeypatch.setattr(

@@ -548,7 +548,7 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
     of an existing launch calls `run`)."""
     import torch
 
-    from ssapo.config import check_bf16
+    from ssapo.accelerate_configs import check_bf16
 
     # bf16 without a GPU only under a DeepSpeed engine: refused here, before any step, not in the seed step
     check_bf16(cfg, launcher.engine_type if launcher is not None else "NO", torch.cuda.device_count())

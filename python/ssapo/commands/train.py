@@ -259,7 +259,7 @@ def _inside_launch() -> bool:
 def launcher_of(args, cfg):
     """The ssapo.stage.Launcher of these arguments, or None for one process (every step in this process).
     ConfigError naming the flag for a bad combination."""
-    from ssapo.config import accelerate_config_path
+    from ssapo.accelerate_configs import accelerate_config_path
 
     machines = args.num_machines or 1
     rank = args.machine_rank or 0
@@ -434,7 +434,7 @@ def _run(args, extra: Optional[List[str]] = None) -> int:
         # the batch's arithmetic, before any launch or model load: one line when it cannot be split
         cfg.batch_split(launcher.num_processes if launcher else (procs.num_processes if procs else 1))
         # bf16 without a GPU only under DeepSpeed: refused before the tiny task is built or anything launched
-        from ssapo.config import check_bf16
+        from ssapo.accelerate_configs import check_bf16
 
         check_bf16(cfg, launcher.engine_type if launcher else "NO", _visible_gpus())
         from ssapo.loop import check_output_dir
