@@ -218,7 +218,6 @@ def train_stage(
     from ssapo.checkpoints import last_checkpoint, save_trained
     from ssapo.engines import sharding_engine
     from ssapo.leader_columns import PAIR_INDEX
-    from ssapo.resolving import ResolvingTrainer
     from ssapo.trainer import SSAPOConfig, SSAPOTrainer, leader_fields
 
     procs = PartialState()
@@ -290,6 +289,8 @@ def train_stage(
     kw = dict(ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
     kw["start_weights"] = policy
     if resolving:
+        from ssapo.resolving import ResolvingTrainer  # where used: it subclasses ssapo.trainer.SSAPOTrainer at import
+
         trainer = ResolvingTrainer(model, resolver=_resolver(cfg, rows, resolve_reference, tok, procs, work_dir), **kw)
     else:
         trainer = SSAPOTrainer(model, **kw)
