@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 from ssapo.errors import ConfigError
 
 ACCELERATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "accelerate")
-# zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo, fp32), the variant CI runs (tests/test_zero3_cpu.py)
+# zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo, fp32), the variant CI runs (tests/distributed/test_zero3_cpu.py)
 ACCELERATE_CONFIGS: Dict[str, str] = {
     name: os.path.join(ACCELERATE_DIR, f"{name}.yaml") for name in ("ddp", "zero3", "fsdp", "zero3_cpu")
 }

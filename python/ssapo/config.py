@@ -42,7 +42,7 @@ PRESETS: Dict[str, str] = {
 def _declared_methods() -> Dict[str, str]:
     """{name: help} of every method module in ssapo/methods/, in module order, read from the text of its
     `METHOD = Method(name="...", help="...", ...)` declaration: config imports nothing of the project (the
-    method table, ssapo.methods.TABLE, imports config's callers); tests/test_methods.py checks both agree."""
+    method table, ssapo.methods.TABLE, imports config's callers); tests/loop/test_methods.py checks both agree."""
     import ast
 
     d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")

@@ -17,7 +17,7 @@ rate 0 (the weights do not move), then the same pairs again through `_precompute
 log-probs must agree across the passes, and with a one-process computation from the start weights.
 
 Runs only where `deepspeed` and `ninja` are installed (skipped otherwise). This file is also the launched worker:
-`accelerate launch ... tests/test_zero3_precompute.py WORK_DIR PAIRS`.
+`accelerate launch ... tests/distributed/test_zero3_precompute.py WORK_DIR PAIRS`.
 """
 
 from __future__ import annotations

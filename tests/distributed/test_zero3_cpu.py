@@ -25,7 +25,7 @@ computation from the policy's gathered weights (issue 16, finding 4).
 Runs only where `deepspeed` and `ninja` are installed (skipped with the reason
 otherwise). Needs DS_ACCELERATOR=cpu (set here); see
 recipes/accelerate/zero3_cpu.yaml. This file is also the launched worker:
-`accelerate launch ... tests/test_zero3_cpu.py WORK_DIR MODE`.
+`accelerate launch ... tests/distributed/test_zero3_cpu.py WORK_DIR MODE`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_engines, r
 import cpu_engines  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 WORDS = "a b c d e f g h i j".split()
 PAIRS = [
     {"prompt": "a b ", "chosen": "c d", "rejected": "e f"},

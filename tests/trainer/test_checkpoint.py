@@ -9,7 +9,7 @@ from; two gloo processes (torchrun, CPU) share one reference log-prob cache
 per-rank checkpoint parts, save through `save_trained`, and fail together when
 the writer fails; and `ddp_timeout` reaches the process group.
 
-This file is also the launched worker: `python tests/test_checkpoint.py WORK_DIR`
+This file is also the launched worker: `python tests/trainer/test_checkpoint.py WORK_DIR`
 (killed), `... timeout OUT 1`, `... ddp OUT` (under torch.distributed.run).
 """
 
@@ -231,7 +231,7 @@ def test_resume_after_sigkill_mid_checkpoint_equals_an_uninterrupted_run(tmp_pat
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(
-            [os.path.join(os.path.dirname(HERE), "python"), os.environ.get("PYTHONPATH", "")]
+            [os.path.join(os.path.dirname(os.path.dirname(HERE)), "python"), os.environ.get("PYTHONPATH", "")]
         ),
     }
     proc = subprocess.run(

@@ -10,7 +10,7 @@ ends) at the bf16 rounding of its start. The run's data steps (annotation, evalu
 CPU; its training steps run DeepSpeed's bf16 on CPU processes.
 
 The launch runs only where `deepspeed` and `ninja` are installed (skipped with the reason otherwise), as
-tests/test_zero3_cpu.py. Below it, without processes: bf16 without a GPU is refused at start-up outside DeepSpeed
+tests/distributed/test_zero3_cpu.py. Below it, without processes: bf16 without a GPU is refused at start-up outside DeepSpeed
 (one line naming bf16, before any step), by SSAPOConfig too, and the restore's reads of a rank's part of a tensor.
 """
 
@@ -93,7 +93,7 @@ def test_zero3_bf16_stages_keep_the_fp32_start_bit_for_bit(tmp_path):
         f"--learning-rate={TINY_LR}",
         # the seed's 16 pairs and the micro-batch of 8: one reference forward per rank, the case that broke
         # DeepSpeed's ZeRO-3 parameter trace before the precompute engine was destroyed after its pass
-        # (tests/test_zero3_precompute.py)
+        # (tests/distributed/test_zero3_precompute.py)
     ]
     t0 = time.time()
     proc = subprocess.run(cmd, env=cpu_engines.env(), capture_output=True, text=True, timeout=840)
@@ -118,7 +118,7 @@ def test_zero3_bf16_stages_keep_the_fp32_start_bit_for_bit(tmp_path):
     assert restored == {"seed": len(start), "round_1": len(start)}, restored
 
 
-# the ZeRO-2 launch: this file is also its worker (`accelerate launch ... tests/test_precision_zero3.py WORK`)
+# the ZeRO-2 launch: this file is also its worker (`accelerate launch ... tests/distributed/test_precision_zero3.py WORK`)
 WORDS = "a b c d e f g h i j".split()
 PAIRS = [
     {"prompt": "a b ", "chosen": "c d", "rejected": "e f"},

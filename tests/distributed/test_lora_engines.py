@@ -16,7 +16,7 @@
   training moves the adapter, and `save_trained` merges it into the base
   (the merged model loads and differs from the base where LoRA was applied).
 
-This file is also the launched worker: `accelerate launch ... tests/test_lora_engines.py WORK_DIR MODE`.
+This file is also the launched worker: `accelerate launch ... tests/distributed/test_lora_engines.py WORK_DIR MODE`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def worker(work: str, mode: str = "fp32") -> None:
         max_length=32,
         ddp_timeout=300,
     )
-    args.bf16 = bf16  # as in tests/test_zero3_cpu.py: DeepSpeed's bf16 comes from the launch
+    args.bf16 = bf16  # as in tests/distributed/test_zero3_cpu.py: DeepSpeed's bf16 comes from the launch
     # every parameter partitioned, norms included (ZeRO-3 keeps parameters below the threshold whole by default:
     # with a tiny model nothing would be gathered and released, and the recompute would have nothing to miss)
     plugin = args.deepspeed_plugin
