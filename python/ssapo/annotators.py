@@ -4,7 +4,7 @@
     fn = load_annotator(cfg)            # None for cfg.annotator == "implicit"
     rows = flip_pairs(rows, cfg.annotation_flip_rate, seed=(cfg.seed, t))
 
-`annotator` (a RunConfig field, so it crosses the `python -m ssapo.stage`
+`annotator` (a RunConfig field, so it crosses the `python -m ssapo.launch`
 process boundary in DIR/config.yaml):
 - `implicit` (default): the implicit reward log π_{t−1} − log π_ref
   (`ssapo.scoring.implicit_reward`);

@@ -31,8 +31,8 @@ in its own processes:
 
 - `run(cfg)` (one process) runs every step here, one after the other;
 - `run(cfg, launcher=...)` (`ssapo train --num-processes N`, see
-  `ssapo.stage`) is a driver: it prepares the run, then starts each step as
-  its own `accelerate launch ... -m ssapo.stage --run-dir DIR --step S`, by
+  `ssapo.launch`) is a driver: it prepares the run, then starts each step as
+  its own `accelerate launch ... -m ssapo.launch --run-dir DIR --step S`, by
   the step's kind: 'train' steps (seed, lead) under the recipe's engine
   (ddp / zero3 / fsdp), 'data' steps (annotation, SeRA's passes, evaluation)
   as plain data-parallel processes with whole models, 'driver' steps (the
@@ -513,7 +513,7 @@ def prepare(cfg: RunConfig, out: str, state: State) -> None:
 
 
 def pregenerate(cfg: RunConfig, out: str, step: str) -> None:
-    """The generation half of a vLLM annotation step (`python -m ssapo.stage --generate-only`, one process
+    """The generation half of a vLLM annotation step (`python -m ssapo.launch --generate-only`, one process
     with the run's GPUs): π_{t−1} samples round t's prompts into DIR/round_<t>/responses.json; the step
     itself, launched next on every process, scores them (`ssapo.annotators.annotate_round`)."""
     from ssapo.annotators import pregenerate_round
@@ -528,7 +528,7 @@ def pregenerate(cfg: RunConfig, out: str, step: str) -> None:
 def run_steps(cfg: RunConfig, out: str, steps: List[str], procs=None) -> None:
     """Runs `steps` of the prepared run in `out` (those not yet in state.json) on
     the processes of `procs` (accelerate's PartialState inside a launch): what
-    `python -m ssapo.stage` does."""
+    `python -m ssapo.launch` does."""
     state = State(out, resume=True, procs=procs)
     known = steps_of(cfg)
     for s in steps:
@@ -542,7 +542,7 @@ def run_steps(cfg: RunConfig, out: str, steps: List[str], procs=None) -> None:
 def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path:
     """Runs (or, with `resume`, continues) the whole loop; returns the output directory.
 
-    `launcher` (an `ssapo.stage.Launcher`): the driver, each step in its own
+    `launcher` (an `ssapo.launch.Launcher`): the driver, each step in its own
     launch. Without it every step runs here, on the processes of `procs`
     (default: this process alone; accelerate's PartialState when every rank
     of an existing launch calls `run`)."""

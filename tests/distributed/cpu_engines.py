@@ -58,7 +58,7 @@ def zero3_cpu_json() -> str:
 
 
 def finish() -> None:
-    """The end of a launched worker: a barrier, then the process group destroyed (as `python -m ssapo.stage`
+    """The end of a launched worker: a barrier, then the process group destroyed (as `python -m ssapo.launch`
     does), so no communication thread is torn down by the interpreter's exit: without it a rank may abort
     there ("terminate called without an active exception", SIGABRT) after its work is written."""
     import torch.distributed as dist

@@ -107,7 +107,7 @@ def test_bf16_without_a_gpu_is_refused_before_the_tiny_task_is_built(tmp_path):
 # -- a failed launch says why ----------------------------------------------------------------------------------
 
 TORCHRUN_KILLED = """\
-# 2026-12-07 10:00:00 python -m accelerate.commands.launch --num_processes 2 -m ssapo.stage --run-dir /r --step seed
+# 2026-12-07 10:00:00 python -m accelerate.commands.launch --num_processes 2 -m ssapo.launch --run-dir /r --step seed
 [rank1]:[W1207 10:00:03 ProcessGroupGloo.cpp:1] Warning: something harmless
 W1207 10:00:09.123000 99 torch/distributed/elastic/multiprocessing/api.py:900] Sending process 12 closing signal SIGTERM
 E1207 10:00:09.456000 99 torch/distributed/elastic/multiprocessing/api.py:874] failed (exitcode: -9) local_rank: 1
@@ -115,7 +115,7 @@ Traceback (most recent call last):
   File "/usr/lib/python3.11/site-packages/torch/distributed/run.py", line 1, in main
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ============================================================
-ssapo.stage FAILED
+ssapo.launch FAILED
 ------------------------------------------------------------
 Root Cause (first observed failure):
 [0]:
@@ -131,11 +131,11 @@ subprocess.CalledProcessError: Command '['torchrun', '...']' returned non-zero e
 """
 
 TORCHRUN_ERRORS = """\
-# 2026-12-07 09:00:00 python -m accelerate.commands.launch -m ssapo.stage --run-dir /r --step seed
+# 2026-12-07 09:00:00 python -m accelerate.commands.launch -m ssapo.launch --run-dir /r --step seed
 [rank0]: Traceback (most recent call last):
 [rank0]:   File "x.py", line 3, in <module>
 [rank0]: FileNotFoundError: an older launch's error
-# 2026-12-07 10:00:00 python -m accelerate.commands.launch -m ssapo.stage --run-dir /r --step seed
+# 2026-12-07 10:00:00 python -m accelerate.commands.launch -m ssapo.launch --run-dir /r --step seed
 [rank1]: Traceback (most recent call last):
 [rank1]:   File "leader.py", line 1, in train_stage
 [rank1]: KeyError: 'mass'
@@ -151,14 +151,14 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 
 
 def test_a_failed_launchs_cause_is_the_first_ranks_error_or_the_signal(tmp_path):
-    from ssapo.stage import _cause
+    from ssapo.launch import _cause
 
     log = tmp_path / "x.log"
     log.write_text(TORCHRUN_ERRORS)  # rank 1 failed first; its final exception; the older launch's is ignored
     assert _cause(str(log)) == "; rank 1: ssapo.config.ConfigError: batch_size: 16 cannot be split"
     log.write_text(TORCHRUN_KILLED)  # no rank's exception: the signal torchrun reports
     assert _cause(str(log)).startswith("; rank 1 was killed by SIGKILL (signal 9; sent by the kernel's out-of-memory")
-    log.write_text("# x -m ssapo.stage \nloading...\n")  # one plain process killed: the launch's own exit code
+    log.write_text("# x -m ssapo.launch \nloading...\n")  # one plain process killed: the launch's own exit code
     assert _cause(str(log), rc=-15).startswith("; killed by SIGTERM (signal 15")
     log.write_text("Traceback (most recent call last):\nOSError: [Errno 28] No space left on device\n")
     assert _cause(str(log), rc=1) == "; OSError: [Errno 28] No space left on device"
@@ -168,7 +168,7 @@ def test_a_launch_that_recorded_its_steps_but_failed_on_its_way_out_goes_on(tmp_
     import json
 
     from ssapo.errors import StepFailed
-    from ssapo.stage import Launcher
+    from ssapo.launch import Launcher
 
     out = tmp_path / "run"
     out.mkdir()
@@ -283,7 +283,7 @@ def test_an_unknown_engine_name_gets_the_close_names():
 
 
 def test_a_launch_sees_only_the_runs_gpus(tmp_path, monkeypatch):
-    from ssapo.stage import Launcher
+    from ssapo.launch import Launcher
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert Launcher(str(tmp_path), 1, ACCELERATE_CONFIGS["ddp"], visible_gpus=8).env()["CUDA_VISIBLE_DEVICES"] == "0"
@@ -422,7 +422,7 @@ def test_a_vllm_annotation_on_several_gpus_is_generation_then_scoring_on_every_p
     import json
 
     from ssapo import generation
-    from ssapo.stage import VLLM_THEN_SCORE, Launcher
+    from ssapo.launch import VLLM_THEN_SCORE, Launcher
     from ssapo.state import State
 
     monkeypatch.setattr(generation, "use_vllm", lambda backend: True)
@@ -431,7 +431,15 @@ def test_a_vllm_annotation_on_several_gpus_is_generation_then_scoring_on_every_p
     assert lz.how(c, "round_1/annotate") == (VLLM_THEN_SCORE, 4)
     assert Launcher(str(tmp_path), 1, ACCELERATE_CONFIGS["zero3"]).how(c, "round_1/annotate") == ("", 1)
     cmd = lz.command(["round_1/annotate"], ("", 1), generate_only=True)
-    assert cmd[1:] == ["-m", "ssapo.stage", "--run-dir", str(tmp_path), "--step", "round_1/annotate", "--generate-only"]
+    assert cmd[1:] == [
+        "-m",
+        "ssapo.launch",
+        "--run-dir",
+        str(tmp_path),
+        "--step",
+        "round_1/annotate",
+        "--generate-only",
+    ]
     calls = []
 
     def fake_launch(self, steps, how, generate_only=False):

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from ssapo.stage import Stopped, stop_on_signals, stop_tree
+from ssapo.launch import Stopped, stop_on_signals, stop_tree
 
 
 def _gone(procs) -> bool:
@@ -165,7 +165,7 @@ def _driver(task_dir, out, err, *extra) -> subprocess.Popen:
 
 
 def _workers_up(driver: subprocess.Popen, seconds: float = 150):
-    """Every process under the driver, once the first launch's two workers (`-m ssapo.stage` under torchrun,
+    """Every process under the driver, once the first launch's two workers (`-m ssapo.launch` under torchrun,
     each in a session of its own) exist."""
     end = time.time() + seconds
     while time.time() < end:
@@ -173,7 +173,7 @@ def _workers_up(driver: subprocess.Popen, seconds: float = 150):
         try:
             tree = psutil.Process(driver.pid).children(recursive=True)
             workers = [
-                q for q in tree if "ssapo.stage" in q.cmdline() and "accelerate.commands.launch" not in q.cmdline()
+                q for q in tree if "ssapo.launch" in q.cmdline() and "accelerate.commands.launch" not in q.cmdline()
             ]
         except psutil.Error:
             workers = []

@@ -214,7 +214,7 @@ def resolve_worker(work: str) -> None:
     from ssapo.leader import train_stage
 
     torch.set_num_threads(1)
-    state = PartialState(backend="gloo")  # as ssapo.stage starts a launched step: DeepSpeed on CPU processes
+    state = PartialState(backend="gloo")  # as ssapo.launch starts a launched step: DeepSpeed on CPU processes
     cfg = resolve_config()
     init = os.path.join(work, "init")
     rows = Atoms.identity(len(RESOLVE_ROWS)).attach(RESOLVE_ROWS)

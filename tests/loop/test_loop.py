@@ -476,7 +476,7 @@ def test_sera_keeps_the_largest_margins(tmp_path, task_dir, monkeypatch, role):
 
 def _launcher(tmp_path, engine="ddp", n=4, extra=()):
     from ssapo.accelerate_configs import accelerate_config_path
-    from ssapo.stage import Launcher
+    from ssapo.launch import Launcher
 
     return Launcher(str(tmp_path), n, accelerate_config_path(engine), list(extra), echo=False)
 
@@ -525,12 +525,12 @@ def test_launcher_runs_each_step_where_it_belongs(tmp_path):
             steps_of(load_config("tiny", overrides={"method": "sera", "num_rounds": "1"})),
         )
     ] == [["seed", "seed/eval", "round_1/annotate", "round_1/sera", "round_1/lead", "round_1/eval"]]
-    # the command: accelerate launch of ssapo.stage, the steps, a free port on one machine, mixed precision
+    # the command: accelerate launch of ssapo.launch, the steps, a free port on one machine, mixed precision
     cmd = z.command(["round_1/lead"], (z.engine_config, 4), "bf16")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--config_file") + 1] == z.engine_config
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
     assert int(cmd[cmd.index("--main_process_port") + 1]) > 0
-    assert cmd[cmd.index("-m", 3) :] == ["-m", "ssapo.stage", "--run-dir", str(tmp_path), "--step", "round_1/lead"]
+    assert cmd[cmd.index("-m", 3) :] == ["-m", "ssapo.launch", "--run-dir", str(tmp_path), "--step", "round_1/lead"]
     # several machines: accelerate's own flags passed through, no port of our own
     m = _launcher(
         tmp_path,
@@ -553,7 +553,7 @@ def test_launcher_runs_each_step_where_it_belongs(tmp_path):
         assert z.how(v, "round_1/annotate") == ("vllm+score", 4) and z.how(v, "round_1/lead") == (z.engine_config, 4)
     finally:
         generation.use_vllm = orig
-    assert z.command(["round_1/annotate"], ("", 1))[1:3] == ["-m", "ssapo.stage"]
+    assert z.command(["round_1/annotate"], ("", 1))[1:3] == ["-m", "ssapo.launch"]
 
 
 def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
@@ -633,7 +633,7 @@ def test_train_uses_every_gpu_with_the_recipes_engine(tmp_path, monkeypatch):
 def test_a_failed_launch_names_the_step_and_its_log(tmp_path, task_dir, monkeypatch, capsys):
     import ssapo.commands.train as train
     from ssapo.cli import build_parser
-    from ssapo.stage import Launcher
+    from ssapo.launch import Launcher
 
     # a launch that dies as a rank would (an exception, exit 1): the driver ends with one line
     monkeypatch.setattr(
@@ -820,8 +820,8 @@ def test_the_driver_runs_the_leader_under_zero3_and_the_rest_data_parallel(tmp_p
     if missing:
         pytest.skip(f"needs {' and '.join(missing)} (pip install deepspeed ninja)")
     from ssapo.config import RECIPES_DIR
+    from ssapo.launch import Launcher
     from ssapo.leader import rows_hash
-    from ssapo.stage import Launcher
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

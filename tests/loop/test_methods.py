@@ -8,9 +8,9 @@ import pytest
 import ssapo.methods as methods
 from ssapo.accelerate_configs import accelerate_config_path
 from ssapo.config import METHODS, load_config
+from ssapo.launch import Launcher
 from ssapo.loop import STEPS, step_spec
 from ssapo.methods import TABLE, method_of, round_step_names, steps_of
-from ssapo.stage import Launcher
 from ssapo.trainer import LEADER_LOSSES
 
 

@@ -96,7 +96,7 @@ def test_a_launch_holds_the_lock_with_its_driver_and_after_it(tmp_path, monkeypa
     (no driver) takes the lock itself."""
     import threading
 
-    from ssapo.stage import Launcher
+    from ssapo.launch import Launcher
 
     out = str(tmp_path / "run")
     from ssapo.accelerate_configs import accelerate_config_path
@@ -133,13 +133,13 @@ def test_a_launch_holds_the_lock_with_its_driver_and_after_it(tmp_path, monkeypa
     with RunLock(out):  # the launch ended: free again
         pass
 
-    # by hand: `python -m ssapo.stage` with no driver takes the lock, so it is refused while another run holds it
+    # by hand: `python -m ssapo.launch` with no driver takes the lock, so it is refused while another run holds it
     holder = _hold(out)
     try:
         open(os.path.join(out, "config.yaml"), "w").write("model: x\n")
         env = {k: v for k, v in os.environ.items() if k not in ("SSAPO_DRIVER_PID", "RANK")}
         r = subprocess.run(
-            [sys.executable, "-m", "ssapo.stage", "--run-dir", out, "--step", "seed"],
+            [sys.executable, "-m", "ssapo.launch", "--run-dir", out, "--step", "seed"],
             env=env,
             capture_output=True,
             text=True,

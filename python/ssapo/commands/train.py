@@ -19,8 +19,8 @@ matches), exit code 2.
 Processes. `ssapo train` uses every visible GPU (torch.cuda.device_count();
 one process on a CPU run, use_cpu: true); --num-processes N overrides it.
 With N > 1 it is a driver: it prepares the run directory, then starts each
-step as its own `accelerate launch ... -m ssapo.stage --run-dir DIR --step S`
-(see ssapo.stage): seed and leader steps under the recipe's engine,
+step as its own `accelerate launch ... -m ssapo.launch --run-dir DIR --step S`
+(see ssapo.launch): seed and leader steps under the recipe's engine,
 recipes/accelerate/<name>.yaml (name: --accelerate-config, else the recipe's
 accelerate_config, else ddp); annotation, SeRA's passes and evaluation as
 plain data-parallel processes (whole models, no ZeRO-3/FSDP); the follower in
@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence
 from ssapo.errors import ConfigError
 
 DOC = __doc__
-LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # = ssapo.stage.LAUNCHED_ENV
+LAUNCHED_ENV = "SSAPO_ACCELERATE_LAUNCHED"  # = ssapo.launch.LAUNCHED_ENV
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -257,7 +257,7 @@ def _inside_launch() -> bool:
 
 
 def launcher_of(args, cfg):
-    """The ssapo.stage.Launcher of these arguments, or None for one process (every step in this process).
+    """The ssapo.launch.Launcher of these arguments, or None for one process (every step in this process).
     ConfigError naming the flag for a bad combination."""
     from ssapo.accelerate_configs import accelerate_config_path
 
@@ -285,7 +285,7 @@ def launcher_of(args, cfg):
     # GPUs are visible than the run uses (the launch's processes see only the run's GPUs, CUDA_VISIBLE_DEVICES)
     if n == 1 and not named and gpus <= 1:
         return None
-    from ssapo.stage import Launcher
+    from ssapo.launch import Launcher
 
     extra = []
     for flag, value in (
@@ -366,9 +366,9 @@ def check_model(name: str, flag: str = "--model") -> None:
 
 
 def run(args, extra: Optional[List[str]] = None) -> int:
-    """`ssapo train`. SIGTERM (ssapo.stage.stop_on_signals) and SIGINT stop it, and the processes of a running
-    launch with it (ssapo.stage.stop_tree), within seconds: one line on how to continue, exit 143 / 130."""
-    from ssapo.stage import Stopped, stop_on_signals
+    """`ssapo train`. SIGTERM (ssapo.launch.stop_on_signals) and SIGINT stop it, and the processes of a running
+    launch with it (ssapo.launch.stop_tree), within seconds: one line on how to continue, exit 143 / 130."""
+    from ssapo.launch import Stopped, stop_on_signals
 
     try:
         with stop_on_signals():

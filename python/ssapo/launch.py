@@ -1,10 +1,10 @@
 """One step of a run, in its own processes, and the launcher that starts them.
 
-    python -m ssapo.stage --run-dir DIR --step round_2/lead [--step ...]
+    python -m ssapo.launch --run-dir DIR --step round_2/lead [--step ...]
     accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 \\
-        -m ssapo.stage --run-dir DIR --step round_2/lead
+        -m ssapo.launch --run-dir DIR --step round_2/lead
 
-The stage reads the run's DIR/config.yaml and what earlier steps wrote, runs
+A launched step reads the run's DIR/config.yaml and what earlier steps wrote, runs
 the steps not yet recorded in DIR/state.json on every process of the launch
 (`ssapo.loop.run_steps`) and records each one there (its main process). It
 creates accelerate's process state first, with the run's `ddp_timeout`, so
@@ -47,7 +47,7 @@ ENGINES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # distributed types whose state 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ssapo.stage", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m ssapo.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--run-dir", required=True, help="the run directory (holds config.yaml, data/, state.json)")
     p.add_argument("--step", action="append", required=True, help="a step (repeatable), e.g. seed, round_1/lead")
@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path = os.path.join(out, "config.yaml")
     if not os.path.exists(path):
         print(
-            f"ssapo.stage: error: --run-dir: no config.yaml in {out} (prepare the run with ssapo train)",
+            f"ssapo.launch: error: --run-dir: no config.yaml in {out} (prepare the run with ssapo train)",
             file=sys.stderr,
         )
         return 2
@@ -78,13 +78,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with RunLock(out) if own else contextlib.nullcontext():
             return _run(args, cfg, out)
     except ConfigError as e:
-        print(f"ssapo.stage: error: {e}", file=sys.stderr)
+        print(f"ssapo.launch: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a fault of the machine (disk full, read-only, permissions): one line, no traceback
         msg = machine_fault(e, out)
         if msg is None:
             raise
-        print(f"ssapo.stage: error: {msg}", file=sys.stderr)
+        print(f"ssapo.launch: error: {msg}", file=sys.stderr)
         return 1
 
 
@@ -96,7 +96,7 @@ def _run(args, cfg, out: str) -> int:
 
         for s in args.step:
             pregenerate(cfg, out, s)
-        print(f"ssapo.stage: generated: {', '.join(args.step)}", file=sys.stderr)
+        print(f"ssapo.launch: generated: {', '.join(args.step)}", file=sys.stderr)
         return 0
     import torch
     from accelerate import PartialState
@@ -116,7 +116,7 @@ def _run(args, cfg, out: str) -> int:
     run_steps(cfg, out, list(args.step), procs)
     procs.wait_for_everyone()
     if procs.is_main_process:
-        print(f"ssapo.stage: done: {', '.join(args.step)}", file=sys.stderr)
+        print(f"ssapo.launch: done: {', '.join(args.step)}", file=sys.stderr)
     if hasattr(procs, "destroy_process_group"):
         procs.destroy_process_group()
     return 0
@@ -400,10 +400,10 @@ class Launcher:
         generate_only: bool = False,
     ) -> List[str]:
         conf, n = how
-        stage = ["-m", "ssapo.stage", "--run-dir", self.out] + [a for s in steps for a in ("--step", s)]
-        stage += ["--generate-only"] if generate_only else []
+        step_args = ["-m", "ssapo.launch", "--run-dir", self.out] + [a for s in steps for a in ("--step", s)]
+        step_args += ["--generate-only"] if generate_only else []
         if not conf:  # one plain process
-            return [sys.executable] + stage
+            return [sys.executable] + step_args
         conf = self._engine_launch if conf == self.engine_config else conf
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", conf, "--num_processes", str(n)]
         if cfg_mixed_precision:
@@ -411,7 +411,7 @@ class Launcher:
         extra = list(self.accelerate_args)
         if self.num_machines == 1 and not any(a.startswith("--main_process_port") for a in extra):
             extra += ["--main_process_port", str(free_port())]  # concurrent runs on one machine do not collide
-        return cmd + extra + stage
+        return cmd + extra + step_args
 
     def env(self) -> dict:
         """The environment of every launch: this one, marked as launched, and on one machine with more GPUs
@@ -432,7 +432,7 @@ class Launcher:
 
     def launch(self, steps: List[str], how: Tuple[str, int], generate_only: bool = False) -> None:
         """Runs one launch of `steps` to its end; raises StepFailed when it fails. `generate_only`: the
-        vLLM generation of annotation steps alone (`python -m ssapo.stage --generate-only`)."""
+        vLLM generation of annotation steps alone (`python -m ssapo.launch --generate-only`)."""
         from ssapo.config import RunConfig
         from ssapo.errors import StepFailed
 
@@ -534,7 +534,7 @@ class Launcher:
 
 
 _ERROR_LINE = re.compile(
-    r"^\s*(?:([A-Za-z_][\w.]*(Error|Exception|Interrupt)|torch\.\w+\.\w+Error)\b|ssapo\.stage: error: ).*"
+    r"^\s*(?:([A-Za-z_][\w.]*(Error|Exception|Interrupt)|torch\.\w+\.\w+Error)\b|ssapo\.launch: error: ).*"
 )
 _RANK_PREFIX = re.compile(r"^\[(?:default)?(?:rank)?(\d+)\]:\s?")  # torchrun's --tee/--role prefixes: "[rank0]: "
 # wrappers that only say a child failed: the cause is elsewhere in the log
@@ -572,7 +572,7 @@ def _cause(log: str, rc: Optional[int] = None) -> str:
         lines = []
     start = 0
     for i, line in enumerate(lines):  # only the last launch of this log (a resumed step appends)
-        if line.startswith("# ") and " -m ssapo.stage " in line:
+        if line.startswith("# ") and " -m ssapo.launch " in line:
             start = i
     first: dict = {}  # rank ('' = unprefixed) -> (index of its first error line, its last error line)
     killed: Optional[Tuple[str, int]] = None
