@@ -96,8 +96,9 @@ def _text(tok, ids: Sequence[int], stop: Sequence[int] = ()) -> str:
 
 def _settings(cfg, **kw) -> dict:
     """Annotation settings: keyword arguments win over `cfg`'s fields, which win over RunConfig's
-    defaults (declared there only); each checked against its field's choices and bounds."""
-    from ssapo.config import check_value, default_of
+    defaults (declared there only); each keyword argument (and a cfg that is not a RunConfig, whose fields
+    were checked when it was made) checked against its field's choices and bounds."""
+    from ssapo.config import RunConfig, check_value, default_of
 
     names = {
         "n": "num_samples",
@@ -119,7 +120,8 @@ def _settings(cfg, **kw) -> dict:
         if v is None:
             v = getattr(cfg, field, None) if cfg is not None else None
         out[k] = default_of(field) if v is None else v
-        check_value(field, out[k])
+        if kw.get(k) is not None or not isinstance(cfg, RunConfig):  # a RunConfig's values were checked once
+            check_value(field, out[k])
     return out
 
 

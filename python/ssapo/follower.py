@@ -52,7 +52,7 @@ SETTINGS = {
 
 
 def _settings(cfg, **kw) -> Dict[str, Any]:
-    from ssapo.config import check_value, default_of
+    from ssapo.config import RunConfig, check_value, default_of
     from ssapo.errors import ConfigError
 
     out = {}
@@ -66,7 +66,8 @@ def _settings(cfg, **kw) -> Dict[str, Any]:
             raise ConfigError(f"group_size: an integer >= 0 or 'global', got {out['group_size']!r}")
         out["group_size"] = 0
     for key, field in SETTINGS.items():  # the choices and bounds of RunConfig's fields, declared there once
-        check_value(field, out[key])
+        if kw.get(key) is not None or not isinstance(cfg, RunConfig):  # a RunConfig's values were checked once
+            check_value(field, out[key])
     return out
 
 
