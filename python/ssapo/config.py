@@ -29,6 +29,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ssapo import leader_losses
 from ssapo.accelerate_configs import ACCELERATE_CONFIGS, accelerate_config_path
 from ssapo.errors import ConfigError
 
@@ -71,7 +72,8 @@ def _declared_methods() -> Dict[str, str]:
 _METHOD_HELP = _declared_methods()
 # the `method` choices: one module per method in ssapo/methods/ (read, not imported: no torch, no cycle)
 METHODS = tuple(_METHOD_HELP)
-LEADER_LOSSES = ("shift_prob", "shift_margin", "weights", "kept_mass", "dpo", "spa")
+# the `leader_loss` choices: the losses of ssapo.leader_losses.TABLE that SSAPO's leader may use
+LEADER_LOSSES = leader_losses.ssapo_leader_losses()
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,29 @@ def _f(
     return field(default=default, metadata=meta)
 
 
+def _param(name: str):
+    """A RunConfig field that is a leader-loss parameter: everything but its place from its one declaration
+    in ssapo.leader_losses (default, bounds, help)."""
+    return _f(**leader_losses.field_spec(name))
+
+
+def _with_loss_params(cls):
+    """Before @dataclass: RunConfig's fields gain every leader-loss parameter (`ssapo.leader_losses`, `run`)
+    that the class body does not place (those are appended, after the declared fields); a placed one must
+    have its declared type and be declared through `_param`."""
+    notes = dict(cls.__dict__.get("__annotations__", {}))
+    for p in leader_losses.run_params():
+        if p.name not in notes:
+            notes[p.name] = p.type.__name__
+            setattr(cls, p.name, _param(p.name))
+        elif notes[p.name] != p.type.__name__ or cls.__dict__[p.name].metadata["help"] != p.help:
+            raise TypeError(f"RunConfig.{p.name}: declare it as `{p.name}: {p.type.__name__} = _param({p.name!r})`")
+    cls.__annotations__ = notes
+    return cls
+
+
 @dataclass
+@_with_loss_params
 class RunConfig:
     """The whole SSAPO run. Defaults are the paper's Mistral-7B setting
     (docs/METHOD.md §4.6); the recipes in `recipes/<preset>/`
@@ -161,6 +185,8 @@ class RunConfig:
     SeRA (Ko et al., ICLR 2025): sera_keep, sera_num_samples, sera_top_p, sera_gamma,
         sera_gamma_role, sera_pool.
     Robust DPO (docs/METHOD.md §5.5): label_smoothing, drdpo_beta, kldpo_tau, kldpo_max_weight.
+    (The leader losses' parameters are declared in ssapo.leader_losses, placed here by `_param`; one
+    not placed is appended, shown in its declared group.)
     PEFT: use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules, load_in_4bit.
     Infra: bf16, use_cpu, gradient_checkpointing, report_to, logging_steps,
         save_total_limit, save_steps, ddp_timeout, accelerate_config.
@@ -327,13 +353,8 @@ class RunConfig:
         "prob", "'prob': ξ = σ(β_f·margin), loss −log ξ (the paper); 'margin': softplus(−margin).", ("prob", "margin")
     )
     # -- leader --
-    leader_loss: str = _f(
-        "shift_prob",
-        "shift_prob (the released code: Σ_j α_j·−log clamp(σ(βh) − δ_j)) | shift_margin | weights | kept_mass "
-        "(ours: DPO weighted by the mass the follower left in place) | dpo | spa.",
-        LEADER_LOSSES,
-    )
-    clamp_min: float = _f(1e-6, "Clamp of σ(βh) − shift in shift_prob (the released code: 1e-6).", bounds="(0, 1)")
+    leader_loss: str = _f("shift_prob", leader_losses.help_of(LEADER_LOSSES), LEADER_LOSSES)
+    clamp_min: float = _param("clamp_min")
     resolve_every: int = _f(
         0,
         "Re-solve the follower every n optimizer steps of a round; 0 = once per round.",
@@ -341,22 +362,16 @@ class RunConfig:
         note="0 = once per round",
     )
     # -- SPA (Kim et al., ICLR 2025) --
-    spa_alpha: float = _f(
-        0.1, "SPA: label smoothing α on the flagged pairs, in [0, 0.5] (0.5 erases the label).", bounds=(0.0, 0.5)
-    )
+    spa_alpha: float = _param("spa_alpha")
     spa_lambdas: List[float] = _f(
         [0.5, 0.25, 0.125],
         "SPA: de-coupling λ of rounds 1, 2, 3, … (the last repeats).",
         bounds=">= 0",
         error="needs one or more values >= 0",
     )
-    spa_quantile: float = _f(
-        0.1, "SPA: flag the pairs at or below this quantile of de-coupled confidence, in [0, 1].", bounds=(0.0, 1.0)
-    )
-    spa_window: int = _f(50, "SPA: moving window of confidences (gathered over ranks).", bounds=">= 1")
-    spa_warmup_ratio: float = _f(
-        0.2, "SPA: no smoothing during this fraction of a round's optimizer steps, in [0, 1].", bounds=(0.0, 1.0)
-    )
+    spa_quantile: float = _param("spa_quantile")
+    spa_window: int = _param("spa_window")
+    spa_warmup_ratio: float = _param("spa_warmup_ratio")
     # -- SeRA (Ko et al., ICLR 2025; Algorithm 1 unpublished: docs/METHOD.md §5.4, each unknown an option) --
     sera_keep: float = _f(
         0.7, "SeRA: keep this fraction of the round's pairs, largest implicit-reward margin first.", bounds="(0, 1]"
@@ -381,17 +396,10 @@ class RunConfig:
         ("round", "cumulative"),
     )
     # -- robust-DPO baselines (docs/METHOD.md §5.5) --
-    label_smoothing: float = _f(
-        0.1,
-        "rdpo: the assumed flip rate ε of the labels; cdpo: the label smoothing ε of every pair (0.5 would erase "
-        "the labels, 0 is DPO).",
-        bounds="[0, 0.5)",
-    )
-    drdpo_beta: float = _f(
-        1.0, "drdpo: β′ of −β′·log mean exp(−ℓ/β′) over the micro-batch (the paper: 1).", bounds="> 0"
-    )
-    kldpo_tau: float = _f(0.1, "kldpo: temperature τ of the per-pair weights exp((ℓ − mean ℓ)/τ).", bounds="> 0")
-    kldpo_max_weight: float = _f(10.0, "kldpo: upper clamp of each weight (the authors' code: 10).", bounds=">= 1")
+    label_smoothing: float = _param("label_smoothing")
+    drdpo_beta: float = _param("drdpo_beta")
+    kldpo_tau: float = _param("kldpo_tau")
+    kldpo_max_weight: float = _param("kldpo_max_weight")
     # -- peft --
     use_peft: bool = _f(False, "Train a LoRA adapter; the reference is the adapter-disabled model.")
     lora_r: int = _f(16, "LoRA rank.", bounds=">= 1")
@@ -568,9 +576,10 @@ def _batch_error(b: int, p: Optional[int], g: Optional[int], n: int) -> str:
 
 def check_bounds(name: str, value, note: Optional[str] = None) -> None:
     """ConfigError naming `name` unless `value` (each item of a list) is finite and lies in the Bounds that
-    RunConfig's field `name` declares (metadata "bounds"); None passes an Optional field. `note` (default:
-    the field's own, as " (note)") follows the interval."""
-    meta = FIELDS[name].metadata
+    RunConfig's field `name` declares (metadata "bounds"; or a leader-loss parameter of SSAPOConfig's only, its
+    declaration in ssapo.leader_losses); None passes an Optional field. `note` (default: the field's own, as
+    " (note)") follows the interval."""
+    meta = _bounds_meta(name)
     b: Bounds = meta["bounds"]
     if value is None and _optional(name):
         return
@@ -588,6 +597,15 @@ def check_bounds(name: str, value, note: Optional[str] = None) -> None:
         note = f" ({meta['note']})" if meta.get("note") else ""
     what = f"every value must be {b.text()}" if isinstance(value, (list, tuple)) else f"must be {b.text()}"
     raise ConfigError(f"{name}: {what}{' or null' if _optional(name) else ''}{note}, got {value}")
+
+
+def _bounds_meta(name: str) -> Dict[str, Any]:
+    """A RunConfig field's metadata, or for a leader-loss parameter that is no RunConfig field (SSAPOConfig's
+    spa_lambda) its declared bounds and note (ssapo.leader_losses)."""
+    if name in FIELDS:
+        return FIELDS[name].metadata
+    p = leader_losses.PARAMS[name]
+    return {"bounds": Bounds.of(p.bounds), **({"note": p.note} if p.note else {})}
 
 
 def check_value(name: str, value) -> None:
@@ -629,11 +647,22 @@ def field_groups() -> List[Tuple[str, List[str]]]:
         if title and names:
             groups.append((title, names))
             seen.update(names)
+    # a leader-loss parameter the docstring does not list: in its declared group (ssapo.leader_losses)
+    for p in leader_losses.run_params():
+        if p.name not in seen:
+            group = next((names for title, names in groups if title == p.group), None)
+            if group is None:
+                groups.append((p.group, []))
+                group = groups[-1][1]
+            group.append(p.name)
+            seen.add(p.name)
     rest = [n for n in FIELDS if n not in seen]
     return groups + ([("Other", rest)] if rest else [])
 
 
 def _optional(name: str) -> bool:
+    if name not in _HINTS:  # a leader-loss parameter of SSAPOConfig's only: never null
+        return False
     hint = _HINTS[name]
     return typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
 

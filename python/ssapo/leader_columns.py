@@ -1,5 +1,5 @@
 """The atom columns of a leader's data: which columns each leader loss reads
-(`NEEDED_COLUMNS`), their check in every train and eval dataset
+(its declaration's `columns`, `ssapo.leader_losses.needed_columns`), their check in every train and eval dataset
 (`check_atom_columns`), and the collator that adds them to each batch.
 
 Only the columns `leader_loss` needs are read, checked and converted: a
@@ -20,21 +20,16 @@ from typing import Any
 import torch
 
 from ssapo.atoms import COLUMNS as ATOM_COLUMNS
-from ssapo.atoms import HOLDS, MASS, SHIFT, WEIGHT, row_problem, table_problem
+from ssapo.atoms import HOLDS, row_problem, table_problem
 from ssapo.atoms import tensors as atom_tensors
+from ssapo.leader_losses import needed_columns
 
 PAIR_INDEX = "pair_index"  # ResolvingTrainer: a row's position in the re-solved atoms
-NEEDED_COLUMNS = {
-    "shift_prob": (SHIFT, MASS),
-    "shift_margin": (SHIFT, MASS),
-    "weights": (WEIGHT,),
-    "kept_mass": (SHIFT, MASS),
-}
 
 
 class AtomCollator:
     """Wraps trl's preference collator and adds each row's atoms that the
-    leader loss needs (`columns`, `NEEDED_COLUMNS`; no other column is read) as
+    leader loss needs (`columns`, `needed_columns(loss)`; no other column is read) as
     float32 tensors, in the order of the rows: shift/mass (B, K), weight (B,)
     (`ssapo.atoms.tensors`), and each row's `pair_index` (ResolvingTrainer)
     as an int64 tensor."""
@@ -68,12 +63,12 @@ def _arrow_rows(ds, columns):
 def check_atom_columns(what: str, ds, leader_loss: str) -> None:
     """ValueError (one line, naming the dataset and the column) unless every
     row of `ds` holds the atom columns `leader_loss` needs as numbers
-    (`NEEDED_COLUMNS`, `ssapo.atoms.HOLDS`): a map-style dataset in every row
+    (`needed_columns(leader_loss)`, `ssapo.atoms.HOLDS`): a map-style dataset in every row
     (`ssapo.atoms.table_problem`), any other (an IterableDataset, whose columns
     may be unknown) on its first row (`row_problem`). A dict of datasets
     (DatasetDict, `eval_dataset={...}`) part by part; None and a str (the name
     of an eval dataset the trainer holds, checked already) pass."""
-    needed = NEEDED_COLUMNS.get(leader_loss, ())
+    needed = needed_columns(leader_loss)
     if not needed or ds is None or isinstance(ds, str):
         return
     parts = ds.items() if isinstance(ds, dict) else [(None, ds)]

@@ -18,6 +18,8 @@ lists, as for trl) and, by `leader_loss`:
 - `rdpo` / `cdpo` / `drdpo` / `kldpo`: nothing more (the robust-DPO baselines of
   `ssapo.losses`: robust DPO and conservative DPO with trl's `label_smoothing`,
   Dr. DPO with `drdpo_beta`, KLDPO's weights with `kldpo_tau`/`kldpo_max_weight`).
+Each loss is one declaration of `ssapo.leader_losses` (its function, columns,
+parameters and batch combination), which `_compute_loss` follows.
 Only the columns `leader_loss` needs are read, and they are checked in every
 train and eval dataset before anything runs (`ssapo.leader_columns`).
 Each pair meets its own atoms in the loss; no atom column (nor
@@ -70,11 +72,11 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
-from ssapo import losses
+from ssapo import leader_losses, losses
 from ssapo.atoms import COLUMNS as ATOM_COLUMNS
-from ssapo.atoms import MASS, SHIFT, WEIGHT
+from ssapo.atoms import MASS
 from ssapo.checkpoints import CHECKPOINT_MARKER, CheckpointMixin, is_complete, last_checkpoint
-from ssapo.config import FIELDS, check_bounds
+from ssapo.config import check_bounds
 from ssapo.engines import (
     check_one_device_per_process,
     cpu_deepspeed_backend,
@@ -85,11 +87,13 @@ from ssapo.engines import (
     restore_fp32_start,
 )
 from ssapo.errors import ConfigError
-from ssapo.leader_columns import NEEDED_COLUMNS, PAIR_INDEX, AtomCollator, check_atom_columns
+from ssapo.leader_columns import PAIR_INDEX, AtomCollator, check_atom_columns
 
 logger = logging.getLogger(__name__)
 
-LEADER_LOSSES = ("dpo", "shift_prob", "shift_margin", "weights", "kept_mass", "spa", "rdpo", "cdpo", "drdpo", "kldpo")
+LEADER_LOSSES = tuple(leader_losses.TABLE)  # every declared leader loss (ssapo.leader_losses)
+# the loss parameters SSAPOConfig declares (trl's own, label_smoothing, it inherits), in the table's order
+_OWN_PARAMS = tuple(p for p in leader_losses.PARAMS.values() if not p.trl)
 _NOT_FORWARD = {*ATOM_COLUMNS, PAIR_INDEX}  # batch keys of ours that model.forward never sees
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_NOT_FORWARD}
 _HALF = (torch.bfloat16, torch.float16)
@@ -110,12 +114,30 @@ SSAPO_PAPER = {
 }
 
 
+def _with_loss_params(cls):
+    """Before @dataclass: SSAPOConfig's fields gain every loss parameter of the table (but trl's own), after
+    `leader_loss`, with its declared default and help."""
+    notes = {}
+    for name, hint in cls.__dict__["__annotations__"].items():
+        notes[name] = hint
+        if name == "leader_loss":
+            for p in _OWN_PARAMS:
+                notes[p.name] = p.type.__name__
+                setattr(cls, p.name, field(default=p.default, metadata={"help": p.help}))
+    cls.__annotations__ = notes
+    return cls
+
+
 @dataclass
+@_with_loss_params
 class SSAPOConfig(DPOConfig):
-    """trl's `DPOConfig` plus the leader's loss (`leader_loss`, `clamp_min`) and
-    SPA's switches (`spa_*`). trl's own loss options (`loss_type`,
-    `label_smoothing`, `ld_alpha`, `f_divergence_type`, `use_weighting`) must
-    stay at their defaults: the loss is chosen by `leader_loss`.
+    """trl's `DPOConfig` plus the leader's loss (`leader_loss`, one of
+    `ssapo.leader_losses.TABLE`) and one field per loss parameter the table
+    declares (`clamp_min`, SPA's `spa_*`, `drdpo_beta`, `kldpo_*`: their
+    defaults, bounds and help are the declarations'). trl's own loss options
+    (`loss_type`, `ld_alpha`, `f_divergence_type`, `use_weighting`, and
+    `label_smoothing` unless the loss uses it: rdpo, cdpo) must stay at their
+    defaults: the loss is chosen by `leader_loss`.
 
     `ddp_timeout` is TrainingArguments' own (seconds, default 1800): the process
     group's timeout for every collective, on GPUs (transformers passes it) and
@@ -129,58 +151,9 @@ class SSAPOConfig(DPOConfig):
 
     leader_loss: str = field(
         default="shift_prob",
-        metadata={
-            "help": "Leader loss, one of 'shift_prob' (default; the released SSAPO code: Σ_j mass·−log "
-            "clamp(σ(βh) − shift, clamp_min), needs columns shift and mass), 'shift_margin' (Σ_j mass·"
-            "softplus(−(βh − shift)), shift in units of βh; needs shift and mass), 'weights' (weight·DPO; "
-            "needs column weight), 'kept_mass' (our ablation: DPO weighted by the mass the follower did not move; "
-            "needs shift and mass), 'dpo' (plain DPO) or 'spa' (SPA's smoothing of the least confident pairs).",
-            "choices": list(LEADER_LOSSES),
-        },
+        metadata={"help": "Leader loss: " + leader_losses.help_of(LEADER_LOSSES), "choices": list(LEADER_LOSSES)},
     )
-    clamp_min: float = field(
-        default=1e-6,
-        metadata={
-            "help": "'shift_prob': lower clamp of σ(βh) − shift (released code: 1e-6); atoms below it "
-            "give a constant loss and no gradient and are counted in leader_stats."
-        },
-    )
-    spa_alpha: float = field(
-        default=0.1, metadata={"help": "'spa': label-smoothing strength α on flagged pairs (SPA eq. 10), in [0, 0.5]."}
-    )
-    spa_lambda: float = field(
-        default=0.5,
-        metadata={
-            "help": "'spa': de-coupling λ of this round, logits (1+λ)·logits_θ − λ·logits_ref (SPA eq. 12); "
-            "the paper uses 1/2, 1/4, 1/8 in rounds 1, 2, 3. >= 0."
-        },
-    )
-    spa_quantile: float = field(
-        default=0.1,
-        metadata={
-            "help": "'spa': flag pairs whose de-coupled confidence is at or below this quantile of the "
-            "window (SPA: the lowest 10 %), in [0, 1]."
-        },
-    )
-    spa_window: int = field(
-        default=50, metadata={"help": "'spa': number of most recent confidences (gathered over ranks) τ is taken from."}
-    )
-    spa_warmup_ratio: float = field(
-        default=0.2,
-        metadata={"help": "'spa': no smoothing (α = 0) during this fraction of the optimizer steps, in [0, 1]."},
-    )
-    drdpo_beta: float = field(
-        default=1.0,
-        metadata={"help": "'drdpo': β′ of Dr. DPO's −β′·log mean exp(−ℓ/β′) over the micro-batch, > 0 (paper: 1)."},
-    )
-    kldpo_tau: float = field(
-        default=0.1,
-        metadata={"help": "'kldpo': temperature τ of the weights exp((ℓ − mean ℓ)/τ), > 0."},
-    )
-    kldpo_max_weight: float = field(
-        default=10.0,
-        metadata={"help": "'kldpo': upper clamp of each weight (the authors' code: 10), >= 1."},
-    )
+    # then one field per loss parameter (ssapo.leader_losses.PARAMS), added by _with_loss_params
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={
@@ -190,23 +163,18 @@ class SSAPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        if self.leader_loss not in LEADER_LOSSES:
-            raise ConfigError(f"leader_loss: must be one of {LEADER_LOSSES}, got {self.leader_loss!r}")
-        # every bound is RunConfig's (ssapo.config), declared once on the field of the same name
-        check_bounds("clamp_min", self.clamp_min)
-        check_bounds("spa_alpha", self.spa_alpha)
-        lam = FIELDS["spa_lambdas"].metadata["bounds"]  # this round's λ, one of RunConfig's spa_lambdas
-        if self.spa_lambda not in lam:
-            raise ConfigError(f"spa_lambda: must be {lam.text()} (0 = the policy itself), got {self.spa_lambda}")
-        check_bounds("spa_quantile", self.spa_quantile)
-        if int(self.spa_window) != self.spa_window:
-            raise ConfigError(f"spa_window: must be an integer, got {self.spa_window}")
-        for name in ("spa_window", "spa_warmup_ratio", "drdpo_beta", "kldpo_tau", "kldpo_max_weight"):
-            check_bounds(name, getattr(self, name))
-        smoothing = self.leader_loss in ("rdpo", "cdpo")  # trl's own label_smoothing is their ε
-        if smoothing:
-            check_bounds("label_smoothing", self.label_smoothing)
-        if self.leader_loss == "spa":
+        loss = leader_losses.get(self.leader_loss)  # ConfigError naming leader_loss for an unknown one
+        # every parameter's bounds are declared once, in ssapo.leader_losses (RunConfig's fields take them too)
+        for p in _OWN_PARAMS:
+            value = getattr(self, p.name)
+            if p.type is int and int(value) != value:
+                raise ConfigError(f"{p.name}: must be an integer, got {value}")
+            check_bounds(p.name, value)
+        trl_params = [p for p in leader_losses.PARAMS.values() if p.trl]  # trl's label_smoothing: rdpo/cdpo's ε
+        for p in trl_params:
+            if p.name in loss.param_names:
+                check_bounds(p.name, getattr(self, p.name))
+        if loss.spa_flags:
             self.precompute_ref_log_probs = False  # the de-coupled model needs reference logits every step
         self.ddp_backend = cpu_deepspeed_backend(self)  # DeepSpeed on CPU: gloo, else accelerate sees 1 process
         # bf16 without a GPU: DeepSpeed's bf16 on CPU processes under an accelerate launch (bf16 module weights,
@@ -244,7 +212,11 @@ class SSAPOConfig(DPOConfig):
         if self.loss_weights not in (None, [1.0]):
             raise ConfigError(f"loss_weights: not used by SSAPOTrainer; leave it unset, got {self.loss_weights!r}")
         for name, default in (
-            *((("label_smoothing", 0.0),) if not smoothing else ()),
+            *(
+                (p.name, DPOConfig.__dataclass_fields__[p.name].default)
+                for p in trl_params
+                if p.name not in loss.param_names
+            ),
             ("ld_alpha", None),
             ("f_divergence_type", "reverse_kl"),
             ("use_weighting", False),
@@ -263,26 +235,19 @@ class SSAPOConfig(DPOConfig):
         return TrainingArguments._setup_devices.func(self)
 
 
-# SSAPOConfig's leader fields that RunConfig declares under the same name (their help and bounds live there)
-SHARED_LEADER_FIELDS = (
-    "clamp_min",
-    "spa_alpha",
-    "spa_quantile",
-    "spa_window",
-    "spa_warmup_ratio",
-    "drdpo_beta",
-    "kldpo_tau",
-    "kldpo_max_weight",
-)
+# SSAPOConfig's loss parameters that RunConfig declares under the same name (from ssapo.leader_losses)
+SHARED_LEADER_FIELDS = tuple(p.name for p in _OWN_PARAMS if p.run)
 
 
 def leader_fields(cfg, leader_loss: str) -> dict:
     """The SSAPOConfig keyword arguments a leader stage of RunConfig `cfg` takes
-    from it: `leader_loss`, the shared fields, and trl's `label_smoothing` (the
-    ε of rdpo/cdpo; left at trl's 0 for every other loss, which refuses it)."""
+    from it: `leader_loss`, the shared fields, and trl's fields that the loss
+    uses (`label_smoothing`, the ε of rdpo/cdpo; left at trl's 0 for every other
+    loss, which refuses it)."""
     kw = {"leader_loss": leader_loss, **{name: getattr(cfg, name) for name in SHARED_LEADER_FIELDS}}
-    if leader_loss in ("rdpo", "cdpo"):
-        kw["label_smoothing"] = cfg.label_smoothing
+    for p in leader_losses.PARAMS.values():
+        if p.trl and p.name in leader_losses.get(leader_loss).param_names:
+            kw[p.name] = getattr(cfg, p.name)
     return kw
 
 
@@ -343,7 +308,7 @@ class SSAPOTrainer(CheckpointMixin, DPOTrainer):
         check_atom_columns("train_dataset", train_dataset, args.leader_loss)
         check_atom_columns("eval_dataset", eval_dataset, args.leader_loss)
         if (
-            args.leader_loss == "spa"
+            leader_losses.get(args.leader_loss).spa_flags
             and ref_model is None
             and peft_config is None
             and not isinstance(model, str)
@@ -365,7 +330,7 @@ class SSAPOTrainer(CheckpointMixin, DPOTrainer):
         )
         self._restore_fp32_adapter()
         self._check_master_weights()
-        self.data_collator = AtomCollator(self.data_collator, NEEDED_COLUMNS.get(self.args.leader_loss, ()))
+        self.data_collator = AtomCollator(self.data_collator, leader_losses.needed_columns(self.args.leader_loss))
         gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
         self.confidence = losses.ConfidenceWindow(self.args.spa_window, self.args.spa_quantile, gather=gather)
         self._reset_stats()
@@ -481,7 +446,7 @@ class SSAPOTrainer(CheckpointMixin, DPOTrainer):
         # the atom columns the loss needs survive remove_unused_columns; any other column is trl's to drop
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(self._signature_columns) + [
-            c for c in NEEDED_COLUMNS.get(self.args.leader_loss, ()) if c not in self._signature_columns
+            c for c in leader_losses.needed_columns(self.args.leader_loss) if c not in self._signature_columns
         ]
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -505,7 +470,7 @@ class SSAPOTrainer(CheckpointMixin, DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        kind = self.args.leader_loss
+        kind = leader_losses.get(self.args.leader_loss)  # its declaration: what the loss reads and how it combines
         beta = self.beta
         kw = self._model_kwargs(inputs)
         if self.aux_loss_enabled:
@@ -517,7 +482,7 @@ class SSAPOTrainer(CheckpointMixin, DPOTrainer):
         chosen_logps, rejected_logps = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
 
         confidence = None
-        if kind == "spa":
+        if kind.spa_flags:
             (ref_chosen, ref_rejected), confidence = self._spa_reference(model, inputs)
         elif self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -529,38 +494,28 @@ class SSAPOTrainer(CheckpointMixin, DPOTrainer):
         h = chosen_ratio - rejected_ratio  # log-ratio margin, one per pair
 
         m = self._metrics[mode]
-        if kind == "dpo":
-            per_pair = losses.dpo_loss(h, beta)
-        elif kind == "shift_prob":
-            mass = inputs[MASS]
-            per_pair, clamped = losses.shift_prob_loss(h, beta, inputs[SHIFT], mass, self.args.clamp_min)
-            if mode == "train":
-                self._clamped += int(clamped)
-                self._atoms += int((mass > 0).sum())
-                m["leader/clamped_fraction"].append(self._clamped / max(self._atoms, 1))
-                m["leader/atoms"] = [self._atoms]  # this process's atoms (mass > 0) so far, as trl's num_tokens
-        elif kind == "shift_margin":
-            per_pair = losses.shift_margin_loss(h, beta, inputs[SHIFT], inputs[MASS])
-        elif kind == "weights":
-            per_pair = losses.weighted_dpo_loss(h, beta, inputs[WEIGHT])
-        elif kind == "kept_mass":
-            per_pair = losses.kept_mass_loss(h, beta, inputs[SHIFT], inputs[MASS])
-        elif kind == "rdpo":
-            per_pair = losses.rdpo_loss(h, beta, self.args.label_smoothing)
-        elif kind == "cdpo":
-            per_pair = losses.cdpo_loss(h, beta, self.args.label_smoothing)
-        elif kind in ("drdpo", "kldpo"):
-            per_pair = losses.dpo_loss(h, beta)
-        else:
+        if kind.spa_flags:
             per_pair = self._spa_loss(h, confidence, mode)
-        if kind == "drdpo":
-            loss = losses.drdpo_loss(per_pair, self.args.drdpo_beta)
-        elif kind == "kldpo":
-            # the mean ℓ over every process's micro-batch (detached), as the authors' code gathers it
+        else:  # function(h, β, *its columns, *its parameters), as the table declares it
+            extra = (*(inputs[c] for c in kind.columns), *(getattr(self.args, p) for p in kind.function_args))
+            per_pair = kind.per_pair()(h, beta, *extra)
+            if kind.counts_clamped:
+                per_pair, clamped = per_pair
+                if mode == "train":
+                    mass = inputs[MASS]
+                    self._clamped += int(clamped)
+                    self._atoms += int((mass > 0).sum())
+                    m["leader/clamped_fraction"].append(self._clamped / max(self._atoms, 1))
+                    m["leader/atoms"] = [self._atoms]  # this process's atoms (mass > 0) so far, as trl's num_tokens
+        batch_args = [getattr(self.args, p) for p in kind.batch_args]
+        if kind.batch == "objective":  # the batch's loss from its per-pair losses (Dr. DPO's log-mean-exp)
+            loss = kind.combine()(per_pair, *batch_args)
+        elif kind.batch == "weights":
+            # the mean ℓ over every process's micro-batch (detached), as KLDPO's authors' code gathers it
             everyone = self.accelerator.gather(per_pair.detach()) if self.accelerator.num_processes > 1 else None
-            w = losses.kldpo_weights(per_pair, self.args.kldpo_tau, self.args.kldpo_max_weight, everyone)
+            w = kind.combine()(per_pair, *batch_args, everyone)
             if mode == "train":
-                m["leader/kldpo_max_weight"].append(w.max().item())  # this process's micro-batch
+                m[f"leader/{kind.name}_max_weight"].append(w.max().item())  # this process's micro-batch
             loss = (w * per_pair).mean()
         else:
             loss = per_pair.mean()
@@ -649,7 +604,7 @@ class SSAPOTrainer(CheckpointMixin, DPOTrainer):
         m["spa/alpha"].append(alpha)
         if math.isfinite(tau):
             m["spa/tau"].append(tau)
-        return losses.spa_loss(h, self.beta, flagged, alpha)
+        return leader_losses.get(a.leader_loss).per_pair()(h, self.beta, flagged, alpha)  # losses.spa_loss
 
     # -- diagnostics -----------------------------------------------------------------
 

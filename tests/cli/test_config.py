@@ -51,6 +51,10 @@ def test_every_recipe_sets_every_field_but_the_task_ones(preset):
     # baselines' knobs, like SPA's and SeRA's, keep their defaults
     optional |= {"annotation_reward", "annotation_length_penalty", "annotation_score_stop", "label_smoothing"}
     optional |= {f for f in FIELDS if f.startswith(("drdpo_", "kldpo_"))}
+    # every leader-loss parameter but the default loss's (ssapo.leader_losses: a new loss needs no recipe line)
+    from ssapo import leader_losses
+
+    optional |= {p.name for p in leader_losses.run_params()} - set(leader_losses.get("shift_prob").param_names)
     if preset != "tiny":
         optional |= {f for f in FIELDS if f.startswith("task_")}
     assert set(FIELDS) - optional - keys == set()

@@ -36,7 +36,8 @@ def test_config_reads_the_method_names_and_help_without_importing_the_table():
     assert _METHOD_HELP == {name: m.help for name, m in TABLE.items()}
     code = "import sys, ssapo.config; print(sorted(m for m in sys.modules if m.startswith('ssapo')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['ssapo', 'ssapo.accelerate_configs', 'ssapo.config', 'ssapo.errors']"  # two leaves
+    # three leaves: the accelerate configs, the errors, and the leader-loss table (ssapo.leader_losses)
+    assert out.strip() == "['ssapo', 'ssapo.accelerate_configs', 'ssapo.config', 'ssapo.errors', 'ssapo.leader_losses']"
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))

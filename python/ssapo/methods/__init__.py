@@ -25,9 +25,9 @@ Adding a method is one new module here, e.g. `methods/rdpo.py`:
 plus its test; `RunConfig.method` takes it at once (config.METHODS is this
 table's names, read from the modules' text: ssapo.config imports nothing of the
 project, so `name` and `help` are plain strings). The leader loss itself is
-`ssapo.trainer`'s (LEADER_LOSSES); its parameters are RunConfig fields that the
-trainer's config takes over (`ssapo.trainer.leader_fields`), or, per round,
-`leader_params`.
+a declaration of `ssapo.leader_losses.TABLE`; its parameters are RunConfig
+fields made from it that the trainer's config takes over
+(`ssapo.trainer.leader_fields`), or, per round, `leader_params`.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Method:
     - `follower`: the follow step, and the follower's atoms attached to every pair
       (and the re-solve hook with resolve_every);
     - `extra_steps`: steps between annotation (or the follower) and the leader;
-    - `leader_loss`: a `ssapo.trainer` leader loss, or a function of the RunConfig;
+    - `leader_loss`: a leader loss of `ssapo.leader_losses.TABLE`, or a function of the RunConfig;
     - `leader_params(cfg, t)`: round t's extra SSAPOConfig fields (recorded in
       the leader's metrics);
     - `train_rows(run, t)`: the rows round t's leader trains on (None: the
