@@ -27,7 +27,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from ssapo.tiny import build_tokenizer, tiny_llama  # noqa: E402
+from ssapo.tiny import build_tokenizer, tiny_args, tiny_llama  # noqa: E402
 from ssapo.trainer import SSAPOConfig, SSAPOTrainer  # noqa: E402
 
 
@@ -66,25 +66,18 @@ def data(n, words):
 def one(kind, steps, batch, rows, tok, out):
     timer = StepTimer()
     model = tiny_llama(tok, hidden_size=128, num_layers=2, seed=0)
-    common = dict(
-        output_dir=out,
+    common = dict(  # over ssapo.tiny.tiny_args' CPU defaults (data_seed unset, as trl's default)
         per_device_train_batch_size=batch,
         max_steps=steps,
         learning_rate=1e-4,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
         logging_steps=1000,
-        save_strategy="no",
-        beta=0.1,
-        seed=0,
+        data_seed=None,
         precompute_ref_log_probs=True,
-        disable_tqdm=True,
     )
     if kind == "ssapo":
         tr = SSAPOTrainer(
             model,
-            args=SSAPOConfig(leader_loss="shift_prob", **common),
+            args=tiny_args(SSAPOConfig, out, leader_loss="shift_prob", **common),
             train_dataset=Dataset.from_list(rows),
             processing_class=tok,
             callbacks=[timer],
@@ -93,7 +86,7 @@ def one(kind, steps, batch, rows, tok, out):
         plain = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
         tr = DPOTrainer(
             model,
-            args=DPOConfig(**common),
+            args=tiny_args(DPOConfig, out, **common),
             train_dataset=Dataset.from_list(plain),
             processing_class=tok,
             callbacks=[timer],

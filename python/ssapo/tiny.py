@@ -4,6 +4,7 @@ benchmark and the tests. Nothing here touches a model hub.
     tok = build_tokenizer(["a", "b", "c"])
     model = tiny_llama(tok, seed=0)            # 2 layers, hidden 64
     save_pretrained(model, tok, "runs/sft")    # safetensors + tokenizer files
+    args = tiny_args(SSAPOConfig, "out", max_steps=4)   # a tiny CPU run's trainer arguments
 
 The tokenizer is word-level over a fixed vocabulary (whitespace split) with
 special tokens <pad>, <unk>, <s>, </s> and a one-line chat template, so that
@@ -110,3 +111,23 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def tiny_args(cls, output_dir, **overrides):
+    """The trainer arguments of a tiny run on CPU, as the tests and benches build them: `cls` (ssapo's
+    SSAPOConfig or trl's DPOConfig) with a micro-batch of 2, fp32 on the CPU, no reports, a log line per
+    step, no saving, beta 0.1, seeded (seed and data_seed 0), no progress bars; `overrides` win."""
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        beta=0.1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    return cls(**{**base, **overrides})

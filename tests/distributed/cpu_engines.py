@@ -85,3 +85,23 @@ def launch(
     cmd += ["--mixed_precision", mixed_precision, "--main_process_port", str(free_port())]
     cmd += [os.path.abspath(script), *map(str, argv)]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def engine_args(work: str, **overrides):
+    """The SSAPOConfig of a worker under an engine on CPU processes (ssapo.tiny.tiny_args, then: one
+    accumulation step, a constant learning rate without warm-up, no use_cpu (the launch decides the
+    device), shift_prob, max_length 32, a 300 s collective timeout); `overrides` win. Its output_dir is
+    WORK/train."""
+    from ssapo.tiny import tiny_args
+    from ssapo.trainer import SSAPOConfig
+
+    base = dict(
+        gradient_accumulation_steps=1,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        use_cpu=False,
+        leader_loss="shift_prob",
+        max_length=32,
+        ddp_timeout=300,
+    )
+    return tiny_args(SSAPOConfig, os.path.join(work, "train"), **{**base, **overrides})

@@ -66,32 +66,11 @@ def worker(work: str, mode: str = "fp32") -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from ssapo.checkpoints import save_trained
-    from ssapo.trainer import SSAPOConfig, SSAPOTrainer
+    from ssapo.trainer import SSAPOTrainer
 
     torch.set_num_threads(1)
     bf16 = mode == "bf16"
-    args = SSAPOConfig(
-        output_dir=os.path.join(work, "train"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        max_steps=STEPS,
-        learning_rate=5e-2,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        report_to="none",
-        use_cpu=False,
-        bf16=False,
-        gradient_checkpointing=True,
-        logging_steps=1,
-        save_strategy="no",
-        beta=0.1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        leader_loss="shift_prob",
-        max_length=32,
-        ddp_timeout=300,
-    )
+    args = cpu_engines.engine_args(work, max_steps=STEPS, learning_rate=5e-2, gradient_checkpointing=True)
     args.bf16 = bf16  # as in tests/distributed/test_zero3_cpu.py: DeepSpeed's bf16 comes from the launch
     # every parameter partitioned, norms included (ZeRO-3 keeps parameters below the threshold whole by default:
     # with a tiny model nothing would be gathered and released, and the recompute would have nothing to miss)

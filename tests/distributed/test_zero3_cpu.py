@@ -74,31 +74,12 @@ def worker(work: str, mode: str = "fp32") -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ssapo.trainer import SSAPOConfig, SSAPOTrainer
+    from ssapo.trainer import SSAPOTrainer
 
     torch.set_num_threads(1)
     bf16 = mode == "bf16"
-    args = SSAPOConfig(
-        output_dir=os.path.join(work, "train"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        max_steps=STEPS,
-        learning_rate=TINY_LR if bf16 else 1e-2,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        report_to="none",
-        use_cpu=False,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        beta=0.1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        leader_loss="shift_prob",
-        max_length=32,
-        ddp_timeout=300,  # no ddp_backend: SSAPOConfig picks gloo for DeepSpeed without a GPU
-    )
+    # no ddp_backend: SSAPOConfig picks gloo for DeepSpeed without a GPU
+    args = cpu_engines.engine_args(work, max_steps=STEPS, learning_rate=TINY_LR if bf16 else 1e-2)
     args.bf16 = bf16
     state = PartialState()
     tok = AutoTokenizer.from_pretrained(os.path.join(work, "init"))

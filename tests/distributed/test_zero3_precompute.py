@@ -48,28 +48,11 @@ def rows(n: int) -> list[dict]:
 
 
 def config(work: str, per_device: int):
-    from ssapo.trainer import SSAPOConfig
-
-    return SSAPOConfig(
-        output_dir=os.path.join(work, "train"),
+    return cpu_engines.engine_args(
+        work,
         per_device_train_batch_size=per_device,  # also the precompute's batch (precompute_ref_batch_size unset)
-        gradient_accumulation_steps=1,
         max_steps=1,
         learning_rate=0.0,  # the weights stay the start: the passes after the step see the same reference
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        report_to="none",
-        use_cpu=False,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        beta=0.1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        leader_loss="shift_prob",
-        max_length=32,
-        ddp_timeout=300,
     )
 
 

@@ -61,7 +61,7 @@ class _StepLog:
 def _trainer(out, callbacks=(), seed=0, rows=None):
     """The same trainer every time: tiny Llama from seed 0 with attention
     dropout (so the RNG matters), shift_prob atoms (so the leader's counters do)."""
-    from ssapo.tiny import build_tokenizer, tiny_llama
+    from ssapo.tiny import build_tokenizer, tiny_args, tiny_llama
     from ssapo.trainer import SSAPOConfig, SSAPOTrainer
 
     torch.set_num_threads(1)
@@ -69,22 +69,14 @@ def _trainer(out, callbacks=(), seed=0, rows=None):
     model = tiny_llama(tok, hidden_size=64, num_layers=2, seed=seed)
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1
-    args = SSAPOConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
+    args = tiny_args(
+        SSAPOConfig,
+        out,
         max_steps=STEPS,
         learning_rate=5e-3,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=2,
         save_total_limit=2,
-        beta=0.1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
         leader_loss="shift_prob",
         warmup_steps=1,
         lr_scheduler_type="linear",

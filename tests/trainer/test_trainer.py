@@ -32,23 +32,9 @@ def rows(atoms=None, base=BASE * 2):
 
 
 def config(cls, out, **kw):
-    args = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        max_steps=4,
-        learning_rate=5e-3,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        beta=0.1,
-        seed=0,
-        data_seed=0,
-        precompute_ref_log_probs=True,
-        disable_tqdm=True,
-    )
-    return cls(**{**args, **kw})
+    from ssapo.tiny import tiny_args
+
+    return tiny_args(cls, out, **{"max_steps": 4, "learning_rate": 5e-3, "precompute_ref_log_probs": True, **kw})
 
 
 def train(cls, out, ds, ref_model=None, peft_config=None, **kw):
