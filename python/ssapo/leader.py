@@ -240,7 +240,7 @@ def train_stage(
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the steps (warmup_ratio is deprecated)
         beta=cfg.beta,
         seed=cfg.seed,
         data_seed=cfg.seed,

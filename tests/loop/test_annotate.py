@@ -452,7 +452,7 @@ def test_vllm_scores_match_the_transformers_path(tmp_path):
 
 
 def test_length_aware_rewards_on_literal_values():
-    from ssapo.config import ConfigError
+    from ssapo.errors import ConfigError
     from ssapo.scoring import length_aware
 
     rewards, lengths = [3.0, 1.0, 2.0, -1.0], [10, 1, 4, 0]
@@ -525,7 +525,8 @@ def test_annotation_ranks_by_the_length_aware_implicit_reward(tiny):
 
 def test_annotation_defaults_are_run_configs():
     from ssapo.annotate import _settings
-    from ssapo.config import ConfigError, default_of
+    from ssapo.config import default_of
+    from ssapo.errors import ConfigError
 
     s = _settings(None)
     assert s["n"] == default_of("num_samples") and s["max_new_tokens"] == default_of("max_new_tokens")

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ssapo.io import InputError, read_jsonl
+from ssapo.errors import InputError
+from ssapo.io import read_jsonl
 
 DROPS = ["null", "empty", "equal", "dup", "long"]
 REFUSALS = ["float", "bool", "role", "asst_prompt", "user_answer", "mixed", "bytes", "notjson", "notobject"]

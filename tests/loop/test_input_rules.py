@@ -10,8 +10,9 @@ import os
 
 import pytest
 
+from ssapo.errors import InputError
 from ssapo.inputs import read_preferences, read_prompts
-from ssapo.io import InputError, read_jsonl
+from ssapo.io import read_jsonl
 
 
 def msg(role, content):
