@@ -32,7 +32,7 @@ import math
 import os
 import re
 import shutil
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from accelerate.utils import is_peft_model
@@ -40,9 +40,6 @@ from accelerate.utils import is_peft_model
 from ssapo.engines import deepspeed_fp32_state_dict, full_state_dict
 from ssapo.io import atomic_write, write_json
 from ssapo.loading import unsharded_loading
-
-if TYPE_CHECKING:
-    from ssapo.trainer import SSAPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +210,7 @@ class CheckpointMixin:
 
 
 def save_trained(
-    trainer: "SSAPOTrainer",
+    trainer,  # an SSAPOTrainer (ssapo.trainer, which imports this module)
     path,
     *,
     merge_adapter: bool = True,

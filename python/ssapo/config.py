@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from ssapo import leader_losses
 from ssapo.accelerate_configs import ACCELERATE_CONFIGS, accelerate_config_path
 from ssapo.errors import ConfigError
+from ssapo.method_names import declared_methods
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 # preset name -> its recipe
@@ -40,36 +41,7 @@ PRESETS: Dict[str, str] = {
 }
 
 
-def _declared_methods() -> Dict[str, str]:
-    """{name: help} of every method module in ssapo/methods/, in module order, read from the text of its
-    `METHOD = Method(name="...", help="...", ...)` declaration: config imports nothing of the project (the
-    method table, ssapo.methods.TABLE, imports config's callers); tests/loop/test_methods.py checks both agree."""
-    import ast
-
-    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
-    out: Dict[str, str] = {}
-    for fn in sorted(f for f in os.listdir(d) if f.endswith(".py") and not f.startswith("_")):
-        path = os.path.join(d, fn)
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        for node in tree.body:
-            if (
-                isinstance(node, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == "METHOD" for t in node.targets)
-                and isinstance(node.value, ast.Call)
-            ):
-                kw = {k.arg: k.value for k in node.value.keywords}
-                try:
-                    out[ast.literal_eval(kw["name"])] = ast.literal_eval(kw["help"]) if "help" in kw else ""
-                except (KeyError, ValueError) as e:
-                    raise TypeError(
-                        f"{path}: METHOD = Method(name=..., help=...) must give name and help as plain strings "
-                        f"(ssapo.config reads them without importing the module): {e}"
-                    ) from None
-    return out
-
-
-_METHOD_HELP = _declared_methods()
+_METHOD_HELP = declared_methods()
 # the `method` choices: one module per method in ssapo/methods/ (read, not imported: no torch, no cycle)
 METHODS = tuple(_METHOD_HELP)
 # the `leader_loss` choices: the losses of ssapo.leader_losses.TABLE that SSAPO's leader may use
