@@ -403,12 +403,9 @@ def check_resumable(cfg: RunConfig, out: str) -> None:
     """On resume, the run's config.yaml must match `cfg` (but for the fields in RESUME_MAY_DIFFER), paths
     inside the run compared relative to it (a moved run matches). preference_data and prompt_data may name
     other paths when data/inputs.json holds their fingerprint: `prepare` compares their contents."""
-    from ssapo.config import merge, read_yaml
-
-    path = os.path.join(out, "config.yaml")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(out, "config.yaml")):
         return
-    old = _in_run(RunConfig(**merge({}, read_yaml(path), path)).to_dict(), out)
+    old = _in_run(read_run_config(out).to_dict(), out)
     new = _in_run(cfg.to_dict(), out)
     skip = set(RESUME_MAY_DIFFER)
     if os.path.exists(os.path.join(out, "data", INPUTS)):
@@ -450,14 +447,16 @@ def split_fingerprint(cfg: RunConfig, out: str) -> Dict[str, Any]:
     return {"fields": fields, "files": files}
 
 
-def _changed_inputs(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    """The fields and input files whose fingerprints differ, as 'name (what changed)'."""
+def _changed_fields(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """The split's fields whose values differ between two fingerprints' "fields", as 'name (old → new)'."""
+    return [f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _changed_files(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """The input files whose contents differ between two fingerprints' "files", as 'name (what changed)'."""
     out = []
-    for k in sorted(set(old.get("fields", {})) | set(new["fields"])):
-        if old.get("fields", {}).get(k) != new["fields"].get(k):
-            out.append(f"{k} ({old.get('fields', {}).get(k)!r} → {new['fields'].get(k)!r})")
-    for k in sorted(set(old.get("files", {})) | set(new["files"])):
-        a, b = old.get("files", {}).get(k), new["files"].get(k)
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
         if a is None or b is None:
             out.append(f"{k} ({'none' if a is None else a.get('source')} → {'none' if b is None else b.get('source')})")
         elif {x: a.get(x) for x in ("sha256", "hub")} != {x: b.get(x) for x in ("sha256", "hub")}:
@@ -480,7 +479,11 @@ def prepare(cfg: RunConfig, out: str, state: State) -> None:
         build = not os.path.exists(os.path.join(d, "split.json"))
         if not build:
             old = read_metrics(os.path.join(d, INPUTS)) or None
-            changed = _changed_inputs(old or {}, fp) if old is not None else ["data/inputs.json (none)"]
+            if old is None:
+                changed = ["data/inputs.json (none)"]
+            else:
+                changed = _changed_fields(old.get("fields", {}), fp["fields"])
+                changed += _changed_files(old.get("files", {}), fp["files"])
             if changed and not state.done:
                 import shutil
                 import sys
@@ -497,7 +500,7 @@ def prepare(cfg: RunConfig, out: str, state: State) -> None:
                 shutil.rmtree(d, ignore_errors=True)
                 build = True
             elif old is not None:
-                files = _changed_inputs({"files": old.get("files", {})}, {"fields": {}, "files": fp["files"]})
+                files = _changed_files(old.get("files", {}), fp["files"])
                 if files:
                     raise InputError(
                         f"{files[0].split(' ')[0]}: resuming {out}, whose split was made from other data: "
