@@ -223,6 +223,49 @@ for _loss in (
         columns=("shift", "mass"),
         ssapo_leader=True,
     ),
+    LeaderLoss(
+        name="drop_moved",
+        help="ours: DPO, pairs whose moved mass is at least drop_threshold dropped; needs shift and mass",
+        function="drop_moved_loss",
+        columns=("shift", "mass"),
+        function_args=("drop_threshold",),
+        params=(
+            Param(
+                "drop_threshold",
+                float,
+                0.5,
+                "(0, 1]",
+                "drop_moved: drop a pair (loss 0) whose mass moved by the follower is at least this, in (0, 1].",
+            ),
+        ),
+        ssapo_leader=True,
+    ),
+    LeaderLoss(
+        name="flip_moved",
+        help="ours: per-pair label smoothing by the moved mass, (1 − m)·DPO + m·DPO of the other label; "
+        "needs shift and mass",
+        function="flip_moved_loss",
+        columns=("shift", "mass"),
+        ssapo_leader=True,
+    ),
+    LeaderLoss(
+        name="trimmed",
+        help="ours: DPO's mean over the micro-batch less its trim_fraction most-moved pairs; needs shift and mass",
+        function="trimmed_loss",
+        columns=("shift", "mass"),
+        function_args=("trim_fraction",),
+        params=(
+            Param(
+                "trim_fraction",
+                float,
+                0.2,
+                "[0, 1)",
+                "trimmed: drop at most floor(trim_fraction·B) pairs of each micro-batch, the most moved first "
+                "(never an unmoved one), in [0, 1).",
+            ),
+        ),
+        ssapo_leader=True,
+    ),
     LeaderLoss(name="dpo", help="plain DPO", function="dpo_loss", ssapo_leader=True),
     LeaderLoss(
         name="spa",

@@ -7,6 +7,8 @@ j = 0..K−1 (K = 2 from `dro_core`: `Solution.shift` / `.mass`), shape (B, K).
 Every loss function returns one loss per pair (shape (B,)); the trainer averages them,
 except `drdpo_loss`, which combines a batch's losses into one (a log-mean-exp),
 and `kldpo_weights`, which returns the detached weights of a weighted mean.
+`trimmed_loss` is per pair but not pair by pair: which pairs it drops depends on
+the whole micro-batch's atoms.
 
 With shift = 0, mass = (1, 0), weight = 1 and nothing flagged every variant
 equals `dpo_loss` bit for bit: SSAPO at ε = 0 is DPO.
@@ -14,6 +16,7 @@ equals `dpo_loss` bit for bit: SSAPO at ε = 0 is DPO.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -106,6 +109,80 @@ def kept_mass_loss(h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torc
     moved = (mass * (shift != 0).to(mass.dtype)).sum(dim=1)
     kept = (1.0 - moved).clamp(min=0.0).to(device=h.device, dtype=h.dtype)
     return kept * dpo_loss(h, beta)
+
+
+def moved_mass(shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """The mass the follower moved off each pair's self-label confidence, m_i = Σ_j mass_ij·[shift_ij ≠ 0],
+    clamped to [0, 1]; shape (B,), in mass's dtype (0 for ε = 0 atoms: shift 0, mass (1, 0))."""
+    return (mass * (shift != 0).to(mass.dtype)).sum(dim=1).clamp(min=0.0, max=1.0)
+
+
+def drop_moved_loss(
+    h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor, drop_threshold: float
+) -> torch.Tensor:
+    """Our ablation, not the paper's (docs/METHOD.md §3.4): a pair whose moved mass m_i (`moved_mass`)
+    is at least `drop_threshold` is dropped, the others train as DPO,
+
+        [m_i < drop_threshold] · softplus(−βh_i),
+
+    so a pair the follower doubted enough contributes neither loss nor gradient (the trainer still
+    averages over the whole micro-batch), and a pair moved only partly, below the threshold, is plain
+    DPO, unlike `kept_mass_loss`'s graded weight. drop_threshold in (0, 1]: an unmoved pair (m = 0) is
+    never dropped, so ε = 0 atoms give `dpo_loss` exactly."""
+    _check_atoms(h, shift, mass)
+    if not 0 < drop_threshold <= 1:
+        raise ValueError(f"drop_threshold: must be in (0, 1], got {drop_threshold}")
+    plain = dpo_loss(h, beta)
+    dropped = (moved_mass(shift, mass) >= drop_threshold).to(h.device)
+    return torch.where(dropped, torch.zeros_like(plain), plain)
+
+
+def flip_moved_loss(h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Our ablation, not the paper's (docs/METHOD.md §3.4): the moved mass m_i (`moved_mass`) read as
+    the probability that pair i's self-label is wrong, a per-pair label smoothing (cDPO's loss with
+    ε_i = m_i instead of one ε for every pair),
+
+        (1 − m_i)·softplus(−βh_i) + m_i·softplus(βh_i),
+
+    each softplus computed as −logsigmoid, as `dpo_loss`. A pair the follower moved entirely (m = 1)
+    is trained towards the other label; a half-moved one (m = 0.5) gets a loss with its minimum at
+    h = 0 (the label erased). Unmoved pairs (m = 0; ε = 0 atoms) give `dpo_loss` exactly (1·ℓ + 0)."""
+    _check_atoms(h, shift, mass)
+    m = moved_mass(shift, mass).to(device=h.device, dtype=h.dtype)
+    return (1 - m) * dpo_loss(h, beta) + m * -F.logsigmoid(-beta * h)
+
+
+def trimmed_loss(
+    h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torch.Tensor, trim_fraction: float
+) -> torch.Tensor:
+    """Our ablation, not the paper's (docs/METHOD.md §3.4): a trimmed mean of the micro-batch's DPO
+    losses, the trimmed pairs chosen by the follower. Of the B pairs, the k = min(⌊trim_fraction·B⌋,
+    #{i: m_i > 0}) with the largest moved mass m_i (`moved_mass`; ties broken by the larger DPO loss,
+    then by position) are dropped and the loss is the mean over the other B − k:
+
+        loss_i = [i kept] · B/(B − k) · softplus(−βh_i),
+
+    scaled by B/(B − k) so that the trainer's mean over the B pairs is the mean over the kept ones.
+    Pairs with m = 0 are never dropped, so ε = 0 atoms give `dpo_loss` exactly (k = 0). The ranking
+    is over this micro-batch on this process (not gathered) and is detached: dropped pairs get no
+    gradient, kept ones DPO's. It is a per-pair function rather than a `weights` batch function
+    because the batch functions see only the per-pair losses, not the atoms. ⌊·⌋ is taken with a
+    1e-9 slack (0.29·100 is 28.999…96 in floating point and counts as 29)."""
+    _check_atoms(h, shift, mass)
+    if not 0 <= trim_fraction < 1:
+        raise ValueError(f"trim_fraction: must be in [0, 1), got {trim_fraction}")
+    plain = dpo_loss(h, beta)
+    b = h.shape[0]
+    m = moved_mass(shift, mass).to(h.device)
+    k = min(math.floor(trim_fraction * b + 1e-9), int((m > 0).sum()))
+    if k == 0:
+        return plain
+    # the order: m descending, ties by the larger DPO loss, then by position (stable sorts, last key first)
+    by_loss = torch.sort(plain.detach(), descending=True, stable=True).indices
+    order = by_loss[torch.sort(m[by_loss], descending=True, stable=True).indices]
+    kept = torch.ones(b, dtype=torch.bool, device=h.device)
+    kept[order[:k]] = False
+    return torch.where(kept, plain * (b / (b - k)), torch.zeros_like(plain))
 
 
 def spa_loss(h: torch.Tensor, beta: float, flagged: torch.Tensor, alpha: float) -> torch.Tensor:

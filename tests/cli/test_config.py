@@ -197,9 +197,14 @@ def test_defaults_are_the_paper_mistral_setting_and_documented():
     )
     assert (d.sera_keep, d.sera_num_samples, d.sera_top_p, d.sera_gamma) == (0.7, 4, 0.95, 0.3)
     assert "hard-codes 0.1" in FIELDS["beta_follower"].metadata["help"]
+    from ssapo import leader_losses
+    from ssapo.config import field_groups
+
     for f in dataclasses.fields(RunConfig):
         assert f.metadata.get("help"), f"{f.name} has no help text"
-        assert f.name in RunConfig.__doc__, f"{f.name} is missing from RunConfig's grouped docstring"
+        # a leader-loss parameter the docstring does not place is shown in its declared group (field_groups)
+        placed = f.name in leader_losses.PARAMS and any(f.name in names for _, names in field_groups())
+        assert placed or f.name in RunConfig.__doc__, f"{f.name} is missing from RunConfig's grouped docstring"
 
 
 # -- overrides --

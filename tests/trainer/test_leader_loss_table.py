@@ -26,9 +26,13 @@ def test_the_names_columns_and_choices_are_the_table():
     table = leader_losses.TABLE
     assert ALL == tuple(table) and set(ALL) == {
         *("dpo", "shift_prob", "shift_margin", "weights", "kept_mass", "spa"),
+        *("drop_moved", "flip_moved", "trimmed"),
         *("rdpo", "cdpo", "drdpo", "kldpo"),
     }
-    assert LEADER_LOSSES == ("shift_prob", "shift_margin", "weights", "kept_mass", "dpo", "spa")
+    assert LEADER_LOSSES == (
+        *("shift_prob", "shift_margin", "weights", "kept_mass"),
+        *("drop_moved", "flip_moved", "trimmed", "dpo", "spa"),
+    )
     assert FIELDS["leader_loss"].metadata["choices"] == LEADER_LOSSES
     assert SSAPOConfig.__dataclass_fields__["leader_loss"].metadata["choices"] == list(ALL)
     for name, loss in table.items():
@@ -41,9 +45,12 @@ def test_the_names_columns_and_choices_are_the_table():
         "shift_margin": ("shift", "mass"),
         "weights": ("weight",),
         "kept_mass": ("shift", "mass"),
+        "drop_moved": ("shift", "mass"),
+        "flip_moved": ("shift", "mass"),
+        "trimmed": ("shift", "mass"),
     }
     assert SHARED_LEADER_FIELDS == (
-        "clamp_min",
+        *("clamp_min", "drop_threshold", "trim_fraction"),
         *("spa_alpha", "spa_quantile", "spa_window", "spa_warmup_ratio"),
         *("drdpo_beta", "kldpo_tau", "kldpo_max_weight"),
     )
