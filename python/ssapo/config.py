@@ -161,7 +161,7 @@ class RunConfig:
     not placed is appended, shown in its declared group.)
     PEFT: use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules, load_in_4bit.
     Infra: bf16, use_cpu, gradient_checkpointing, report_to, logging_steps,
-        save_total_limit, save_steps, ddp_timeout, accelerate_config.
+        save_total_limit, save_steps, ddp_timeout, accelerate_config, report_plots.
     """
 
     # -- model --
@@ -409,6 +409,12 @@ class RunConfig:
         "deepspeed_config_file), checked at start-up; null: ddp when several processes run, else none. Named "
         "by you, it is launched even for one process. zero3_cpu: DeepSpeed ZeRO-3 on CPU processes (gloo), the "
         "variant CI runs; needs deepspeed and ninja, slow, not a training setup.",
+    )
+
+    report_plots: bool = _f(
+        True,
+        "Draw each round's PNG plots (margins, the follower's moves, held-out accuracy) beside its summary.md; "
+        "false: summary.md only (the offline benchmark, whose runs nobody looks at one by one).",
     )
 
     def __post_init__(self):

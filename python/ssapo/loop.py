@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ssapo import models
 from ssapo.config import RunConfig
 from ssapo.errors import ConfigError, InputError
 from ssapo.io import LOCK_NAME, RunLock, atomic_write, read_jsonl, write_json, write_jsonl
@@ -252,7 +253,7 @@ def report_stage(run: Run, t: int) -> None:
         from ssapo import report
 
         acc = [read_metrics(run.metrics_path(s)).get("eval", {}).get("heldout_reward_accuracy") for s in range(t + 1)]
-        report.round_report(run.dir(t), t, metrics, run.round_rows(t), acc)
+        report.round_report(run.dir(t), t, metrics, run.round_rows(t), acc, plots=run.cfg.report_plots)
 
 
 STEPS = {  # the loop's own steps: where each runs is declared in ssapo.methods.LOOP_STEPS
@@ -538,6 +539,7 @@ def run_steps(cfg: RunConfig, out: str, steps: List[str], procs=None) -> None:
         if s not in known:
             raise ValueError(f"step: {s!r} is not a step of this run ({', '.join(known)})")
     ctx = Run(cfg, out)
+    models.settle_heap()
     for s in steps:
         run_step(ctx, state, s)
 
@@ -577,6 +579,7 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
         todo = [s for s in steps_of(cfg) if s not in state]
         if todo and launcher is None:
             ctx = Run(cfg, out)
+            models.settle_heap()
             for s in todo:
                 run_step(ctx, state, s)
         elif todo:

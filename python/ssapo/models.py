@@ -69,6 +69,18 @@ def device_of(cfg, procs=None):
     return dev if dev is not None else "cuda"
 
 
+def settle_heap() -> None:
+    """One full collection, then what survives it (the imported libraries: about 600,000 objects once torch,
+    transformers and trl are in) is moved out of the collector's sight (`gc.freeze`). Every later
+    `gc.collect()` (`free`, after each model) then walks only what the run itself made: 0.9 s a
+    collection → milliseconds on this machine. Objects made before the call are still freed by
+    reference counting; only their cycles are never collected. Called before a run's steps."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def free() -> None:
     """Drops unreferenced models (and the GPU cache)."""
     import gc

@@ -47,13 +47,20 @@ def _save(fig, path: str) -> None:
 
 
 def round_report(
-    rd: str, t: int, metrics: Dict[str, Any], rows: List[dict], heldout: Optional[Sequence[Optional[float]]] = None
+    rd: str,
+    t: int,
+    metrics: Dict[str, Any],
+    rows: List[dict],
+    heldout: Optional[Sequence[Optional[float]]] = None,
+    plots: bool = True,
 ) -> List[str]:
     """Writes summary.md and the plots of round `t` into `rd`; returns the
-    names of the files written. `heldout`: held-out reward accuracy of π_0..π_t."""
+    names of the files written. `heldout`: held-out reward accuracy of π_0..π_t.
+    `plots` false (RunConfig.report_plots): summary.md only, its tables the same
+    (drawing and saving the PNGs is most of a round report's time)."""
     import numpy as np
 
-    plt = _plt()
+    plt = _plt() if plots else None
     written = []
     lines = [f"# Round {t}", ""]
     for section, vals in metrics.items():
@@ -65,7 +72,7 @@ def round_report(
         lines.append("")
 
     margins = [r["margin"] for r in rows if "margin" in r]
-    if margins:
+    if margins and plots:
         fig, ax = plt.subplots(figsize=(4.5, 3))
         ax.hist(margins, bins=40)
         ax.set_title("self-annotation margins")
@@ -74,7 +81,7 @@ def round_report(
         written.append("margins.png")
 
     fol = os.path.join(rd, "follower.npz")
-    if os.path.exists(fol):
+    if os.path.exists(fol) and plots:
         with np.load(fol) as z:
             xi, loc, mass, lam, budget = z["xi"], z["loc"], z["mass"], z["lam"], z["budget_used"]
             eps = float(z["eps"])
@@ -106,7 +113,7 @@ def round_report(
 
     leader = metrics.get("leader", {})
     hist = leader.get("loss_history") or []
-    if hist:
+    if hist and plots:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3))
         ax[0].plot(range(1, len(hist) + 1), hist)
         ax[0].set_title(f"leader loss ({leader.get('loss', '')})")
@@ -120,15 +127,16 @@ def round_report(
         written.append("loss.png")
 
     if heldout and any(a is not None for a in heldout):
-        fig, ax = plt.subplots(figsize=(4.5, 3))
-        xs = [i for i, a in enumerate(heldout) if a is not None]
-        ax.plot(xs, [heldout[i] for i in xs], marker="o")
-        ax.set_xticks(range(len(heldout)))
-        ax.set_xticklabels(["seed"] + [f"r{i}" for i in range(1, len(heldout))])
-        ax.set_ylim(0, 1)
-        ax.set_title("held-out reward accuracy")
-        _save(fig, os.path.join(rd, "heldout.png"))
-        written.append("heldout.png")
+        if plots:
+            fig, ax = plt.subplots(figsize=(4.5, 3))
+            xs = [i for i, a in enumerate(heldout) if a is not None]
+            ax.plot(xs, [heldout[i] for i in xs], marker="o")
+            ax.set_xticks(range(len(heldout)))
+            ax.set_xticklabels(["seed"] + [f"r{i}" for i in range(1, len(heldout))])
+            ax.set_ylim(0, 1)
+            ax.set_title("held-out reward accuracy")
+            _save(fig, os.path.join(rd, "heldout.png"))
+            written.append("heldout.png")
         lines += ["## held-out reward accuracy", "", "| model | accuracy |", "|---|---|"]
         lines += [f"| {'π_0 (seed)' if i == 0 else f'π_{i}'} | {_fmt(a)} |" for i, a in enumerate(heldout)]
         lines.append("")

@@ -160,6 +160,9 @@ def test_small_bench_end_to_end(tmp_path):
     assert oracle["per_round"][0]["annotation"]["accuracy"] == 1.0  # labelled by the gold reward itself
     # seed-only rows do not self-annotate: one run serves both conditions
     assert not os.path.exists(os.path.join(out, "seed0", "seedflip0_annflip0.4", "dpo"))
+    # the benchmark's runs write each round's summary.md, not its plots (report_plots: false)
+    rd = os.path.join(out, "seed0", "seedflip0_annflip0", "iterative-dpo", "round_1")
+    assert os.path.exists(os.path.join(rd, "summary.md")) and not [f for f in os.listdir(rd) if f.endswith(".png")]
 
 
 def test_suppress_markup_keeps_the_chat_markup_out_of_answers(tmp_path):

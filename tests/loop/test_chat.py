@@ -235,3 +235,29 @@ def test_annotated_rows_carry_the_rendered_prompt(zephyr):
     assert rows and all(r["prompt"][0] == {"role": "system", "content": ""} for r in rows)
     plain, _ = annotate_rows(model, ref, zephyr, prompts, system_turn="none", **kw)
     assert all(r["prompt"][0]["role"] == "user" for r in plain)
+
+
+def test_rendered_conversations_are_cached_and_follow_the_template(zephyr, llama3):
+    """`chat._template` renders a conversation once per tokenizer state: a second call gives the same ids
+    without calling apply_chat_template, a caller mutating its list does not reach the cache, and a new
+    template, another tokenizer or a different message renders again."""
+    from unittest import mock
+
+    msgs = [{"role": "user", "content": "b a"}]
+    first = chat.prompt_ids(zephyr, msgs)
+    with mock.patch.object(type(zephyr), "apply_chat_template", side_effect=AssertionError("rendered again")):
+        again = chat.prompt_ids(zephyr, msgs)
+        assert again == first
+        again.append(-1)  # the caller's copy
+        assert chat.prompt_ids(zephyr, msgs) == first
+        with pytest.raises(AssertionError, match="rendered again"):
+            chat.prompt_ids(zephyr, [{"role": "user", "content": "b a b"}])
+    assert chat.prompt_ids(llama3, msgs) != first  # the cache is per tokenizer
+    # the same conversation through another template is rendered with that template
+    tok = make_tok(["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"], "<s>", "</s>", ZEPHYR, "z")
+    base = chat.prompt_ids(tok, msgs)
+    tok.chat_template = ZEPHYR.replace("<|user|>", "<|system|>")
+    assert chat.prompt_ids(tok, msgs) != base
+    assert chat.prompt_ids(tok, msgs) == chat._as_list(
+        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+    )
