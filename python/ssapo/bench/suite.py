@@ -58,6 +58,11 @@ BASE_METHODS: Dict[str, dict] = {
     "ssapo-weights": {"method": "ssapo", "leader_loss": "weights"},
     # our ablation (not the paper's): the leader trains less, not harder, on the pairs the follower moved
     "ssapo-kept": {"method": "ssapo", "leader_loss": "kept_mass"},
+    # more of ours, each using what the follower moved (docs/METHOD.md §3.4): drop the pairs it moved at least
+    # half of, turn each pair's label around by its moved mass, or trim the most-moved fifth of a micro-batch
+    "ssapo-drop": {"method": "ssapo", "leader_loss": "drop_moved"},
+    "ssapo-flip": {"method": "ssapo", "leader_loss": "flip_moved"},
+    "ssapo-trim": {"method": "ssapo", "leader_loss": "trimmed"},
     "ssapo-global": {"method": "ssapo", "group_size": 0},
     "ssapo-ref-init": {"method": "ssapo", "round_reference": "init"},
 }
@@ -382,7 +387,9 @@ def config_of(preset: Preset, job: Job, out: str, task: dict, seed_model: Option
     spec = dict(all_methods()[job.method])
     data = spec.pop("data", None)
     annotator = spec.pop("annotator", None)
-    ov = {**preset.run, **spec, **dict(job.var)}
+    # no per-round PNGs (report_plots): nobody looks at a benchmark's runs one by one, and drawing them was a
+    # quarter of a run's time; each round's summary.md and metrics are written as in any run
+    ov = {"report_plots": False, **preset.run, **spec, **dict(job.var)}
     ov.update(
         output_dir=job.dir(out),
         seed=job.seed,
