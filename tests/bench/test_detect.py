@@ -65,7 +65,7 @@ def test_lowest_k_and_moved_mass():
 def bench_dir(tmp_path_factory):
     """The quick preset's SSAPO run of seed 0 under a 40% self-annotation flip rate (with the seed-only
     DPO run that trains its π_0), as `ssapo bench --quick --methods ssapo --seeds 0, --annotation-flip-rates
-    0.4` lays it out, without the gold evaluation (71 s measured on this 2-core machine, shared)."""
+    0.4` lays it out, without the gold evaluation (26 to 71 s measured on this shared 2-core machine)."""
     from ssapo.bench.suite import PRESETS, Job, run_job
 
     out = str(tmp_path_factory.mktemp("bench"))
