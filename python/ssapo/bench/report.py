@@ -24,7 +24,17 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ssapo.bench import stats
-from ssapo.bench.suite import BASELINE, Job, Preset, candidates, canonical, finished, is_failed, self_annotating
+from ssapo.bench.suite import (
+    BASELINE,
+    Job,
+    Preset,
+    candidates,
+    canonical,
+    finished,
+    is_failed,
+    self_annotating,
+    tuning_seeds,
+)
 
 VALID_ACCURACY = (0.65, 0.85)
 MIN_HEADROOM = 0.10
@@ -68,8 +78,10 @@ class Table:
                     per_cand[name] = got
                 if bad:
                     fails[name] = bad
+            # chosen on the tuning seeds' validation prompts (suite.tuning_seeds), judged on every seed
+            tuners = set(tuning_seeds(preset, seeds))
             best = stats.pick_by_validation(
-                {k: [ev["val"]["win_rate"] for ev in v.values()] for k, v in per_cand.items()}
+                {k: [ev["val"]["win_rate"] for s, ev in v.items() if s in tuners] for k, v in per_cand.items()}
             )
             if best is None:  # nothing finished: the seeds where every candidate failed
                 if fails:
@@ -221,6 +233,34 @@ def validity_lines(t: Table) -> List[str]:
         f"{_fmt(share, digits=2)} (must be clearly above 0: {'holds' if ok_i else 'does NOT hold'}).",
         "",
     ]
+
+
+POWER_HALF = 0.03  # the interval the comparisons should reach: ±3 points of win rate
+
+
+def power_lines(tables: List[Table], methods: List[str]) -> List[str]:
+    """Per condition and self-annotating method: the half-width of its 95 % paired interval against tuned
+    iterative DPO, the standard deviation of the paired differences, and the seeds that would bring the
+    half-width to ±3 points at that spread (stats.seeds_for)."""
+    lines = [
+        "| condition | method | seeds | Δ vs iterative DPO | half-width | sd of Δ | seeds for ±3 points |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in tables:
+        for m in methods:
+            if m == BASELINE or m not in t.rows or not self_annotating(m):
+                continue
+            p = t.paired(m)
+            if p["n"] < 2:
+                continue
+            half = (p["hi"] - p["lo"]) / 2
+            sd = half * math.sqrt(p["n"]) / stats.t975(p["n"] - 1)
+            need = stats.seeds_for(sd, POWER_HALF)
+            lines.append(
+                f"| {_cond_name(t.sf, t.af)} | {m} | {p['n']} | {p['mean']:+.3f} | ±{half:.3f} | {sd:.3f} "
+                f"| {need if need is not None else '–'} |"
+            )
+    return lines + [""] if len(lines) > 2 else []
 
 
 def summary_table(tables: List[Table], methods: List[str]) -> List[str]:
@@ -585,6 +625,15 @@ def write(
     atomic_write(
         os.path.join(out, "summary_table.md"), lambda p: open(p, "w").write("\n".join(summary_table(tables, methods)))
     )
+    power = power_lines(tables, methods)
+    if power:
+        lines += [
+            "## Power",
+            "",
+            "How wide each comparison's 95 % interval is, and how many seeds would make it ±3 points at the spread "
+            "measured here (the seeds are a count, 0..n−1, never picked).",
+            "",
+        ] + power
     lines += outcome_lines(outs)
     made = plots(tables, methods, out)
     lines += [f"![{m}]({m})" for m in made] + [""]

@@ -6,7 +6,9 @@
   side has no value, e.g. its run failed, drops from that comparison), the seeds used named;
 - `headroom_share(x, base, oracle)` = (x − base) / (oracle − base);
 - `length_collapsed(lengths, reference)`: answers shrank below half the reference length;
-- `pick_by_validation(candidates)`: the candidate with the best mean validation score.
+- `pick_by_validation(candidates)`: the candidate with the best mean validation score;
+- `seeds_for(sd, half)`: how many paired seeds give a 95 % t interval of half-width ≤ `half` at a
+  standard deviation `sd` of the paired differences (`seeds_for(0.05, 0.03)` = 14).
 """
 
 from __future__ import annotations
@@ -114,6 +116,18 @@ def paired_by_seed(a: Dict[int, float], b: Dict[int, float], seeds: Optional[Seq
     dropped = [s for s in order if (s in a) != (s in b)]
     r = paired_ci([a[s] for s in common], [b[s] for s in common])
     return {**r, "seeds": common, "dropped": dropped}
+
+
+def seeds_for(sd: float, half: float, most: int = 10_000) -> Optional[int]:
+    """The smallest n ≥ 2 with t_{0.975, n−1}·sd/√n ≤ `half`: the paired seeds a 95 % interval of that
+    half-width needs when the paired differences have standard deviation `sd` (None: not finite, or more
+    than `most`)."""
+    if not (math.isfinite(sd) and math.isfinite(half)) or half <= 0 or sd < 0:
+        return None
+    for n in range(2, most + 1):
+        if t975(n - 1) * sd / math.sqrt(n) <= half:
+            return n
+    return None
 
 
 def headroom_share(x: float, base: float, oracle: float) -> float:
