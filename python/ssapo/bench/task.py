@@ -4,16 +4,31 @@ Prompts are `n_words` words over a vocabulary of V words (w0 … w{V-1}); a good
 answer "translates" each prompt word through a hidden permutation m and keeps
 the order. The gold reward is graded, so few pairs tie:
 
-    r*(x, y) = (1/L) Σ_j [1 − d(y_j, m(x_j)) / (V/2)],   d = circular distance of word indices
+    r*(x, y) = (1/L) Σ_{j<L} [(1 − q)(1 − d(y_j, m(x_j)) / (V/2)) + q·u(y_j)]  +  λ · min(n(y), C) / L
 
-(1 for a perfect answer, about 0.5 for random words; a missing word earns
-nothing, words past L count for nothing). The SFT policy is a tiny Llama trained
-on answers whose words are right with probability `sft_correct` and otherwise
-random, so it samples diverse answers and has room to improve; with
-`short_answer_rate` > 0 that fraction of its (and the labelled pool's) answers
-is cut to 1..L−1 words, so answer length varies and matters. "Human" labels
-come from Bradley–Terry on r* with temperature `bt_temperature`, then a
-fraction `flip_rate` of them is flipped.
+d = circular distance of word indices, u = a hidden quality of each word
+(evenly spread over [0, 1]), q = quality_weight, L = n_words. The first term is
+1 for a perfect answer (q = 0), about 0.5 for random words; a missing word earns
+nothing, words past L count for nothing in it. The second is a length bonus: λ =
+`length_weight` per L words of the vocabulary the answer emits, right or wrong
+and past L too, up to C = `length_cap` words (0: C = L). With λ = 0 (the default)
+it is absent and r* is the first term alone. With λ > 0 and C > L a policy that
+pads its answers gains gold reward without being any more right: the LC win rate
+(ssapo.bench.metrics.win_rates) tells that from quality.
+
+The SFT policy is a tiny Llama trained on answers whose words are right with
+probability `sft_correct` and otherwise random, so it samples diverse answers
+and has room to improve; with `short_answer_rate` > 0 that fraction of its (and
+the labelled pool's) answers is cut to 1..L−1 words, and with
+`long_answer_rate` > 0 that fraction (of the rest) gets 1..C−L random words
+appended, so answer length varies and matters. "Human" labels come from
+Bradley–Terry on r* with temperature `bt_temperature`, then a fraction
+`flip_rate` of them is flipped.
+
+Two scales: the sizes "tiny" and "test" (16 words, 3-word prompts, a 2-layer
+hidden-64 model, no length term) and "medium" (SIZE_SPECS: 256 words, 8-word
+prompts, a 4-layer hidden-128 model, SFT words right with probability 0.8,
+answers cut short or padded, and a length bonus up to 2L words). `prepare_task`'s design overrides either.
 
 `prepare_task(out_dir, seed, size, flip_rate, design)` writes everything a run
 needs and caches it (a finished task is never rebuilt unless `force`). The
@@ -32,6 +47,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
@@ -39,8 +55,31 @@ SIZES = {
     # labelled pool, round prompt pool, validation prompts, test prompts, SFT examples, SFT epochs
     "tiny": dict(labelled=2048, prompts=1024, val=256, test=256, sft_examples=4096, sft_epochs=4),
     "test": dict(labelled=256, prompts=256, val=64, test=64, sft_examples=1024, sft_epochs=4),
+    # the second scale (SIZE_SPECS["medium"]); 3584 prompts of 256^8
+    "medium": dict(labelled=2048, prompts=1024, val=256, test=256, sft_examples=4096, sft_epochs=5),
 }
 SIZE_KEYS = ("labelled", "prompts", "val", "test", "sft_examples", "sft_epochs")
+# TaskSpec fields a size sets (a design's own keys win): the second scale's vocabulary, answer length, model and
+# length term; "tiny" and "test" keep TaskSpec's defaults
+SIZE_SPECS = {
+    "medium": dict(
+        vocab=256,
+        n_words=8,
+        # at 0.3 (the tiny task's) the 4-layer model learnt no translation in 8192 examples x 4 epochs (4 minutes
+        # here; its samples' word accuracy 0.2 %), at 0.6 none in 4096 x 5 on seed 0 (4 %); at 0.8 its samples'
+        # word accuracy is 79 % (gold 0.85 against 0.75 for random 8-word answers) in 4096 x 5, 93 s on one core
+        sft_correct=0.8,
+        hidden_size=128,
+        num_layers=4,
+        short_answer_rate=0.25,
+        long_answer_rate=0.25,
+        length_weight=0.25,
+        length_cap=16,
+    ),
+}
+# fields added after version 3: left out of task.json at their defaults, so the record of a task that does not
+# use them (every tiny/test task) stays byte-identical and its cache valid
+_OPTIONAL_FIELDS = {"long_answer_rate": 0.0, "length_weight": 0.0, "length_cap": 0}
 
 
 @dataclass(frozen=True)
@@ -60,6 +99,14 @@ class TaskSpec:
     hidden_size: int = 64
     num_layers: int = 2
     version: int = 3
+    # the length term (module docstring): λ per n_words emitted words, up to length_cap words (0: n_words)
+    length_weight: float = 0.0
+    length_cap: int = 0
+    long_answer_rate: float = 0.0  # SFT/pool answers padded with 1..length_cap-n_words random words
+
+    def cap(self) -> int:
+        """C: the most words the length bonus pays for."""
+        return self.length_cap or self.n_words
 
     def words(self) -> List[str]:
         return [f"w{i}" for i in range(self.vocab)]
@@ -80,9 +127,23 @@ def _idx(word: str) -> int:
     return int(word[1:])
 
 
+def _is_word(spec: TaskSpec, w: str) -> bool:
+    return w.startswith("w") and w[1:].isdigit() and _idx(w) < spec.vocab
+
+
+def length_bonus(spec: TaskSpec, response: str) -> float:
+    """λ · min(n(y), C) / L: length_weight per n_words words of the vocabulary in the answer, right or
+    wrong, up to C = spec.cap() words."""
+    if not spec.length_weight:
+        return 0.0
+    n = sum(_is_word(spec, w) for w in response.split())
+    return spec.length_weight * min(n, spec.cap()) / spec.n_words
+
+
 def gold_reward(spec: TaskSpec, prompt: str, response: str) -> float:
     """r*(x, y) = (1 − q)·(graded agreement with the hidden translation of the
-    prompt) + q·(hidden quality of the answer's words), q = quality_weight."""
+    prompt) + q·(hidden quality of the answer's words), q = quality_weight, each
+    averaged over the prompt's L words; plus `length_bonus` when length_weight > 0."""
     m = spec.mapping()
     qual = spec.quality()
     xs = prompt.split()
@@ -90,12 +151,14 @@ def gold_reward(spec: TaskSpec, prompt: str, response: str) -> float:
     half = spec.vocab / 2
     total = 0.0
     for j, x in enumerate(xs):
-        if j >= len(ys) or not ys[j].startswith("w") or not ys[j][1:].isdigit() or _idx(ys[j]) >= spec.vocab:
+        if j >= len(ys) or not _is_word(spec, ys[j]):
             continue  # a missing or malformed word earns nothing
         d = abs(_idx(ys[j]) - m[_idx(x)])
         total += (1 - spec.quality_weight) * (1.0 - min(d, spec.vocab - d) / half) + spec.quality_weight * qual[
             _idx(ys[j])
         ]
+    if spec.length_weight:
+        return total / len(xs) + length_bonus(spec, response)
     return total / len(xs)
 
 
@@ -108,6 +171,8 @@ def _answer(rng: random.Random, spec: TaskSpec, prompt: str, p_correct: float) -
     words = [f"w{m[_idx(x)]}" if rng.random() < p_correct else f"w{rng.randrange(spec.vocab)}" for x in prompt.split()]
     if spec.short_answer_rate > 0 and rng.random() < spec.short_answer_rate:
         words = words[: rng.randrange(1, len(words))] if len(words) > 1 else words
+    elif spec.long_answer_rate > 0 and spec.cap() > len(words) and rng.random() < spec.long_answer_rate:
+        words += [f"w{rng.randrange(spec.vocab)}" for _ in range(rng.randrange(1, spec.cap() - len(words) + 1))]
     return " ".join(words)
 
 
@@ -210,7 +275,15 @@ def prompt_partition(spec: TaskSpec, sizes: dict) -> Dict[str, List[str]]:
             f"{spec.vocab}^{spec.n_words} = {space}; raise vocab or n_words, or lower the sizes"
         )
     rng = random.Random(30_000 + spec.seed)
-    idx = rng.sample(range(space), need)
+    if space <= sys.maxsize:
+        idx = rng.sample(range(space), need)
+    else:  # too large for range's len (256^8 = 2^64): distinct draws, rejecting repeats
+        seen, idx = set(), []
+        while len(idx) < need:
+            i = rng.randrange(space)
+            if i not in seen:
+                seen.add(i)
+                idx.append(i)
     out, s = {}, 0
     for k in order:
         out[k] = [prompt_of(spec, i) for i in idx[s : s + int(sizes[k])]]
@@ -293,7 +366,9 @@ def prepare_task(
     if bad:
         raise ValueError(f"design: unknown keys {bad}; known: {sorted(fields | set(SIZE_KEYS))}")
     sizes = {**SIZES[size], **{k: int(v) for k, v in design.items() if k in SIZE_KEYS}}
-    spec = TaskSpec(seed=seed, size=size, **{k: v for k, v in design.items() if k in fields})
+    spec = TaskSpec(
+        seed=seed, size=size, **{**SIZE_SPECS.get(size, {}), **{k: v for k, v in design.items() if k in fields}}
+    )
     out_dir = os.fspath(out_dir)
     paths = {
         "sft_model": os.path.join(out_dir, "sft"),
@@ -306,7 +381,7 @@ def prepare_task(
     }
     from ssapo.io import write_json, write_jsonl
 
-    record = {**asdict(spec), "sizes": sizes}
+    record = task_record(spec, sizes)
     built = False
     if not force and os.path.exists(paths["task"]):
         with open(paths["task"]) as f:
@@ -332,6 +407,16 @@ def prepare_task(
         labelled = [r["prompt"][0]["content"] for r in read_jsonl(os.path.join(out_dir, "labelled_prompts.jsonl"))]
         write_jsonl(paths["preferences"], labelled_rows(spec, labelled, flip_rate))
     return paths
+
+
+def task_record(spec: TaskSpec, sizes: dict) -> dict:
+    """task.json's content: the spec (its fields added after version 3 only where they differ from their
+    defaults) and the sizes."""
+    rec = asdict(spec)
+    for k, default in _OPTIONAL_FIELDS.items():
+        if rec[k] == default:
+            del rec[k]
+    return {**rec, "sizes": sizes}
 
 
 def load_spec(task_json: str) -> TaskSpec:
