@@ -35,6 +35,7 @@ from ssapo.bench.suite import (
     self_annotating,
     tuning_seeds,
 )
+from ssapo.bench.task import SIZE_SPECS
 
 VALID_ACCURACY = (0.65, 0.85)
 MIN_HEADROOM = 0.10
@@ -563,7 +564,9 @@ def write(
         f"measured when it ran{'; ' + str(missing) + ' runs without a record' if missing else ''}); this invocation "
         f"{seconds / 60:.1f} min wall" + (f" with {workers} worker processes." if workers else "."),
         "",
-        f"Task: size `{preset.size}`, design {preset.design or 'the defaults of ssapo.bench.task.TaskSpec'}; loop: "
+        f"Task: size `{preset.size}`"
+        + (f" ({SIZE_SPECS[preset.size]})" if preset.size in SIZE_SPECS else "")
+        + f", design {preset.design or 'the defaults of ssapo.bench.task.TaskSpec'}; loop: "
         f"the tiny recipe with {preset.run}. Tuning grids (chosen by the mean validation win rate over seeds, on "
         f"validation prompts disjoint from the test prompts): {preset.tune or 'none'}"
         + (
