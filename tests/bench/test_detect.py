@@ -110,6 +110,11 @@ def test_detect_end_to_end(bench_dir, tmp_path):
     # the same analysis in-process
     again = detect.analyse(bench_dir, [0.0, 0.01, 0.1, 0.5], ["ssapo"])
     assert again["targets"]["flipped"]["positives"] == fl["positives"]
+    # a condition filter: the run's own condition keeps it, another leaves nothing
+    kept = detect.analyse(bench_dir, [0.0, 0.1], ["ssapo"], ["seedflip0_annflip0.4"])
+    assert kept["targets"]["flipped"]["positives"] == fl["positives"]
+    with pytest.raises(ValueError, match="--conditions: no run of ssapo in seedflip0_annflip0.2"):
+        detect.analyse(bench_dir, [0.0, 0.1], ["ssapo"], ["seedflip0_annflip0.2"])
 
 
 def test_detect_errors_are_one_line(bench_dir, tmp_path):

@@ -288,9 +288,21 @@ def agreement(rounds: List[dict], eps: float) -> dict:
     }
 
 
-def analyse(runs_dir: str, eps_grid: Sequence[float] = DEFAULT_EPS, methods: Sequence[str] = DEFAULT_METHODS) -> dict:
+def condition_of(run_dir: str) -> str:
+    """The bench condition directory a run sits in (`seedflip<a>_annflip<b>`), or ''."""
+    parent = os.path.basename(os.path.dirname(os.path.abspath(run_dir)))
+    return parent if parent.startswith("seedflip") and "_annflip" in parent else ""
+
+
+def analyse(
+    runs_dir: str,
+    eps_grid: Sequence[float] = DEFAULT_EPS,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    conditions: Optional[Sequence[str]] = None,
+) -> dict:
     """The detection analysis of the runs under `runs_dir` of `methods` (bench names, e.g. ssapo,
-    sera, ssapo-eps; a run outside the bench layout by its config's method). ValueError (one line)
+    sera, ssapo-eps; a run outside the bench layout by its config's method), of the bench conditions
+    named in `conditions` (e.g. seedflip0_annflip0.4; None: every run). ValueError (one line)
     when no run directory with annotations is found, or none of `methods`."""
     from ssapo.bench.task import load_spec
     from ssapo.loop import read_run_config
@@ -304,7 +316,7 @@ def analyse(runs_dir: str, eps_grid: Sequence[float] = DEFAULT_EPS, methods: Seq
     for d in found:
         cfg = read_run_config(d)
         name = bench_name(d, cfg.method)
-        if name not in methods:
+        if name not in methods or (conditions and condition_of(d) not in conditions):
             skipped.append({"run": d, "method": name})
             continue
         tj = task_json_of(d, cfg)
@@ -327,6 +339,10 @@ def analyse(runs_dir: str, eps_grid: Sequence[float] = DEFAULT_EPS, methods: Seq
         rounds.extend(rs)
     if not runs:
         have = sorted({s["method"] for s in skipped})
+        if conditions:
+            raise ValueError(
+                f"--conditions: no run of {', '.join(methods)} in {', '.join(conditions)} under {runs_dir}"
+            )
         raise ValueError(f"--methods: no run of {', '.join(methods)} under {runs_dir} (found: {', '.join(have)})")
     n = sum(r["n"] for r in rounds)
     res: dict = {
@@ -540,11 +556,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=list(DEFAULT_METHODS),
         help="bench method names whose runs are pooled (default: ssapo)",
     )
+    ap.add_argument(
+        "--conditions",
+        type=_methods,
+        default=None,
+        help="bench condition directories whose runs are pooled, e.g. seedflip0_annflip0.4 (default: every one)",
+    )
     args = ap.parse_args(argv)
     if not os.path.isdir(args.runs_dir):
         ap.error(f"RUNS_DIR: {args.runs_dir} is not a directory")
     try:
-        res = analyse(args.runs_dir, args.eps, args.methods)
+        res = analyse(args.runs_dir, args.eps, args.methods, args.conditions)
     except ValueError as e:
         ap.error(str(e))
     out = args.out or os.path.join(args.runs_dir, "detect")
