@@ -8,6 +8,8 @@ summary.json and PNG plots into the output directory.
     ssapo bench --preset eps-sweep            # the ε sweep (per leader loss, space, grouping), 5 seeds
     ssapo bench --preset lr-sweep             # the round-lr sweep (iterative DPO, SSAPO, robust DPO), 3 seeds
     ssapo bench --full                        # both sweeps, every method, every condition (~70 min)
+    ssapo bench --preset power --seeds 6      # the detection leaders and the baselines, ±3-point intervals
+    ssapo bench --preset scale2-quick         # the second scale (256 words, 8-word answers), 2 seeds
     ssapo bench --methods ssapo,iterative-dpo --seeds 0,3,7 --flip-rates 0.25 --annotation-flip-rates 0.2
 
 The presets and methods are in ssapo.bench.suite (PRESETS, all_methods()).
@@ -46,7 +48,8 @@ def add_parser(sub) -> None:
     g.add_argument(
         "--preset",
         default=None,
-        help="a preset by name (ssapo.bench.suite.PRESETS: quick, default, eps-sweep, eps-sweep-tuned, lr-sweep, full)",
+        help="a preset by name (ssapo.bench.suite.PRESETS: quick, default, power, eps-sweep, eps-sweep-tuned, lr-sweep, "
+        "full, scale2, scale2-quick)",
     )
     p.add_argument("--methods", default=None, help="comma-separated (default: the preset's; see ssapo.bench.suite)")
     p.add_argument(
