@@ -147,3 +147,21 @@ def test_sera_kept_reads_the_first_kept_rows(tmp_path):
     write_json(tmp_path / "metrics.json", {"sera": {"kept": 2, "bootstrapped": 1}})
     assert detect.sera_kept(str(tmp_path), rows).tolist() == [True, True, False, False]
     assert detect.sera_kept(str(tmp_path / "nowhere"), rows) is None
+
+
+def test_rank_correlations_match_scipy():
+    """detect's numpy Spearman and Kendall τ-b (the package does not depend on scipy) equal scipy's,
+    ties included; nan for a constant side."""
+    import numpy as np
+    from scipy.stats import kendalltau, spearmanr
+
+    rng = np.random.default_rng(0)
+    for n in (3, 7, 40):
+        for _ in range(20):
+            x = rng.integers(0, 4, n).astype(float)  # ties on both sides
+            y = rng.normal(size=n).round(1)
+            if np.ptp(x) == 0 or np.ptp(y) == 0:
+                continue
+            assert detect.spearman(x, y) == pytest.approx(spearmanr(x, y)[0], abs=1e-12)
+            assert detect.kendall(x, y) == pytest.approx(kendalltau(x, y)[0], abs=1e-12)
+    assert math.isnan(detect.spearman([1, 1, 1], [1, 2, 3])) and math.isnan(detect.kendall([1, 2, 3], [5, 5, 5]))

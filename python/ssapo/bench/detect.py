@@ -252,11 +252,42 @@ def _margin_at_keep(rounds: List[dict]) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tie = x == v
+        if tie.sum() > 1:
+            r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(x, y) -> float:
+    """Spearman's ρ (Pearson on average ranks); nan when either side is constant. (numpy only: scipy is
+    not among the package's dependencies.)"""
+    a, b = _ranks(x), _ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / den if den > 0 else float("nan")
+
+
+def kendall(x, y) -> float:
+    """Kendall's τ-b over every pair of elements; nan when either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    iu = np.triu_indices(len(x), 1)
+    dx = np.sign(x[:, None] - x[None, :])[iu]
+    dy = np.sign(y[:, None] - y[None, :])[iu]
+    n0 = len(dx)
+    den = math.sqrt(float(n0 - np.sum(dx == 0)) * float(n0 - np.sum(dy == 0)))
+    return float(np.sum(dx * dy)) / den if den > 0 else float("nan")
+
+
 def agreement(rounds: List[dict], eps: float) -> dict:
     """Within the follower's groups at `eps`: whether the moved pairs are the k lowest-margin pairs,
     and the rank correlation of moved mass with margin (see the module docstring)."""
-    from scipy.stats import kendalltau, spearmanr
-
     groups = same = 0
     rho_all, tau_all, rho_moved, tau_moved = [], [], [], []
     for r in rounds:
@@ -270,12 +301,12 @@ def agreement(rounds: List[dict], eps: float) -> dict:
             groups += 1
             same += lowest_k_agree(mm > 0, mg)
             if np.ptp(mg) > 0:
-                rho_all.append(float(spearmanr(mm, mg)[0]))
-                tau_all.append(float(kendalltau(mm, mg)[0]))
+                rho_all.append(spearman(mm, mg))
+                tau_all.append(kendall(mm, mg))
             sel = mm > 0
             if k >= 3 and np.ptp(mm[sel]) > 0 and np.ptp(mg[sel]) > 0:
-                rho_moved.append(float(spearmanr(mm[sel], mg[sel])[0]))
-                tau_moved.append(float(kendalltau(mm[sel], mg[sel])[0]))
+                rho_moved.append(spearman(mm[sel], mg[sel]))
+                tau_moved.append(kendall(mm[sel], mg[sel]))
     return {
         "eps": eps,
         "groups_with_movement": groups,
