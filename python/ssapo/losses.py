@@ -106,15 +106,19 @@ def kept_mass_loss(h: torch.Tensor, beta: float, shift: torch.Tensor, mass: torc
     moves the least confident pairs first, where mislabelled ones gather). ε = 0 atoms (shift 0)
     give `dpo_loss` exactly."""
     _check_atoms(h, shift, mass)
-    moved = (mass * (shift != 0).to(mass.dtype)).sum(dim=1)
-    kept = (1.0 - moved).clamp(min=0.0).to(device=h.device, dtype=h.dtype)
+    kept = (1.0 - _moved(shift, mass)).clamp(min=0.0).to(device=h.device, dtype=h.dtype)
     return kept * dpo_loss(h, beta)
+
+
+def _moved(shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Σ_j mass_ij·[shift_ij ≠ 0] per pair, unclamped, in mass's dtype."""
+    return (mass * (shift != 0).to(mass.dtype)).sum(dim=1)
 
 
 def moved_mass(shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """The mass the follower moved off each pair's self-label confidence, m_i = Σ_j mass_ij·[shift_ij ≠ 0],
     clamped to [0, 1]; shape (B,), in mass's dtype (0 for ε = 0 atoms: shift 0, mass (1, 0))."""
-    return (mass * (shift != 0).to(mass.dtype)).sum(dim=1).clamp(min=0.0, max=1.0)
+    return _moved(shift, mass).clamp(min=0.0, max=1.0)
 
 
 def drop_moved_loss(
