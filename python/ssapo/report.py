@@ -58,10 +58,6 @@ def round_report(
     names of the files written. `heldout`: held-out reward accuracy of π_0..π_t.
     `plots` false (RunConfig.report_plots): summary.md only, its tables the same
     (drawing and saving the PNGs is most of a round report's time)."""
-    import numpy as np
-
-    plt = _plt() if plots else None
-    written = []
     lines = [f"# Round {t}", ""]
     for section, vals in metrics.items():
         if not isinstance(vals, dict):
@@ -70,9 +66,25 @@ def round_report(
         lines += [f"## {section}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in vals.items() if k not in SKIP]
         lines.append("")
+    if heldout and any(a is not None for a in heldout):
+        lines += ["## held-out reward accuracy", "", "| model | accuracy |", "|---|---|"]
+        lines += [f"| {'π_0 (seed)' if i == 0 else f'π_{i}'} | {_fmt(a)} |" for i, a in enumerate(heldout)]
+        lines.append("")
+    written = _plots(rd, metrics, rows, heldout) if plots else []
+    lines += [f"![{name[:-4]}]({name})" for name in written] + [""]
+    atomic_write(os.path.join(rd, "summary.md"), lambda tmp: open(tmp, "w").write("\n".join(lines)))
+    return ["summary.md"] + written
 
+
+def _plots(rd: str, metrics: Dict[str, Any], rows: List[dict], heldout) -> List[str]:
+    """The round's PNG plots (margins, the follower's moves and groups, the leader's loss, held-out accuracy),
+    those it has data for; returns their names."""
+    import numpy as np
+
+    plt = _plt()
+    written: List[str] = []
     margins = [r["margin"] for r in rows if "margin" in r]
-    if margins and plots:
+    if margins:
         fig, ax = plt.subplots(figsize=(4.5, 3))
         ax.hist(margins, bins=40)
         ax.set_title("self-annotation margins")
@@ -81,7 +93,7 @@ def round_report(
         written.append("margins.png")
 
     fol = os.path.join(rd, "follower.npz")
-    if os.path.exists(fol) and plots:
+    if os.path.exists(fol):
         with np.load(fol) as z:
             xi, loc, mass, lam, budget = z["xi"], z["loc"], z["mass"], z["lam"], z["budget_used"]
             eps = float(z["eps"])
@@ -113,7 +125,7 @@ def round_report(
 
     leader = metrics.get("leader", {})
     hist = leader.get("loss_history") or []
-    if hist and plots:
+    if hist:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3))
         ax[0].plot(range(1, len(hist) + 1), hist)
         ax[0].set_title(f"leader loss ({leader.get('loss', '')})")
@@ -127,20 +139,13 @@ def round_report(
         written.append("loss.png")
 
     if heldout and any(a is not None for a in heldout):
-        if plots:
-            fig, ax = plt.subplots(figsize=(4.5, 3))
-            xs = [i for i, a in enumerate(heldout) if a is not None]
-            ax.plot(xs, [heldout[i] for i in xs], marker="o")
-            ax.set_xticks(range(len(heldout)))
-            ax.set_xticklabels(["seed"] + [f"r{i}" for i in range(1, len(heldout))])
-            ax.set_ylim(0, 1)
-            ax.set_title("held-out reward accuracy")
-            _save(fig, os.path.join(rd, "heldout.png"))
-            written.append("heldout.png")
-        lines += ["## held-out reward accuracy", "", "| model | accuracy |", "|---|---|"]
-        lines += [f"| {'π_0 (seed)' if i == 0 else f'π_{i}'} | {_fmt(a)} |" for i, a in enumerate(heldout)]
-        lines.append("")
-
-    lines += [f"![{name[:-4]}]({name})" for name in written] + [""]
-    atomic_write(os.path.join(rd, "summary.md"), lambda tmp: open(tmp, "w").write("\n".join(lines)))
-    return ["summary.md"] + written
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        xs = [i for i, a in enumerate(heldout) if a is not None]
+        ax.plot(xs, [heldout[i] for i in xs], marker="o")
+        ax.set_xticks(range(len(heldout)))
+        ax.set_xticklabels(["seed"] + [f"r{i}" for i in range(1, len(heldout))])
+        ax.set_ylim(0, 1)
+        ax.set_title("held-out reward accuracy")
+        _save(fig, os.path.join(rd, "heldout.png"))
+        written.append("heldout.png")
+    return written
