@@ -64,6 +64,8 @@ class Table:
         self.chosen: Dict[str, str] = {}
         self.sweeps: Dict[str, Dict[str, Dict[int, dict]]] = {}
         self.failed: Dict[str, Dict[int, dict]] = {}  # method -> seed -> failure record (of the row's candidate)
+        # each row's candidate is chosen on the tuning seeds' validation prompts (suite.tuning_seeds), judged on all
+        tuners = set(tuning_seeds(preset, seeds))
         for m in methods:
             per_cand, fails = {}, {}
             for var in candidates(preset, m):
@@ -79,8 +81,6 @@ class Table:
                     per_cand[name] = got
                 if bad:
                     fails[name] = bad
-            # chosen on the tuning seeds' validation prompts (suite.tuning_seeds), judged on every seed
-            tuners = set(tuning_seeds(preset, seeds))
             best = stats.pick_by_validation(
                 {k: [ev["val"]["win_rate"] for s, ev in v.items() if s in tuners] for k, v in per_cand.items()}
             )
@@ -255,7 +255,8 @@ def power_lines(tables: List[Table], methods: List[str]) -> List[str]:
             if p["n"] < 2:
                 continue
             half = (p["hi"] - p["lo"]) / 2
-            sd = half * math.sqrt(p["n"]) / stats.t975(p["n"] - 1)
+            a, b = t.final(m), t.final(BASELINE)
+            sd = stats.mean_std([a[s] - b[s] for s in p["seeds"]])[1]
             need = stats.seeds_for(sd, POWER_HALF)
             lines.append(
                 f"| {_cond_name(t.sf, t.af)} | {m} | {p['n']} | {p['mean']:+.3f} | ±{half:.3f} | {sd:.3f} "

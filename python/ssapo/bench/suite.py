@@ -749,20 +749,18 @@ def execute(
     results: Dict[Job, dict] = {}
     first, rest = preset.conditions[:1], preset.conditions[1:]
     tuners = tuning_seeds(preset, seeds)
-    # (conditions, seeds, the condition whose choice they run: None = every candidate)
-    phases = [(first, seeds, None)] + ([(rest, seeds, first[0])] if rest else [])
-    if preset.tune_in_noise:
-        phases = [(preset.conditions, seeds, None)]
-    if tuners != list(seeds):  # the grids on the tuning seeds, then each chosen candidate on every seed
-        tuned = preset.conditions if preset.tune_in_noise else first
-        phases = [(tuned, tuners, None)] + [([c], seeds, c if preset.tune_in_noise else first[0]) for c in tuned]
-        phases += [(rest, seeds, first[0])] if rest and not preset.tune_in_noise else []
+    tuned = preset.conditions if preset.tune_in_noise else first
+    # (conditions, seeds, the condition whose validation choice they run: None = every candidate)
+    phases = [(tuned, tuners, None)]  # every candidate of each grid, on the tuning seeds
+    if tuners != list(seeds):  # then each tuned condition's choice on every seed
+        phases += [([c], seeds, c) for c in tuned]
+    if rest and not preset.tune_in_noise:  # the other conditions run the first condition's choice
+        phases.append((rest, seeds, first[0]))
     for conds, phase_seeds, chooser in phases:
         fixed = choose(preset, results, tuners, methods, chooser[0], chooser[1]) if chooser else None
         ms = [m for m in methods if not fixed or fixed.get(m, ()) is not None]  # None: every candidate failed
         jobs = jobs_of(preset, phase_seeds, ms, conds, fixed)
-        seeds_here = phase_seeds
-        if workers <= 1 or len(seeds_here) == 1:
+        if workers <= 1 or len(phase_seeds) == 1:
             results.update(_run_jobs(preset, out, jobs, progress, results))
             continue
         # first the runs whose π_0 the others start from (they also build each seed's task), then every
