@@ -93,12 +93,26 @@ class Atoms:
             raise ValueError(f"rows: {len(rows)} rows for {len(self)} follower atoms")
         return [{**r, **self.row(i)} for i, r in enumerate(rows)]
 
+    def moved_mass(self) -> np.ndarray:
+        """Each pair's moved mass (`moved_mass`), shape (N,)."""
+        return moved_mass(self.shift, self.mass)
+
     def update(self, other: "Atoms") -> None:
         """Takes `other`'s atoms in place (the re-solve hook: the collator holds this object)."""
         if len(other) != len(self):
             raise ValueError(f"atoms: {len(other)} new atoms for {len(self)} pairs")
         self.shift, self.mass, self.weight = other.shift, other.mass, other.weight
         self.xi, self.loc, self.group = other.xi, other.loc, other.group
+
+
+def moved_mass(shift, mass) -> np.ndarray:
+    """The mass the follower moved off each pair's self-label confidence, m_i = Σ_j mass_ij·[shift_ij ≠ 0]
+    (shift = ξ − loc, so an atom moved exactly when its location is not ξ), shape (N,), unclamped. The one
+    definition every reader of a solution uses: the follower's diagnostics, the benchmark's movement
+    columns and `ssapo.bench.detect`; `ssapo.losses.moved_mass` is the same sum on the trainer's tensors
+    (clamped to [0, 1] for the leader losses). A pair is moved when m_i > 0."""
+    shift, mass = np.asarray(shift, dtype=np.float64), np.asarray(mass, dtype=np.float64)
+    return np.where(shift != 0, mass, 0.0).sum(axis=1)
 
 
 def _number(v) -> bool:

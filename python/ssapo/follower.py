@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from ssapo.atoms import Atoms
+from ssapo.atoms import Atoms, moved_mass
 
 # keyword -> the RunConfig field it defaults to
 SETTINGS = {
@@ -162,8 +162,7 @@ def follow(
     loss = loss_of(xi, s["k"], s["space"])
     res = dro_core.solve(xi, float(s["eps"]), G if G > 0 else None, loss=loss, threads=threads)
     loc, mass, shift = np.asarray(res.loc), np.asarray(res.mass), np.asarray(res.shift)
-    moving = (mass > 0) & (shift != 0)
-    moved = moving.any(axis=1)
+    moved = moved_mass(shift, mass)  # per pair
     group = np.arange(n) // G if G > 0 else np.zeros(n, dtype=np.int64)
     budget = np.asarray(res.budget_used, dtype=np.float64)
     atoms = Atoms(shift, mass, np.asarray(res.weights), xi=xi, loc=loc, group=group)
@@ -177,8 +176,8 @@ def follow(
         budget_used=budget.tolist(),
         group_sizes=np.asarray(res.group_sizes).tolist(),
         budget_used_fraction=float(np.mean(budget) / s["eps"]) if s["eps"] > 0 else 0.0,
-        moved_fraction=float(np.mean(moved)),
-        moved_mass=float(np.mean(np.where(moving, mass, 0.0).sum(axis=1))),
+        moved_fraction=float(np.mean(moved > 0)),
+        moved_mass=float(np.mean(moved)),
         dead_at_start_fraction=float(np.mean(((mass > 0) & (shift >= clamp_level)).any(axis=1)))
         if s["space"] == "prob"
         else 0.0,

@@ -116,8 +116,9 @@ def _moved(shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 
 
 def moved_mass(shift: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """The mass the follower moved off each pair's self-label confidence, m_i = Σ_j mass_ij·[shift_ij ≠ 0],
-    clamped to [0, 1]; shape (B,), in mass's dtype (0 for ε = 0 atoms: shift 0, mass (1, 0))."""
+    """The mass the follower moved off each pair's self-label confidence, m_i = Σ_j mass_ij·[shift_ij ≠ 0]
+    (`ssapo.atoms.moved_mass` on the trainer's tensors), clamped to [0, 1]; shape (B,), in mass's dtype (0 for
+    ε = 0 atoms: shift 0, mass (1, 0))."""
     return _moved(shift, mass).clamp(min=0.0, max=1.0)
 
 

@@ -51,14 +51,9 @@ def test_lowest_k_and_moved_mass():
     assert detect.lowest_k_agree([True, False], [0.2, 0.2])  # a tie at the boundary counts either way
     from ssapo.atoms import Atoms
 
-    a = Atoms(
-        np.zeros((3, 2)),
-        np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]),
-        np.ones(3),
-        xi=np.array([0.6, 0.7, 0.8]),
-        loc=np.array([[0.6, 0.6], [0.7, 0.1], [0.2, 0.8]]),
-    )
-    assert detect.moved_mass(a) == pytest.approx([0.0, 0.75, 0.5])
+    xi, loc = np.array([0.6, 0.7, 0.8]), np.array([[0.6, 0.6], [0.7, 0.1], [0.2, 0.8]])
+    a = Atoms(xi[:, None] - loc, np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]), np.ones(3), xi=xi, loc=loc)
+    assert a.moved_mass() == pytest.approx([0.0, 0.75, 0.5])
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,28 @@ def test_atoms_are_one_type():
         Atoms(np.zeros((3, 2)), np.zeros((3, 3)), np.ones(3))
     with pytest.raises(ValueError, match="^atoms: "):
         a.update(Atoms.identity(2))
+
+
+@pytest.mark.parametrize("space", ["prob", "margin"])
+def test_moved_mass_is_one_definition(space):
+    """ssapo.atoms.moved_mass, read by the follower's diagnostics, the bench's movement columns and
+    ssapo.bench.detect, is the leader losses' torch sum (before their clamp) and flags a pair as moved
+    exactly when its first atom lost mass or left ξ."""
+    import torch
+
+    from ssapo import losses
+    from ssapo.atoms import moved_mass
+
+    rng = np.random.default_rng(3)
+    margins = rng.normal(0.5, 2.0, 300)
+    cols, diag = follow(margins, eps=0.1, group_size=50, space=space)
+    m = cols.moved_mass()
+    np.testing.assert_array_equal(m, moved_mass(cols.shift, cols.mass))
+    np.testing.assert_array_equal(m, np.where(cols.loc != cols.xi[:, None], cols.mass, 0.0).sum(1))
+    torch_m = losses._moved(torch.from_numpy(cols.shift), torch.from_numpy(cols.mass)).numpy()
+    np.testing.assert_allclose(m, torch_m, rtol=0, atol=1e-15)
+    flag = (cols.mass[:, 0] < 1) | (cols.loc[:, 0] != cols.xi)
+    assert 0 < flag.sum() < len(flag)  # some moved, some not: the comparison can fail
+    np.testing.assert_array_equal(m > 0, flag)
+    assert diag["moved_fraction"] == pytest.approx(float(np.mean(m > 0)))
+    assert diag["moved_mass"] == pytest.approx(float(np.mean(m)))

@@ -185,12 +185,6 @@ def sera_kept(round_dir: str, rows: List[dict]) -> Optional[np.ndarray]:
     return out
 
 
-def moved_mass(atoms) -> np.ndarray:
-    """m_i = Σ_j mass_ij·[loc_ij ≠ ξ_i]."""
-    loc, mass, xi = np.asarray(atoms.loc), np.asarray(atoms.mass), np.asarray(atoms.xi)
-    return np.sum(np.where(loc != xi[:, None], mass, 0.0), axis=1)
-
-
 def read_round(run_dir: str, t: int, cfg, spec, eps_grid: Sequence[float]) -> dict:
     """One round's pairs: margins, targets, per ε the moved mass and the groups, SeRA's kept pairs."""
     from ssapo.bench.task import gold_reward
@@ -216,7 +210,7 @@ def read_round(run_dir: str, t: int, cfg, spec, eps_grid: Sequence[float]) -> di
     out["moved"], out["group"] = {}, {}
     for e in eps_grid:
         atoms, _ = follow(margins, cfg, eps=float(e))
-        out["moved"][float(e)] = moved_mass(atoms)
+        out["moved"][float(e)] = atoms.moved_mass()
         out["group"][float(e)] = np.asarray(atoms.group)
     # the re-solve at the run's own ε against the follower.npz the run saved (the same solver, the same settings)
     fol = os.path.join(rd, "follower.npz")

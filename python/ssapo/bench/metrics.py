@@ -6,6 +6,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from ssapo.atoms import moved_mass
+
 
 def sample_answers(
     model, tok, prompts: Sequence, n: int, max_new_tokens: int, seed: int, temperature: float = 0.7
@@ -60,9 +62,9 @@ def evaluate(
     }
 
 
-def mislabelled_movement(spec, rows: List[dict], mass: np.ndarray, loc: np.ndarray, xi: np.ndarray) -> Dict[str, float]:
-    """How often the follower moved pairs the gold reward calls mislabelled
-    (gold(chosen) < gold(rejected)) against the rest."""
+def mislabelled_movement(spec, rows: List[dict], shift: np.ndarray, mass: np.ndarray) -> Dict[str, float]:
+    """How often the follower moved pairs (`ssapo.atoms.moved_mass` > 0) the gold reward calls
+    mislabelled (gold(chosen) < gold(rejected)) against the rest."""
     from ssapo.bench.task import gold_reward
 
     text = lambda m: m if isinstance(m, str) else m[-1]["content"]  # noqa: E731
@@ -73,7 +75,7 @@ def mislabelled_movement(spec, rows: List[dict], mass: np.ndarray, loc: np.ndarr
             for r in rows
         ]
     )
-    moved = (mass[:, 0] < 1) | (loc[:, 0] != xi)
+    moved = moved_mass(shift, mass) > 0
     out = {"mislabelled_fraction": float(wrong.mean())}
     out["moved_mislabelled"] = float(moved[wrong].mean()) if wrong.any() else float("nan")
     out["moved_correct"] = float(moved[~wrong].mean()) if (~wrong).any() else float("nan")
@@ -113,16 +115,16 @@ def annotation_gold_stats(spec, rows: List[dict]) -> Dict[str, float]:
     return out
 
 
-def follower_movement(spec, rows: List[dict], mass: np.ndarray, loc: np.ndarray, xi: np.ndarray) -> Dict[str, float]:
+def follower_movement(spec, rows: List[dict], shift: np.ndarray, mass: np.ndarray) -> Dict[str, float]:
     """`mislabelled_movement`, and with a `flipped` column the same for the pairs the
     annotation_flip_rate knob turned around against the rest."""
-    out = mislabelled_movement(spec, rows, mass, loc, xi)
+    out = mislabelled_movement(spec, rows, shift, mass)
+    moved = moved_mass(shift, mass) > 0
     if rows and "flipped" in rows[0]:
-        moved = (mass[:, 0] < 1) | (loc[:, 0] != xi)
         fl = np.array([bool(r["flipped"]) for r in rows])
         out["moved_flipped"] = float(moved[fl].mean()) if fl.any() else float("nan")
         out["moved_unflipped"] = float(moved[~fl].mean()) if (~fl).any() else float("nan")
-    out["moved"] = float(((mass[:, 0] < 1) | (loc[:, 0] != xi)).mean()) if len(rows) else float("nan")
+    out["moved"] = float(moved.mean()) if len(rows) else float("nan")
     return out
 
 

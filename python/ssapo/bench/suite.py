@@ -614,7 +614,7 @@ def evaluate_run(preset: Preset, job: Job, out: str, started: Optional[float] = 
         fol = os.path.join(rd, "follower.npz")
         if os.path.exists(fol):
             z = np.load(fol)
-            r["follower"] = metrics.follower_movement(spec, rows, z["mass"], z["loc"], z["xi"])
+            r["follower"] = metrics.follower_movement(spec, rows, z["shift"], z["mass"])
         mt = os.path.join(rd, "metrics.json")
         if os.path.exists(mt):
             with open(mt) as f:
