@@ -3,7 +3,8 @@
     python -m ssapo.bench.probe OUT --design '{"short_answer_rate": 0.3}' --run '{"seed_size": 256}' \\
         --tune '{"iterative-dpo": {"learning_rate": [2e-4, 5e-4]}}' --methods dpo,oracle-iterative,iterative-dpo --seeds 0
 
-Starts from the default preset and replaces its task design (`--design`: TaskSpec / SIZES
+Starts from a preset (`--preset`, default `default`; `power` for its 8 samples per test prompt) and
+replaces its task design (`--design`: TaskSpec / SIZES
 keys), loop settings (`--run`: RunConfig fields) and grids (`--tune`); clean labels only.
 Prints, per run, its wall time and the test win rate of π_0 and each round, the final
 model's validation win rate, the mean answer length per round and the gold accuracy of
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m ssapo.bench.probe", description=__doc__.split("\n")[0])
     p.add_argument("out")
+    p.add_argument("--preset", default="default", help="the preset whose settings the probe starts from")
     p.add_argument("--design", default="{}", help="JSON: TaskSpec / SIZES overrides (size: the SIZES key)")
     p.add_argument("--run", default="{}", help="JSON: RunConfig overrides on top of the default preset's")
     p.add_argument("--tune", default="{}", help="JSON: method -> {field: candidates}")
@@ -39,7 +41,10 @@ def main(argv=None) -> int:
     except (ValueError, json.JSONDecodeError) as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2
-    base = suite.PRESETS["default"]
+    if a.preset not in suite.PRESETS:
+        print(f"probe: error: --preset: unknown {a.preset!r}; known: {', '.join(suite.PRESETS)}", file=sys.stderr)
+        return 2
+    base = suite.PRESETS[a.preset]
     run = {**base.run, **run}
     if "round_sizes" in run and "num_rounds" not in json.loads(a.run):
         run["num_rounds"] = len(run["round_sizes"])
