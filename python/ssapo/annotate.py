@@ -274,6 +274,7 @@ def annotate_rows(
         "chosen_tokens": 0,
         "rejected_tokens": 0,
         "overlong_prompts": 0,
+        "empty_chosen": 0,
     }
     from tqdm.auto import tqdm
 
@@ -317,6 +318,8 @@ def annotate_rows(
             b, w = pair
             stats["chosen_tokens"] += len(rs[b])
             stats["rejected_tokens"] += len(rs[w])
+            # an empty best answer (nothing before the stop token): `empty_chosen`, said by the loop
+            stats["empty_chosen"] += not any(tok_id not in stop for tok_id in rs[b])
             wrap = (lambda t: t) if isinstance(p, str) else (lambda t: [{"role": "assistant", "content": t}])
             rows.append(
                 {

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -165,6 +166,20 @@ def step_seed(run: Run, state: State, t: int) -> Optional[dict]:
     return {"leader": stats, "split": run.split_report} if state.main else None
 
 
+def empty_chosen_line(t: int, stats: Dict[str, Any]) -> Optional[str]:
+    """One line when round t's annotator chose an empty answer (nothing before the stop token) in some pair:
+    the first sign of answers emptying (the benchmark saw a round of DPO on 3 such pairs of 267 make the stop
+    token the first token on every prompt); None when it chose none."""
+    k = int(stats.get("empty_chosen", 0) or 0)
+    if k <= 0:
+        return None
+    return (
+        f"ssapo train: round {t}: in {k} of {stats.get('pairs', 0)} pairs the chosen answer is empty (nothing "
+        "before the stop token); DPO on such pairs raises the stop token as the first token, and answers can "
+        "empty within a round (metrics.json: annotation.empty_chosen, mean_chosen_tokens)"
+    )
+
+
 def step_annotate(run: Run, state: State, t: int) -> Optional[dict]:
     """π_{t−1} annotates round t's prompts (shared out by chunks); annotation_flip_rate turns pairs around."""
     from ssapo import annotate
@@ -188,6 +203,9 @@ def step_annotate(run: Run, state: State, t: int) -> Optional[dict]:
             "annotation": {**stats, "pairs": 0, "reference": kind, "annotator": cfg.annotator},
             "stopped": {"round": t, "result": result, "why": why},
         }
+    line = empty_chosen_line(t, stats)
+    if line:
+        print(line, file=sys.stderr, flush=True)
     rows = flip_pairs(
         [{k: v for k, v in r.items() if k != "index"} for r in rows], cfg.annotation_flip_rate, (cfg.seed, t)
     )
@@ -487,7 +505,6 @@ def prepare(cfg: RunConfig, out: str, state: State) -> None:
                 changed += _changed_files(old.get("files", {}), fp["files"])
             if changed and not state.done:
                 import shutil
-                import sys
 
                 print(
                     f"ssapo train: {out}: no step recorded and the split's inputs changed "
@@ -586,7 +603,5 @@ def run(cfg: RunConfig, resume: bool = False, launcher=None, procs=None) -> Path
             launcher.drive(cfg, state, todo, lambda s: run_step(Run(cfg, out), state, s))
         state.reload()
         if state.stopped and (procs is None or procs.is_main_process):
-            import sys
-
             print(f"ssapo train: {state.stopped['why']}", file=sys.stderr)
     return Path(out)

@@ -577,3 +577,25 @@ def test_annotation_score_stop_false_leaves_the_stop_token_out_of_the_reward(tin
     assert [r["chosen_reward"] for r in plain] == pytest.approx(
         [with_stop[3 * r["index"] + r["chosen_index"]] for r in plain]
     )
+
+
+def test_an_empty_chosen_answer_is_counted_and_said(tiny):
+    """An empty best answer (the stop token alone) is counted in empty_chosen, and the loop's line says so;
+    an empty worst answer is not counted."""
+    from ssapo.loop import empty_chosen_line
+
+    _, tok = tiny
+    a, b = (tok.convert_tokens_to_ids(w) for w in "ab")
+    eos = tok.eos_token_id
+    reward = {(eos,): 0.0, (a, b, eos): -0.3, (b, eos): 0.4}
+
+    def scorer(prompts, responses):
+        return [reward[tuple(r)] for r in responses]
+
+    responses = [[[a, b, eos], [eos]], [[eos], [b, eos]], [[b, eos], [a, b, eos]]]
+    rows, st = annotate_rows(None, None, tok, ["a", "b", "c"], n=2, responses=responses, scorer=scorer, progress=False)
+    assert [r["chosen"] for r in rows] == ["", "b", "b"]
+    assert st["empty_chosen"] == 1 and st["pairs"] == 3
+    line = empty_chosen_line(2, st)
+    assert line.startswith("ssapo train: round 2: in 1 of 3 pairs the chosen answer is empty")
+    assert empty_chosen_line(2, {**st, "empty_chosen": 0}) is None
