@@ -175,3 +175,30 @@ def test_medium_task_builds_with_tiny_counts(tmp_path):
     mtime = os.path.getmtime(paths["task"])
     assert prepare_task(tmp_path / "task", seed=0, size="medium", design={**design, "suppress_markup": True}) == paths
     assert os.path.getmtime(paths["task"]) == mtime
+
+
+def test_near_misses_stay_within_sft_near_and_zero_draws_as_before():
+    """sft_near > 0: every wrong SFT word is at circular distance 1..sft_near from the translation, both sides
+    drawn; sft_near 0 draws exactly the words (and the random stream) of before."""
+    import dataclasses
+
+    spec = dataclasses.replace(medium(), sft_near=2, short_answer_rate=0.0, long_answer_rate=0.0)
+    m = spec.mapping()
+    prompt = "w1 w2 w3 w4 w5 w6 w7 w8"
+    right = [m[int(w[1:])] for w in prompt.split()]
+    rng = random.Random(0)
+    dists = []
+    for _ in range(500):
+        for y, r in zip(_answer(rng, spec, prompt, 0.5).split(), right):
+            d = (int(y[1:]) - r) % spec.vocab
+            dists.append(d if d <= spec.vocab // 2 else d - spec.vocab)
+    assert set(dists) == {-2, -1, 0, 1, 2} and 0.4 < dists.count(0) / len(dists) < 0.6
+    base = dataclasses.replace(spec, sft_near=0)
+    a, b = random.Random(7), random.Random(7)
+    old = []  # the draw before sft_near existed: right with p, else any word
+    for _ in range(200):
+        old.append(
+            " ".join(f"w{m[int(x[1:])]}" if b.random() < 0.5 else f"w{b.randrange(base.vocab)}" for x in prompt.split())
+        )
+    assert [_answer(a, base, prompt, 0.5) for _ in range(200)] == old
+    assert "sft_near" not in task_record(base, SIZES["medium"]) and task_record(spec, SIZES["medium"])["sft_near"] == 2

@@ -79,7 +79,7 @@ SIZE_SPECS = {
 }
 # fields added after version 3: left out of task.json at their defaults, so the record of a task that does not
 # use them (every tiny/test task) stays byte-identical and its cache valid
-_OPTIONAL_FIELDS = {"long_answer_rate": 0.0, "length_weight": 0.0, "length_cap": 0}
+_OPTIONAL_FIELDS = {"long_answer_rate": 0.0, "length_weight": 0.0, "length_cap": 0, "sft_near": 0}
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,9 @@ class TaskSpec:
     length_weight: float = 0.0
     length_cap: int = 0
     long_answer_rate: float = 0.0  # SFT/pool answers padded with 1..length_cap-n_words random words
+    # > 0: an SFT/pool word that is not right is a near miss, drawn from the 2·sft_near words at circular
+    # distance 1..sft_near from the translation (0: any word of the vocabulary)
+    sft_near: int = 0
 
     def cap(self) -> int:
         """C: the most words the length bonus pays for."""
@@ -166,9 +169,17 @@ def _prompt(rng: random.Random, spec: TaskSpec) -> str:
     return " ".join(f"w{rng.randrange(spec.vocab)}" for _ in range(spec.n_words))
 
 
+def _wrong(rng: random.Random, spec: TaskSpec, right: int) -> str:
+    """A word that is not (necessarily) right: any word, or with sft_near > 0 a near miss of `right`."""
+    if spec.sft_near <= 0:
+        return f"w{rng.randrange(spec.vocab)}"
+    d = rng.randrange(1, spec.sft_near + 1) * (1 if rng.random() < 0.5 else -1)
+    return f"w{(right + d) % spec.vocab}"
+
+
 def _answer(rng: random.Random, spec: TaskSpec, prompt: str, p_correct: float) -> str:
     m = spec.mapping()
-    words = [f"w{m[_idx(x)]}" if rng.random() < p_correct else f"w{rng.randrange(spec.vocab)}" for x in prompt.split()]
+    words = [f"w{m[_idx(x)]}" if rng.random() < p_correct else _wrong(rng, spec, m[_idx(x)]) for x in prompt.split()]
     if spec.short_answer_rate > 0 and rng.random() < spec.short_answer_rate:
         words = words[: rng.randrange(1, len(words))] if len(words) > 1 else words
     elif spec.long_answer_rate > 0 and spec.cap() > len(words) and rng.random() < spec.long_answer_rate:
