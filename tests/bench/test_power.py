@@ -105,3 +105,11 @@ def test_power_lines_on_literal_numbers():
     half = 4.303 * 0.02 / math.sqrt(3)
     assert f"±{half:.3f}" in row and "| +0.030 |" in row and "| 0.020 |" in row and row.endswith("| 5 |")
     assert not any("| dpo |" in x for x in lines)  # seed-only DPO does not self-annotate
+
+
+def test_power_section_names_the_seeds_it_ran():
+    from ssapo.bench.report import _seed_span
+
+    assert _seed_span(list(range(10))) == "0–9"
+    assert _seed_span([509, 500, 501, 502, 503, 504, 505, 506, 507, 508]) == "500–509"
+    assert _seed_span([200, 201, 300]) == "200, 201, 300" and _seed_span([3, 4]) == "3, 4"

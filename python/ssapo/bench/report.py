@@ -535,6 +535,14 @@ def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
     return made
 
 
+def _seed_span(seeds: List[int]) -> str:
+    """'0–9' for consecutive seeds, else the list."""
+    s = sorted(seeds)
+    if len(s) > 2 and s == list(range(s[0], s[-1] + 1)):
+        return f"{s[0]}–{s[-1]}"
+    return ", ".join(map(str, s))
+
+
 def write(
     preset: Preset,
     results: Dict[Job, dict],
@@ -635,7 +643,8 @@ def write(
             "## Power",
             "",
             "How wide each comparison's 95 % interval is, and how many seeds would make it ±3 points at the spread "
-            "measured here (the seeds are a count, 0..n−1, never picked).",
+            f"measured here (seeds {_seed_span(seeds)}: a count or a list fixed before the run, never picked by "
+            "their results).",
             "",
         ] + power
     lines += outcome_lines(outs)
