@@ -17,21 +17,13 @@ import json
 import sys
 from typing import Dict, List, Optional
 
+from ssapo.bench.report import condition_name
 from ssapo.bench.stats import paired_by_seed
 
 
 def _per_seed(cond: dict, method: str) -> Dict[int, float]:
     row = cond.get("rows", {}).get(method) or {}
     return {int(s): float(v) for s, v in (row.get("per_seed") or {}).items()}
-
-
-def condition_name(cond: dict) -> str:
-    sf, af = float(cond.get("seed_flip", 0.0)), float(cond.get("annotation_flip", 0.0))
-    if not sf and not af:
-        return "clean labels"
-    parts = [f"{sf:.0%} of the seed labels flipped"] if sf else []
-    parts += [f"{af:.0%} of the self-annotations flipped"] if af else []
-    return ", ".join(parts)
 
 
 def compare(summary: dict, against: str, methods: Optional[List[str]] = None) -> List[str]:
@@ -41,7 +33,8 @@ def compare(summary: dict, against: str, methods: Optional[List[str]] = None) ->
         ref = _per_seed(cond, against)
         if not ref:
             continue
-        lines.append(f"## {condition_name(cond)} (against {against}, mean {sum(ref.values()) / len(ref):.3f})")
+        name = condition_name(float(cond.get("seed_flip", 0.0)), float(cond.get("annotation_flip", 0.0)))
+        lines.append(f"## {name} (against {against}, mean {sum(ref.values()) / len(ref):.3f})")
         for m in sorted(cond.get("rows", {})):
             if m == against or (methods and m not in methods):
                 continue

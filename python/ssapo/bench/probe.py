@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--preset", default="default", help="the preset whose settings the probe starts from")
     p.add_argument("--design", default="{}", help="JSON: TaskSpec / SIZES overrides (size: the SIZES key)")
-    p.add_argument("--run", default="{}", help="JSON: RunConfig overrides on top of the default preset's")
+    p.add_argument("--run", default="{}", help="JSON: RunConfig overrides on top of the preset's")
     p.add_argument("--tune", default="{}", help="JSON: method -> {field: candidates}")
     p.add_argument("--methods", default="dpo,oracle-iterative,iterative-dpo")
     p.add_argument("--seeds", default="0", help="seed values, e.g. 0 or 0,1,2")

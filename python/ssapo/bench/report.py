@@ -157,7 +157,8 @@ def _label(m: str, t: Table) -> str:
     return f"{m} ({c})" if c else m
 
 
-def _cond_name(sf: float, af: float) -> str:
+def condition_name(sf: float, af: float) -> str:
+    """A condition's name in every report heading and table: 'clean labels', or which labels are flipped."""
     if sf == 0 and af == 0:
         return "clean labels"
     parts = []
@@ -259,7 +260,7 @@ def power_lines(tables: List[Table], methods: List[str]) -> List[str]:
             sd = stats.mean_std([a[s] - b[s] for s in p["seeds"]])[1]
             need = stats.seeds_for(sd, POWER_HALF)
             lines.append(
-                f"| {_cond_name(t.sf, t.af)} | {m} | {p['n']} | {p['mean']:+.3f} | ±{half:.3f} | {sd:.3f} "
+                f"| {condition_name(t.sf, t.af)} | {m} | {p['n']} | {p['mean']:+.3f} | ±{half:.3f} | {sd:.3f} "
                 f"| {need if need is not None else '–'} |"
             )
     return lines + [""] if len(lines) > 2 else []
@@ -268,7 +269,7 @@ def power_lines(tables: List[Table], methods: List[str]) -> List[str]:
 def summary_table(tables: List[Table], methods: List[str]) -> List[str]:
     """One row per method, one column pair per condition: win rate (mean ± std) and the paired
     difference from tuned iterative DPO with its 95 % interval (n.s.: it covers 0)."""
-    head = "| method |" + "".join(f" {_cond_name(t.sf, t.af)} |" for t in tables)
+    head = "| method |" + "".join(f" {condition_name(t.sf, t.af)} |" for t in tables)
     lines = [head, "|---|" + "---|" * len(tables)]
     for m in methods:
         if not any(m in t.rows for t in tables):
@@ -288,7 +289,7 @@ def summary_table(tables: List[Table], methods: List[str]) -> List[str]:
     lines.append("")
     lines.append(
         "Headroom (iterative oracle − seed-only DPO): "
-        + "; ".join(f"{_cond_name(t.sf, t.af)} {_fmt(t.headroom())}" for t in tables)
+        + "; ".join(f"{condition_name(t.sf, t.af)} {_fmt(t.headroom())}" for t in tables)
         + "."
     )
     return lines
@@ -433,7 +434,7 @@ def outcome_lines(outs: List[dict]) -> List[str]:
             what = f"collapsed at {o['at']}: result {o['result']}; {o['why']}"
         cell = what.replace("|", "\\|")
         lines.append(
-            f"| {o['seed']} | {_cond_name(o['seed_flip'], o['annotation_flip'])} | {name} | {o['outcome']} | {cell} |"
+            f"| {o['seed']} | {condition_name(o['seed_flip'], o['annotation_flip'])} | {name} | {o['outcome']} | {cell} |"
         )
     return lines + [""]
 
@@ -462,7 +463,7 @@ def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
         ax.axhline(1, color="g", ls="--", lw=0.8)
         ax.set_xticks(range(len(ms)), ms, rotation=40, ha="right", fontsize=7)
         ax.set_title(
-            f"{_cond_name(t.sf, t.af)}\nheadroom {_fmt(t.headroom())} (0 = seed-only DPO, 1 = oracle)", fontsize=8
+            f"{condition_name(t.sf, t.af)}\nheadroom {_fmt(t.headroom())} (0 = seed-only DPO, 1 = oracle)", fontsize=8
         )
         ax.set_ylabel("share of headroom (win rate)")
     _save(fig, os.path.join(out, "headroom.png"))
@@ -476,7 +477,7 @@ def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
             if pr:
                 acc = ragged_mean([[r["annotation"]["accuracy"] for r in p] for p in pr])
                 ax.plot(range(1, len(acc) + 1), acc, marker="o", label=m)
-        ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
+        ax.set_title(condition_name(t.sf, t.af), fontsize=8)
         ax.set_xlabel("round")
         ax.set_ylabel("gold accuracy of the round's pairs")
     axes[0][-1].legend(fontsize=6)
@@ -490,7 +491,7 @@ def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
             curves = [[r["win_rate"] for r in e["rounds"]] for e in t.rows.get(m, {}).values()]
             if curves:
                 ax.plot(range(max(map(len, curves))), ragged_mean(curves), marker="o", label=m)
-        ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
+        ax.set_title(condition_name(t.sf, t.af), fontsize=8)
         ax.set_xlabel("round (0 = π_0)")
         ax.set_ylabel("test win rate vs SFT")
     axes[0][-1].legend(fontsize=6)
@@ -525,7 +526,7 @@ def plots(tables: List[Table], methods: List[str], out: str) -> List[str]:
                     label=m,
                 )
             ax.set_xscale("log")
-            ax.set_title(_cond_name(t.sf, t.af), fontsize=8)
+            ax.set_title(condition_name(t.sf, t.af), fontsize=8)
             ax.set_xlabel(key)
             ax.set_ylabel("test win rate vs SFT")
         axes[0][-1].legend(fontsize=6)
@@ -605,7 +606,7 @@ def write(
         "outcomes": outs,
     }
     for t in tables:
-        lines += [f"## {_cond_name(t.sf, t.af)}", ""]
+        lines += [f"## {condition_name(t.sf, t.af)}", ""]
         lines += table_lines(t, methods)
         if t.sf == 0 and t.af == 0:
             lines += validity_lines(t)
